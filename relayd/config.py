@@ -1,0 +1,178 @@
+"""The validated, immutable configuration every stage reads.
+
+`relayd.configfile.load_config()` turns `relay.yaml` into a `RelayConfig`; nothing
+else parses YAML. Every object here is frozen, so a reload builds a whole new
+`RelayConfig` and swaps it in at once, or keeps the old one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Union
+
+from relayd.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
+
+
+class TlsMode(enum.Enum):
+    """How a connection is protected.
+
+    STARTTLS: plaintext greeting, then a required TLS upgrade.
+    IMPLICIT: TLS from the first byte (port 465).
+    NONE: no TLS; only allowed towards/for loopback addresses.
+    """
+
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One SMTP submission listener. Defaults are the production defaults."""
+
+    name: str = "submission"
+    address: str = "127.0.0.1"
+    port: int = 587
+    tls: TlsMode = TlsMode.STARTTLS
+    # AUTH before TLS is refused unless this is true AND the listener's address
+    # is loopback: on loopback nothing crosses a wire.
+    allow_plaintext_auth: bool = False
+    max_message_size: int = 25 * 1024 * 1024  # Gmail's limit; announced in SIZE
+    max_recipients: int = 100  # Gmail's per-message limit over SMTP
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
+    data_timeout: float = 600.0  # idle time allowed between DATA chunks
+    max_line_length: int = 998  # RFC 5322 2.1.1, excluding CRLF
+    auth_failures_before_delay: int = 3
+    auth_failures_before_disconnect: int = 10  # per client address, within the window
+    auth_failure_window: float = 900.0  # "back off 15-30 minutes"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The certificate and key the listeners present."""
+
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTransportConfig:
+    """An upstream SMTP server (Gmail, SendGrid, Mailgun, SES, ...)."""
+
+    name: str
+    host: str
+    port: int
+    tls: TlsMode = TlsMode.STARTTLS
+    credential: str | None = None  # name in the encrypted credential store
+    verify_certificate: bool = True
+    ca_file: Path | None = None
+    helo_name: str | None = None  # defaults to RelayConfig.hostname
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    retry: RetrySchedule | None = None  # defaults to RelayConfig.retry
+    max_connections: int = 10
+    max_messages_per_connection: int = 100
+    idle_timeout: float = 10.0  # keep an idle upstream connection this long for reuse
+    provider: str | None = None  # preset name (gmail, sendgrid, ...), for error hints
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureTransportConfig:
+    """A transport that writes each message into a Maildir (development)."""
+
+    name: str
+    maildir: Path
+    retry: RetrySchedule | None = None
+
+
+TransportConfig = Union[SmtpTransportConfig, CaptureTransportConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """Recipients whose domain matches `domains` go through `transports`, in order.
+
+    A domain pattern is an exact domain, `*.example.com` (any subdomain, not
+    example.com itself), or `*` (anything). Matching is case-insensitive.
+    """
+
+    name: str
+    domains: tuple[str, ...]
+    transports: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """An organisation or application allowed to submit mail."""
+
+    name: str  # also the SMTP AUTH login
+    password_hash: str | None
+    senders: tuple[str, ...]  # addresses or *@domain
+    routes: tuple[RouteRule, ...]
+    # Loopback addresses whose connections count as this tenant without AUTH.
+    bind_addresses: tuple[str, ...] = ()
+    max_recipients: int | None = None
+    max_message_size: int | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsConfig:
+    """Where the encrypted upstream credentials and their master key live.
+
+    The key is looked for in $CREDENTIALS_DIRECTORY/relayd-master-key (systemd
+    LoadCredential), then $RELAYD_MASTER_KEY, then `master_key_file`.
+    """
+
+    store: Path
+    master_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """How hard the scheduler works."""
+
+    max_parallel: int = 20  # messages in delivery at once
+    queue_run_interval: float = 60.0  # seconds between sweeps for due messages
+    shutdown_grace: float = 10.0  # seconds to let in-flight deliveries finish on SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    address: str = "127.0.0.1"
+    port: int | None = None  # None: no HTTP exporter
+
+
+def _frozen_map(items: Mapping[str, object] | None = None) -> Mapping[str, object]:
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The whole configuration, as one immutable value."""
+
+    source: Path
+    hostname: str
+    spool_dir: Path
+    log_file: Path | None  # None: log to stderr
+    credentials: CredentialsConfig
+    listeners: tuple[ListenerConfig, ...]
+    transports: Mapping[str, TransportConfig]
+    tenants: Mapping[str, TenantConfig]
+    tls: TlsFiles | None = None
+    retry: RetrySchedule = field(default_factory=lambda: parse_retry_schedule(DEFAULT_RETRY))
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control_socket: Path | None = None  # defaults to <spool_dir>/control.sock
+    pid_file: Path | None = None
+
+    def retry_for(self, transport_name: str) -> RetrySchedule:
+        t = self.transports.get(transport_name)
+        return (t.retry if t is not None and t.retry is not None else self.retry)
+
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.spool_dir / "control.sock"
