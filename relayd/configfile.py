@@ -1,0 +1,1165 @@
+"""Reads relay.yaml once into the frozen `RelayConfig`, or says everything wrong with it.
+
+Takes: the path of relay.yaml. Its author is the operator, but its shape, size
+and values are untrusted: anything may be misspelt, mistyped, duplicated or out
+of range, and a plaintext password may have been pasted in by habit.
+Emits: a `RelayConfig` (relayd.config), or raises `ConfigError` carrying every
+`ConfigProblem` found, sorted by position, each printed as
+``relay.yaml:LINE:COL: sentence``. Nothing is half-applied: a reload either gets
+a whole new config or an error.
+How it fails: a YAML syntax error stops at once (there is no document to check);
+otherwise every key is checked and all problems are collected. Messages never
+repeat the value of a key that may hold a secret (password-like keys,
+`password_hash`, `credential`).
+
+The YAML is composed into nodes rather than loaded, so every key and value keeps
+its line and column, and a duplicate key is an error instead of pyyaml's silent
+"last one wins". Relative paths are resolved against the YAML file's directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar, Union
+
+import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
+
+from relayd.config import (
+    CaptureTransportConfig,
+    CredentialsConfig,
+    DeliveryConfig,
+    ListenerConfig,
+    MetricsConfig,
+    RelayConfig,
+    RouteRule,
+    SmtpTransportConfig,
+    TenantConfig,
+    TlsFiles,
+    TlsMode,
+    TransportConfig,
+)
+from relayd.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.retry import (
+    DEFAULT_RETRY,
+    RetrySchedule,
+    RetrySyntaxError,
+    parse_duration,
+    parse_retry_schedule,
+)
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+# A relay.yaml for thousands of tenants stays far below this; a bigger file is a mistake.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Deeper nesting than this only comes from a self-referencing YAML alias.
+_MAX_DEPTH = 40
+
+_SECRET_KEYS = frozenset(
+    {"password", "pass", "passwd", "api_key", "apikey", "secret", "token", "client_send",
+     "smtp_password"}
+)
+_SECRET_MESSAGE = (
+    "plaintext secrets are not allowed in relay.yaml; store it with "
+    "`relayctl secret set NAME --user USER` and refer to it with `credential: NAME`"
+)
+
+# --------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One thing wrong with the file, at a 1-based line and column (0: the whole file)."""
+
+    file: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        if self.line <= 0:
+            return f"{self.file}: {self.message}"
+        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+
+
+class ConfigError(Exception):
+    """relay.yaml could not be used; `problems` lists every reason, in file order."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems: tuple[ConfigProblem, ...] = tuple(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+class SizeSyntaxError(ValueError):
+    """A size such as "25M" could not be read; the message says why."""
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmg])(?:i?b)?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``25M``, ``10MB``, ``512K``, ``1G`` or ``1048576``.
+
+    Units are binary (K = 1024 bytes), as in Exim and Postfix; a trailing B or
+    iB is accepted. A bare number is bytes and must be whole.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise SizeSyntaxError(f"{text} is not a size; a size cannot be negative")
+        return text
+    s = str(text).strip()
+    m = _SIZE.fullmatch(s)
+    if m is None:
+        raise SizeSyntaxError(
+            f"'{text}' is not a size; write a number of bytes or a number followed by "
+            "K, M or G (e.g. 512K, 25M, 1G)"
+        )
+    number, unit = m.group(1), (m.group(2) or "").lower()
+    if not unit and "." in number:
+        raise SizeSyntaxError(f"'{text}' is not a whole number of bytes")
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _format_size(n: int) -> str:
+    for unit in ("G", "M", "K"):
+        size = _SIZE_UNITS[unit.lower()]
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _format_seconds(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+# --------------------------------------------------------------------------- YAML tree
+# The composed YAML becomes a tiny tree of our own: each node and each mapping
+# key keeps its 1-based position.
+
+
+@dataclass(frozen=True, slots=True)
+class _Pos:
+    line: int
+    col: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Scalar:
+    value: object  # str, int, float, bool, None, or another YAML scalar type
+    pos: _Pos
+    raw: str = ""  # the text as written, before YAML resolved its type
+    broken: bool = False  # could not be read; already reported, so not checked again
+
+
+@dataclass(frozen=True, slots=True)
+class _Seq:
+    items: tuple[_Node, ...]
+    pos: _Pos
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    key: str
+    key_pos: _Pos
+    value: _Node
+
+
+@dataclass(frozen=True, slots=True)
+class _Map:
+    entries: tuple[_Entry, ...]
+    pos: _Pos
+
+    def entry(self, key: str) -> _Entry | None:
+        for e in self.entries:
+            if e.key == key:
+                return e
+        return None
+
+    def value(self, key: str) -> _Node | None:
+        """The value under `key`; None when the key is absent or its value is null."""
+        e = self.entry(key)
+        if e is None or _is_null(e.value):
+            return None
+        return e.value
+
+
+_Node = Union[_Scalar, _Seq, _Map]
+
+
+def _is_null(node: _Node) -> bool:
+    return isinstance(node, _Scalar) and node.value is None and not node.broken
+
+
+def _is_broken(node: _Node) -> bool:
+    return isinstance(node, _Scalar) and node.broken
+
+
+def _pos(mark: yaml.Mark | None) -> _Pos:
+    if mark is None:
+        return _Pos(1, 1)
+    return _Pos(mark.line + 1, mark.column + 1)
+
+
+class _TreeBuilder:
+    """Turns composed pyyaml nodes into `_Node`s, reporting duplicate and odd keys."""
+
+    def __init__(self, report: Callable[[_Pos, str], None]) -> None:
+        self._report = report
+        self._constructor = yaml.constructor.SafeConstructor()
+        # An alias refers to the same composed node; converting it once keeps
+        # "billion laughs" documents linear.
+        self._done: dict[int, _Node] = {}
+
+    def build(self, node: yaml.Node, depth: int = 0) -> _Node:
+        here = _pos(node.start_mark)
+        if depth > _MAX_DEPTH:
+            self._report(here, f"nesting is deeper than {_MAX_DEPTH} levels (a self-referencing alias?)")
+            return _Scalar(None, here)
+        known = self._done.get(id(node))
+        if known is not None:
+            return known
+        built: _Node
+        if isinstance(node, yaml.MappingNode):
+            built = _Map(tuple(self._entries(node, depth)), here)
+        elif isinstance(node, yaml.SequenceNode):
+            built = _Seq(tuple(self.build(n, depth + 1) for n in node.value), here)
+        else:
+            built = self._scalar(node, here)
+        self._done[id(node)] = built
+        return built
+
+    def _scalar(self, node: yaml.Node, here: _Pos) -> _Scalar:
+        try:
+            return _Scalar(self._constructor.construct_object(node, deep=True), here, str(node.value))
+        except (yaml.YAMLError, ValueError, TypeError) as exc:
+            # An explicit tag that does not fit the text (!!int abc) or an unknown tag.
+            # The text itself is not repeated: it could be a secret.
+            problem = getattr(exc, "problem", None) or f"this value cannot be read as {node.tag}"
+            self._report(here, str(problem))
+            return _Scalar(None, here, "", broken=True)
+
+    def _entries(self, node: yaml.MappingNode, depth: int) -> Iterator[_Entry]:
+        seen: dict[str, _Pos] = {}
+        for key_node, value_node in node.value:
+            key_pos = _pos(key_node.start_mark)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self._report(key_pos, "merge keys (<<) are not supported here; write the keys out")
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self._report(key_pos, "a key must be a plain name, not a list or a mapping")
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                first = seen[key]
+                self._report(
+                    key_pos,
+                    f"duplicate key '{key}'; it is already set at line {first.line}, "
+                    "and only one value can apply",
+                )
+                continue
+            seen[key] = key_pos
+            yield _Entry(key, key_pos, self.build(value_node, depth + 1))
+
+
+# --------------------------------------------------------------------------- checks on text
+
+_LABEL = r"[A-Za-z0-9\u0080-\uffff](?:[A-Za-z0-9\u0080-\uffff-]{0,61}[A-Za-z0-9\u0080-\uffff])?"
+_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\uffff-]+"
+                         r"(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\uffff-]+)*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+_CREDENTIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_loopback(text: str) -> bool:
+    ip = _ip(text)
+    return ip is not None and ip.is_loopback
+
+
+def _sender_pattern_ok(pattern: str) -> bool:
+    local, at, domain = pattern.rpartition("@")
+    if not at or len(pattern) > 254:
+        return False
+    return (local == "*" or (len(local) <= 64 and _LOCAL_PART.fullmatch(local) is not None)) and (
+        _DOMAIN.fullmatch(domain) is not None
+    )
+
+
+def _domain_pattern_ok(pattern: str) -> bool:
+    if pattern == "*":
+        return True
+    bare = pattern[2:] if pattern.startswith("*.") else pattern
+    return _DOMAIN.fullmatch(bare.rstrip(".")) is not None
+
+
+def _password_hash_ok(text: str) -> bool:
+    """The shape relayd.passwords.hash_password writes: scrypt$log2n$r$p$salt$hash."""
+    fields = text.split("$")
+    return len(fields) == 6 and fields[0] == "scrypt" and all(fields[1:])
+
+
+def _kind(node: _Node) -> str:
+    """What a node is, in words, for "must be X, but this is Y" messages."""
+    if isinstance(node, _Map):
+        return "a mapping"
+    if isinstance(node, _Seq):
+        return "a list"
+    v = node.value
+    if v is None:
+        return "empty"
+    if isinstance(v, bool):
+        return "true/false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "text"
+    return f"a {type(v).__name__}"
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+# --------------------------------------------------------------------------- keys per section
+
+_TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
+             "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants")
+_TLS_KEYS = ("cert", "key")
+_CREDENTIALS_KEYS = ("store", "master_key_file")
+_DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
+_METRICS_KEYS = ("address", "port")
+_LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max_message_size",
+                  "max_recipients", "command_timeout", "data_timeout", "max_line_length",
+                  "auth_failures_before_delay", "auth_failures_before_disconnect",
+                  "auth_failure_window")
+_SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
+              "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
+              "max_connections", "max_messages_per_connection", "idle_timeout", "region")
+_CAPTURE_KEYS = ("type", "maildir", "retry")
+_TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "max_recipients",
+                "max_message_size", "enabled", "routes")
+_ROUTE_KEYS = ("name", "domains", "via")
+
+# Bounds: (minimum, maximum). Each is repeated in the comments of config/relay.yaml.
+_PORT = (1, 65535)
+_RECIPIENTS = (1, 10000)
+_MESSAGE_SIZE = (1024, 1024**3)  # 1K-1G
+_TIMEOUT = (1.0, 3600.0)  # 1s-1h
+_LINE_LENGTH = (998, 65536)  # RFC 5322 allows 998; refusing less would refuse valid mail
+_AUTH_FAILURES = (1, 10000)
+_AUTH_WINDOW = (60.0, 86400.0)  # 1m-1d
+_PARALLEL = (1, 1000)
+_QUEUE_RUN = (1.0, 3600.0)
+_SHUTDOWN_GRACE = (0.0, 3600.0)
+_CONNECTIONS = (1, 1000)
+_MESSAGES_PER_CONNECTION = (1, 100000)
+_IDLE = (0.0, 3600.0)  # 0: close the upstream connection after each message
+
+Conv = Callable[[_Node, str], T | None]
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class _Reader:
+    """Checks the tree section by section, collecting problems and building config values.
+
+    Each getter returns a usable value even after reporting a problem (the
+    default), so checking carries on and finds the next problem; the caller
+    raises if any problem was collected.
+    """
+
+    def __init__(self, file: str, base: Path, check_files: bool) -> None:
+        self.file = file
+        self.base = base
+        self.check_files = check_files
+        self.problems: list[ConfigProblem] = []
+        self._bind_owner: dict[str, str] = {}
+
+    def add(self, pos: _Pos, message: str) -> None:
+        self.problems.append(ConfigProblem(self.file, pos.line, pos.col, message))
+
+    # -- shape ---------------------------------------------------------------
+
+    def as_map(self, node: _Node, what: str) -> _Map | None:
+        if isinstance(node, _Map):
+            return node
+        self.add(node.pos, f"{what} must be a mapping of 'key: value' lines, but this is {_kind(node)}")
+        return None
+
+    def as_list(self, node: _Node, what: str) -> tuple[_Node, ...] | None:
+        """A list; a single scalar is taken as a list of one (senders: "*@acme.example")."""
+        if isinstance(node, _Seq):
+            return node.items
+        if isinstance(node, _Scalar) and isinstance(node.value, str):
+            return (node,)
+        self.add(node.pos, f"{what} must be a list, but this is {_kind(node)}")
+        return None
+
+    def check_keys(self, m: _Map, allowed: Sequence[str], where: str) -> None:
+        for e in m.entries:
+            if e.key in allowed or e.key.lower() in _SECRET_KEYS:
+                continue  # secrets are reported by scan_secrets, wherever they are
+            guess = _suggest(e.key, allowed)
+            hint = f"did you mean '{guess}'?" if guess else "allowed keys are " + ", ".join(allowed)
+            self.add(e.key_pos, f"unknown key '{e.key}' in {where}; {hint}")
+
+    def scan_secrets(self, node: _Node, under_tenants: bool = False,
+                     seen: set[int] | None = None) -> None:
+        """Report every password-like key anywhere, without repeating its value."""
+        seen = set() if seen is None else seen
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, _Seq):
+            for item in node.items:
+                self.scan_secrets(item, under_tenants, seen)
+        elif isinstance(node, _Map):
+            for e in node.entries:
+                if e.key.lower() in _SECRET_KEYS:
+                    hint = ""
+                    if under_tenants:
+                        hint = (" (a tenant's own login belongs in password_hash, set with "
+                                "`relayctl tenant passwd`)")
+                    self.add(e.key_pos, f"'{e.key}': {_SECRET_MESSAGE}{hint}")
+                self.scan_secrets(e.value, under_tenants or e.key == "tenants", seen)
+
+    def get(self, m: _Map, key: str, conv: Conv[T], default: D) -> T | D:
+        node = m.value(key)
+        if node is None or _is_broken(node):
+            return default
+        value = conv(node, key)
+        return default if value is None else value
+
+    def need(self, m: _Map, key: str, conv: Conv[T], default: D, hint: str = "") -> T | D:
+        e = m.entry(key)
+        if e is None:
+            self.add(m.pos, f"required key '{key}' is missing{hint}")
+            return default
+        if _is_broken(e.value):
+            return default
+        if _is_null(e.value):
+            self.add(e.key_pos, f"'{key}' is empty; it needs a value{hint}")
+            return default
+        value = conv(e.value, key)
+        return default if value is None else value
+
+    # -- scalar converters: (node, key) -> value, or None after reporting ----
+
+    def text(self, node: _Node, key: str) -> str | None:
+        if isinstance(node, _Scalar) and isinstance(node.value, str) and node.value.strip():
+            return node.value.strip()
+        if isinstance(node, _Scalar) and isinstance(node.value, str):
+            self.add(node.pos, f"{key} must not be empty")
+        else:
+            self.add(node.pos, f"{key} must be text, but this is {_kind(node)}")
+        return None
+
+    def boolean(self, node: _Node, key: str) -> bool | None:
+        if isinstance(node, _Scalar) and isinstance(node.value, bool):
+            return node.value
+        self.add(node.pos, f"{key} must be true or false, but this is {_kind(node)}")
+        return None
+
+    def integer(self, bounds: tuple[int, int]) -> Conv[int]:
+        lo, hi = bounds
+
+        def conv(node: _Node, key: str) -> int | None:
+            v = node.value if isinstance(node, _Scalar) else None
+            if not isinstance(v, int) or isinstance(v, bool):
+                self.add(node.pos, f"{key} must be a whole number, but this is {_kind(node)}")
+                return None
+            if isinstance(node, _Scalar) and not re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", node.raw):
+                # YAML 1.1 reads 0465 as octal 309 and 1:30 as 90; say so rather than guess.
+                self.add(node.pos, f"write {key} as a plain decimal number; YAML reads "
+                                   f"'{node.raw}' as {v}")
+                return None
+            if not lo <= v <= hi:
+                self.add(node.pos, f"{key} must be from {lo} to {hi}; {v} is out of range")
+                return None
+            return v
+
+        return conv
+
+    def size(self, bounds: tuple[int, int]) -> Conv[int]:
+        lo, hi = bounds
+
+        def conv(node: _Node, key: str) -> int | None:
+            v = node.value if isinstance(node, _Scalar) else None
+            if not isinstance(node, _Scalar) or not isinstance(v, (str, int)) or isinstance(v, bool):
+                self.add(node.pos, f"{key} must be a size such as 25M, but this is {_kind(node)}")
+                return None
+            try:
+                # The text as written: YAML would read 0512 as an octal number.
+                n = parse_size(v if isinstance(v, str) else node.raw)
+            except SizeSyntaxError as exc:
+                self.add(node.pos, f"{key}: {exc}")
+                return None
+            if not lo <= n <= hi:
+                self.add(node.pos, f"{key} must be from {_format_size(lo)} to {_format_size(hi)}; "
+                                   f"{v} is out of range")
+                return None
+            return n
+
+        return conv
+
+    def duration(self, bounds: tuple[float, float]) -> Conv[float]:
+        lo, hi = bounds
+
+        def conv(node: _Node, key: str) -> float | None:
+            v = node.value if isinstance(node, _Scalar) else None
+            if not isinstance(node, _Scalar) or not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                self.add(node.pos, f"{key} must be a duration such as 30s or 5m, but this is {_kind(node)}")
+                return None
+            try:
+                seconds = parse_duration(v if isinstance(v, str) else node.raw)
+            except RetrySyntaxError as exc:
+                self.add(node.pos, f"{key}: {exc}")
+                return None
+            if not lo <= seconds <= hi:
+                self.add(node.pos, f"{key} must be from {_format_seconds(lo)} to "
+                                   f"{_format_seconds(hi)}; {v} is out of range")
+                return None
+            return seconds
+
+        return conv
+
+    def schedule(self, node: _Node, key: str) -> RetrySchedule | None:
+        v = node.value if isinstance(node, _Scalar) else None
+        if not isinstance(v, str):
+            self.add(node.pos, f"{key} must be a retry schedule such as \"F,2h,15m; F,4d,6h\", "
+                               f"but this is {_kind(node)}")
+            return None
+        try:
+            return parse_retry_schedule(v)
+        except RetrySyntaxError as exc:
+            self.add(node.pos, f"{key}: {exc}")
+            return None
+
+    def choice(self, enum_type: type[enum.Enum]) -> Conv[enum.Enum]:
+        allowed = [str(m.value) for m in enum_type]
+
+        def conv(node: _Node, key: str) -> enum.Enum | None:
+            v = node.value if isinstance(node, _Scalar) else None
+            if isinstance(v, str) and v.strip().lower() in allowed:
+                return enum_type(v.strip().lower())
+            shown = f"'{v}'" if isinstance(v, str) else _kind(node)
+            self.add(node.pos, f"{key} must be one of {', '.join(allowed)}; {shown} is not")
+            return None
+
+        return conv
+
+    def tls_mode(self, node: _Node, key: str) -> TlsMode | None:
+        mode = self.choice(TlsMode)(node, key)
+        return mode if isinstance(mode, TlsMode) else None
+
+    def path(self, node: _Node, key: str) -> Path | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if s.startswith("~"):
+            self.add(node.pos, f"{key}: '~' is not expanded; write the full path")
+            return None
+        return Path(os.path.normpath(self.base / s))
+
+    def existing_file(self, node: _Node, key: str) -> Path | None:
+        p = self.path(node, key)
+        if p is None or not self.check_files:
+            return p
+        if not p.exists():
+            self.add(node.pos, f"{key}: {p} does not exist")
+            return None
+        if p.is_dir():
+            self.add(node.pos, f"{key}: {p} is a directory, not a file")
+            return None
+        return p
+
+    def ip_literal(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if _ip(s) is None:
+            self.add(node.pos, f"{key} must be an IP address such as 127.0.0.1 or ::1; "
+                               f"'{s}' is not (host names are not looked up here)")
+            return None
+        return s
+
+    def hostname(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if _HOSTNAME.fullmatch(s.rstrip(".")) is None:
+            self.add(node.pos, f"{key} must be a host name such as relay.example.com; '{s}' is not")
+            return None
+        return s
+
+    def host(self, node: _Node, key: str) -> str | None:
+        """A host to connect to: a host name or an IP literal."""
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if _ip(s) is None and _HOSTNAME.fullmatch(s.rstrip(".")) is None:
+            self.add(node.pos, f"{key} must be a host name or an IP address; '{s}' is neither")
+            return None
+        return s
+
+    def credential_name(self, node: _Node, key: str) -> str | None:
+        # The value is never repeated: a password pasted here by mistake stays out of logs.
+        v = node.value if isinstance(node, _Scalar) else None
+        if isinstance(v, str) and _CREDENTIAL.fullmatch(v.strip()):
+            return v.strip()
+        self.add(node.pos, f"{key} must be the name of a stored credential (letters, digits and "
+                           "_ . @ + -), as given to `relayctl secret set NAME`")
+        return None
+
+    def password_hash(self, node: _Node, key: str) -> str | None:
+        # Not repeated either: it may be a plaintext password written in the wrong place.
+        v = node.value if isinstance(node, _Scalar) else None
+        if isinstance(v, str) and _password_hash_ok(v.strip()):
+            return v.strip()
+        self.add(node.pos, f"{key} must have the form scrypt$<log2n>$<r>$<p>$<salt>$<hash>, as "
+                           "written by `relayctl tenant passwd`; this value does not (it is not "
+                           "shown here in case it is a password)")
+        return None
+
+    def text_list(self, item: Callable[[_Node, str], str | None], what: str) -> Conv[tuple[str, ...]]:
+        def conv(node: _Node, key: str) -> tuple[str, ...] | None:
+            items = self.as_list(node, key)
+            if items is None:
+                return None
+            if not items:
+                self.add(node.pos, f"{key} must list at least one {what}")
+                return None
+            values = [item(i, key) for i in items]
+            good = tuple(v for v in values if v is not None)
+            return good if len(good) == len(values) else None
+
+        return conv
+
+    def sender_pattern(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if not _sender_pattern_ok(s):
+            self.add(node.pos, f"'{s}' is not a sender pattern; write an address (billing@acme.example) "
+                               "or *@domain (*@acme.example)")
+            return None
+        return s
+
+    def domain_pattern(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if not _domain_pattern_ok(s):
+            self.add(node.pos, f"'{s}' is not a domain pattern; write a domain (example.com), "
+                               "*.example.com for its subdomains, or * for every domain")
+            return None
+        return s.lower()
+
+    def loopback(self, node: _Node, key: str) -> str | None:
+        s = self.ip_literal(node, key)
+        if s is None:
+            return None
+        if not _is_loopback(s):
+            self.add(node.pos, f"{s} is not a loopback address; only 127.0.0.0/8 and ::1 may stand "
+                               "in for a login, because other addresses can be reached from the network")
+            return None
+        return s
+
+    # -- sections ------------------------------------------------------------
+
+    def relay_config(self, root: _Node, source: Path) -> RelayConfig | None:
+        m = self.as_map(root, "relay.yaml")
+        if m is None:
+            return None
+        self.scan_secrets(m)
+        self.check_keys(m, _TOP_KEYS, "the top level")
+        self.version(m)
+        hostname = self.need(m, "hostname", self.hostname, "localhost",
+                             " (the name relayd gives in its greeting and EHLO)")
+        spool_dir = self.need(m, "spool_dir", self.path, Path("."))
+        tls = self.tls_files(m)
+        transports, transport_names = self.transports(m)
+        return RelayConfig(
+            source=source,
+            hostname=hostname,
+            spool_dir=spool_dir,
+            log_file=self.log_file(m),
+            credentials=self.credentials(m),
+            listeners=self.listeners(m, has_tls_files=m.value("tls") is not None),
+            transports=transports,
+            tenants=self.tenants(m, transport_names),
+            tls=tls,
+            retry=self.get(m, "retry", self.schedule, parse_retry_schedule(DEFAULT_RETRY)),
+            delivery=self.delivery(m),
+            metrics=self.metrics(m),
+            control_socket=self.get(m, "control_socket", self.path, None),
+            pid_file=self.get(m, "pid_file", self.path, None),
+        )
+
+    def version(self, m: _Map) -> None:
+        e = m.entry("version")
+        if e is None:
+            self.add(m.pos, "required key 'version' is missing; start the file with 'version: 1'")
+        elif _is_broken(e.value):
+            return
+        elif not (isinstance(e.value, _Scalar) and e.value.value == 1
+                  and not isinstance(e.value.value, bool)):
+            self.add(e.value.pos, "version must be 1, the only relay.yaml format this relayd reads")
+
+    def log_file(self, m: _Map) -> Path | None:
+        node = m.value("log_file")
+        if isinstance(node, _Scalar) and node.value == "-":
+            return None
+        return self.get(m, "log_file", self.path, None)
+
+    def tls_files(self, m: _Map) -> TlsFiles | None:
+        node = m.value("tls")
+        t = self.as_map(node, "tls") if node is not None else None
+        if t is None:
+            return None
+        self.check_keys(t, _TLS_KEYS, "tls")
+        cert = self.need(t, "cert", self.existing_file, None, " (the certificate chain, PEM)")
+        key = self.need(t, "key", self.existing_file, None, " (the private key, PEM)")
+        return TlsFiles(cert, key) if cert is not None and key is not None else None
+
+    def credentials(self, m: _Map) -> CredentialsConfig:
+        placeholder = CredentialsConfig(store=Path("."))
+        e = m.entry("credentials")
+        if e is None:
+            self.add(m.pos, "required key 'credentials' is missing; it says where the encrypted "
+                            "upstream credentials live (credentials: {store: ...})")
+            return placeholder
+        c = self.as_map(e.value, "credentials")
+        if c is None:
+            return placeholder
+        self.check_keys(c, _CREDENTIALS_KEYS, "credentials")
+        return CredentialsConfig(
+            store=self.need(c, "store", self.path, Path(".")),
+            master_key_file=self.get(c, "master_key_file", self.existing_file, None),
+        )
+
+    def delivery(self, m: _Map) -> DeliveryConfig:
+        d = DeliveryConfig()
+        node = m.value("delivery")
+        s = self.as_map(node, "delivery") if node is not None else None
+        if s is None:
+            return d
+        self.check_keys(s, _DELIVERY_KEYS, "delivery")
+        return DeliveryConfig(
+            max_parallel=self.get(s, "max_parallel", self.integer(_PARALLEL), d.max_parallel),
+            queue_run_interval=self.get(s, "queue_run_interval", self.duration(_QUEUE_RUN),
+                                        d.queue_run_interval),
+            shutdown_grace=self.get(s, "shutdown_grace", self.duration(_SHUTDOWN_GRACE),
+                                    d.shutdown_grace),
+        )
+
+    def metrics(self, m: _Map) -> MetricsConfig:
+        d = MetricsConfig()
+        node = m.value("metrics")
+        s = self.as_map(node, "metrics") if node is not None else None
+        if s is None:
+            return d
+        self.check_keys(s, _METRICS_KEYS, "metrics")
+        return MetricsConfig(
+            address=self.get(s, "address", self.ip_literal, d.address),
+            port=self.get(s, "port", self.integer(_PORT), d.port),
+        )
+
+    # -- listeners -----------------------------------------------------------
+
+    def listeners(self, m: _Map, has_tls_files: bool) -> tuple[ListenerConfig, ...]:
+        e = m.entry("listeners")
+        if e is None:
+            self.add(m.pos, "required key 'listeners' is missing; add at least one listener")
+            return ()
+        items = self.as_list(e.value, "listeners") if not _is_null(e.value) else ()
+        if items is not None and not items:
+            self.add(e.key_pos, "listeners must list at least one listener")
+        result: list[ListenerConfig] = []
+        names: dict[str, _Pos] = {}
+        bound: list[tuple[str, int, _Pos]] = []
+        for node in items or ():
+            lm = self.as_map(node, "a listener")
+            if lm is None:
+                continue
+            listener = self.listener(lm, has_tls_files)
+            self.check_unique_listener(lm, listener, names, bound)
+            result.append(listener)
+        return tuple(result)
+
+    def listener(self, lm: _Map, has_tls_files: bool) -> ListenerConfig:
+        d = ListenerConfig()
+        raw_name = lm.value("name")
+        shown = raw_name.value if isinstance(raw_name, _Scalar) else d.name
+        self.check_keys(lm, _LISTENER_KEYS, f"listener '{shown}'")
+        name = self.get(lm, "name", self.name("listener"), d.name)
+        address = self.get(lm, "address", self.ip_literal, d.address)
+        tls = self.get(lm, "tls", self.tls_mode, d.tls)
+        plain = self.get(lm, "allow_plaintext_auth", self.boolean, d.allow_plaintext_auth)
+        if plain and not _is_loopback(address) and _ip(address) is not None:
+            self.add(self.pos_of(lm, "allow_plaintext_auth"),
+                     f"allow_plaintext_auth: true is only allowed on a loopback address "
+                     f"(127.0.0.0/8 or ::1); on {address} passwords would cross the network in clear")
+        if tls is not TlsMode.NONE and not has_tls_files:
+            self.add(self.pos_of(lm, "tls"),
+                     f"listener '{name}' uses tls: {tls.value}, which needs the top-level tls: "
+                     "section with cert and key; add it, or use tls: none on a loopback listener")
+        delay = self.get(lm, "auth_failures_before_delay", self.integer(_AUTH_FAILURES),
+                         d.auth_failures_before_delay)
+        drop = self.get(lm, "auth_failures_before_disconnect", self.integer(_AUTH_FAILURES),
+                        d.auth_failures_before_disconnect)
+        if drop < delay:
+            self.add(self.pos_of(lm, "auth_failures_before_disconnect"),
+                     f"auth_failures_before_disconnect ({drop}) must not be below "
+                     f"auth_failures_before_delay ({delay})")
+        return ListenerConfig(
+            name=name,
+            address=address,
+            port=self.get(lm, "port", self.integer(_PORT), d.port),
+            tls=tls,
+            allow_plaintext_auth=plain,
+            max_message_size=self.get(lm, "max_message_size", self.size(_MESSAGE_SIZE),
+                                      d.max_message_size),
+            max_recipients=self.get(lm, "max_recipients", self.integer(_RECIPIENTS), d.max_recipients),
+            command_timeout=self.get(lm, "command_timeout", self.duration(_TIMEOUT), d.command_timeout),
+            data_timeout=self.get(lm, "data_timeout", self.duration(_TIMEOUT), d.data_timeout),
+            max_line_length=self.get(lm, "max_line_length", self.integer(_LINE_LENGTH),
+                                     d.max_line_length),
+            auth_failures_before_delay=delay,
+            auth_failures_before_disconnect=drop,
+            auth_failure_window=self.get(lm, "auth_failure_window", self.duration(_AUTH_WINDOW),
+                                         d.auth_failure_window),
+        )
+
+    def check_unique_listener(self, lm: _Map, listener: ListenerConfig, names: dict[str, _Pos],
+                              bound: list[tuple[str, int, _Pos]]) -> None:
+        """Two listeners may share neither a name nor an address and port."""
+        if listener.name in names:
+            self.add(self.pos_of(lm, "name"), f"listener name '{listener.name}' is already used "
+                                              f"by the listener at line {names[listener.name].line}")
+        else:
+            names[listener.name] = lm.pos
+        for address, port, pos in bound:
+            if port == listener.port and _addresses_overlap(address, listener.address):
+                also = f" on {address}" if address != listener.address else ""
+                self.add(self.pos_of(lm, "port"),
+                         f"port {port} on {listener.address} is already taken by the listener "
+                         f"at line {pos.line}{also}")
+                return
+        bound.append((listener.address, listener.port, lm.pos))
+
+    def pos_of(self, m: _Map, key: str) -> _Pos:
+        """Where `key`'s value is, or the mapping itself when the key was left out."""
+        e = m.entry(key)
+        return e.value.pos if e is not None else m.pos
+
+    def name(self, what: str) -> Conv[str]:
+        def conv(node: _Node, key: str) -> str | None:
+            s = self.text(node, key)
+            if s is not None and _NAME.fullmatch(s) is None:
+                self.add(node.pos, f"{what} name '{s}' may only hold letters, digits, _ . - "
+                                   "(at most 64, starting with a letter or digit)")
+                return None
+            return s
+
+        return conv
+
+    # -- transports ----------------------------------------------------------
+
+    def transports(self, m: _Map) -> tuple[Mapping[str, TransportConfig], frozenset[str]]:
+        """The valid transports, and the names of all declared ones (for `via` checks)."""
+        node = m.value("transports")
+        t = self.as_map(node, "transports") if node is not None else None
+        if t is None:
+            return MappingProxyType({}), frozenset()
+        result: dict[str, TransportConfig] = {}
+        for e in t.entries:
+            if _NAME.fullmatch(e.key) is None:
+                self.add(e.key_pos, f"transport name '{e.key}' may only hold letters, digits, _ . - "
+                                    "(at most 64, starting with a letter or digit)")
+            tm = self.as_map(e.value, f"transport '{e.key}'")
+            if tm is None:
+                continue
+            kind = self.get(tm, "type", self.transport_type, "smtp")
+            if kind == "capture":
+                result[e.key] = self.capture_transport(e.key, tm)
+            else:
+                result[e.key] = self.smtp_transport(e.key, tm)
+        return MappingProxyType(result), frozenset(e.key for e in t.entries)
+
+    def transport_type(self, node: _Node, key: str) -> str | None:
+        v = node.value if isinstance(node, _Scalar) else None
+        if v in ("smtp", "capture"):
+            return str(v)
+        shown = f"'{v}'" if isinstance(v, str) else _kind(node)
+        self.add(node.pos, f"type must be one of smtp, capture; {shown} is not")
+        return None
+
+    def capture_transport(self, name: str, tm: _Map) -> CaptureTransportConfig:
+        self.check_keys(tm, _CAPTURE_KEYS, f"capture transport '{name}'")
+        return CaptureTransportConfig(
+            name=name,
+            maildir=self.need(tm, "maildir", self.path, Path(".")),
+            retry=self.get(tm, "retry", self.schedule, None),
+        )
+
+    def smtp_transport(self, name: str, tm: _Map) -> SmtpTransportConfig:
+        d = SmtpTransportConfig(name=name, host="", port=0)
+        self.check_keys(tm, _SMTP_KEYS, f"transport '{name}'")
+        preset_name = self.get(tm, "preset", self.text, None)
+        region = self.get(tm, "region", self.text, None)
+        preset = None
+        if preset_name is not None:
+            try:
+                preset = resolve_preset(preset_name, region)
+            except PresetError as exc:
+                bad_region = region is not None and preset_name in PROVIDER_PRESETS
+                where = "region" if bad_region else "preset"
+                self.add(self.pos_of(tm, where), str(exc))
+        elif region is not None:
+            self.add(self.pos_of(tm, "region"), "region is only used with preset: ses")
+        if preset is None and preset_name is None:
+            host = self.need(tm, "host", self.host, "", " (or a preset such as preset: gmail)")
+        else:
+            host = self.get(tm, "host", self.host, preset.host if preset else "")
+        tls = self.get(tm, "tls", self.tls_mode, preset.tls if preset else d.tls)
+        default_port = preset.port if preset else (465 if tls is TlsMode.IMPLICIT else 587)
+        credential = self.get(tm, "credential", self.credential_name, None)
+        verify = self.get(tm, "verify_certificate", self.boolean, d.verify_certificate)
+        self.check_transport_safety(tm, host, tls, credential, verify)
+        return SmtpTransportConfig(
+            name=name,
+            host=host,
+            port=self.get(tm, "port", self.integer(_PORT), default_port),
+            tls=tls,
+            credential=credential,
+            verify_certificate=verify,
+            ca_file=self.get(tm, "ca_file", self.existing_file, None),
+            helo_name=self.get(tm, "helo_name", self.hostname, None),
+            connect_timeout=self.get(tm, "connect_timeout", self.duration(_TIMEOUT), d.connect_timeout),
+            command_timeout=self.get(tm, "command_timeout", self.duration(_TIMEOUT), d.command_timeout),
+            retry=self.get(tm, "retry", self.schedule, None),
+            max_connections=self.get(tm, "max_connections", self.integer(_CONNECTIONS),
+                                     d.max_connections),
+            max_messages_per_connection=self.get(
+                tm, "max_messages_per_connection", self.integer(_MESSAGES_PER_CONNECTION),
+                d.max_messages_per_connection),
+            idle_timeout=self.get(tm, "idle_timeout", self.duration(_IDLE), d.idle_timeout),
+            provider=preset.name if preset else None,
+        )
+
+    def check_transport_safety(self, tm: _Map, host: str, tls: TlsMode, credential: str | None,
+                               verify: bool) -> None:
+        """Mail may go in clear only to this machine; a login never goes unverified."""
+        if tls is TlsMode.NONE and host and not (_is_loopback(host) or host.lower() == "localhost"):
+            self.add(self.pos_of(tm, "tls"),
+                     f"tls: none is only allowed towards a loopback host (127.0.0.0/8, ::1 or "
+                     f"localhost); mail to {host} would cross the network in clear")
+        if credential is not None and tls is TlsMode.NONE:
+            self.add(self.pos_of(tm, "credential"),
+                     "a credential cannot be used with tls: none: credentials are never sent over "
+                     "an unencrypted connection; use tls: starttls or implicit (with ca_file for a "
+                     "private CA)")
+        if credential is not None and not verify:
+            self.add(self.pos_of(tm, "verify_certificate"),
+                     "verify_certificate: false cannot be combined with a credential: credentials "
+                     "are never sent over a connection whose certificate is not verified; to trust "
+                     "a private or self-signed certificate, use ca_file instead")
+
+    # -- tenants -------------------------------------------------------------
+
+    def tenants(self, m: _Map, transport_names: frozenset[str]) -> Mapping[str, TenantConfig]:
+        node = m.value("tenants")
+        t = self.as_map(node, "tenants") if node is not None else None
+        if t is None:
+            return MappingProxyType({})
+        result: dict[str, TenantConfig] = {}
+        for e in t.entries:
+            if _LOGIN.fullmatch(e.key) is None:
+                self.add(e.key_pos, f"tenant name '{e.key}' is its SMTP login and may only hold "
+                                    "letters, digits and _ . @ + - (at most 64)")
+            tm = self.as_map(e.value, f"tenant '{e.key}'")
+            if tm is not None:
+                result[e.key] = self.tenant(e.key, tm, transport_names)
+        return MappingProxyType(result)
+
+    def tenant(self, name: str, tm: _Map, transport_names: frozenset[str]) -> TenantConfig:
+        self.check_keys(tm, _TENANT_KEYS, f"tenant '{name}'")
+        binds = self.get(tm, "bind_addresses", self.text_list(self.loopback, "address"), ())
+        self.check_bind_owners(name, tm, binds)
+        return TenantConfig(
+            name=name,
+            password_hash=self.get(tm, "password_hash", self.password_hash, None),
+            senders=self.need(tm, "senders", self.text_list(self.sender_pattern, "sender pattern"), (),
+                              " (the From addresses this tenant may use, e.g. [\"*@acme.example\"])"),
+            routes=self.routes(name, tm, transport_names),
+            bind_addresses=binds,
+            max_recipients=self.get(tm, "max_recipients", self.integer(_RECIPIENTS), None),
+            max_message_size=self.get(tm, "max_message_size", self.size(_MESSAGE_SIZE), None),
+            enabled=self.get(tm, "enabled", self.boolean, True),
+        )
+
+    def check_bind_owners(self, tenant: str, tm: _Map, binds: tuple[str, ...]) -> None:
+        """A bind address stands for one tenant only, or the tenant would be a guess."""
+        node = tm.value("bind_addresses")
+        nodes = node.items if isinstance(node, _Seq) else (node,)
+        for address, item in zip(binds, nodes):
+            owner = self._bind_owner.setdefault(address, tenant)
+            if owner != tenant and item is not None:
+                self.add(item.pos, f"{address} already stands for tenant '{owner}'; one address "
+                                   "can only stand for one tenant")
+
+    def routes(self, tenant: str, tm: _Map, transport_names: frozenset[str]) -> tuple[RouteRule, ...]:
+        e = tm.entry("routes")
+        if e is None:
+            self.add(tm.pos, f"required key 'routes' is missing; tenant '{tenant}' needs at least "
+                             "one route (domains: [\"*\"], via: [...])")
+            return ()
+        items = self.as_list(e.value, "routes") if not _is_null(e.value) else ()
+        if items is not None and not items:
+            self.add(e.key_pos, f"routes must list at least one route for tenant '{tenant}'")
+        rules: list[RouteRule] = []
+        seen: set[str] = set()
+        for n, node in enumerate(items or (), start=1):
+            rm = self.as_map(node, "a route")
+            if rm is None:
+                continue
+            rule = self.route(tenant, n, rm, transport_names)
+            if rule.name in seen:
+                self.add(self.pos_of(rm, "name"), f"route name '{rule.name}' is used twice in "
+                                                  f"tenant '{tenant}'")
+            seen.add(rule.name)
+            rules.append(rule)
+        return tuple(rules)
+
+    def route(self, tenant: str, n: int, rm: _Map, transport_names: frozenset[str]) -> RouteRule:
+        self.check_keys(rm, _ROUTE_KEYS, "a route")
+        via = self.via(rm, transport_names)
+        return RouteRule(
+            name=self.get(rm, "name", self.name("route"), f"{tenant}-{n}"),
+            domains=self.need(rm, "domains", self.text_list(self.domain_pattern, "domain pattern"),
+                              (), " (use domains: [\"*\"] for every domain)"),
+            transports=via,
+        )
+
+    def via(self, rm: _Map, transport_names: frozenset[str]) -> tuple[str, ...]:
+        """The route's transport chain; each unknown name is reported at its own list item."""
+        e = rm.entry("via")
+        if e is None or _is_null(e.value):
+            self.add(rm.pos if e is None else e.key_pos,
+                     "required key 'via' is missing; name the transports to try, in order")
+            return ()
+        items = self.as_list(e.value, "via")
+        if items is not None and not items:
+            self.add(e.value.pos, "via must name at least one transport")
+        chain: list[str] = []
+        for node in items or ():
+            name = self.text(node, "via")
+            if name is None:
+                continue
+            if name not in transport_names:
+                guess = _suggest(name, sorted(transport_names))
+                hint = f"; did you mean '{guess}'?" if guess else ""
+                self.add(node.pos, f"via names '{name}', which is not a transport defined "
+                                   f"in this file{hint}")
+            elif name in chain:
+                self.add(node.pos, f"transport '{name}' is listed twice in this route")
+            chain.append(name)
+        return tuple(chain)
+
+
+def _addresses_overlap(a: str, b: str) -> bool:
+    """Whether binding both a and b on one port would clash (same, or one is a wildcard)."""
+    ia, ib = _ip(a), _ip(b)
+    if ia is None or ib is None:
+        return a == b
+    if ia == ib:
+        return True
+    return ia.version == ib.version and (ia.is_unspecified or ib.is_unspecified)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _read_text(path: Path, file: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(file, 0, 0, f"cannot read the file: {exc.strerror}")]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(file, 0, 0, f"the file is larger than "
+                                                     f"{MAX_CONFIG_BYTES // 1024 // 1024} MiB")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError([ConfigProblem(file, line, 1, "the file is not valid UTF-8")]) from None
+
+
+def _compose(text: str, file: str) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        pos = _pos(exc.problem_mark or exc.context_mark)
+        what = exc.problem or "the YAML cannot be read"
+        if exc.context:
+            at = f" at line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+            if what.startswith("but "):  # "expected a single document ..., but found another"
+                what = f"{exc.context}{at}, {what}"
+            else:
+                what = f"{what} ({exc.context}{at})"
+        if "block" in what or "indentation" in what:
+            what += "; check the indentation"
+        raise ConfigError([ConfigProblem(file, pos.line, pos.col, f"YAML syntax error: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(file, 0, 0, f"YAML syntax error: {exc}")]) from None
+
+
+def load_config(path: Path, *, check_files: bool = True) -> RelayConfig:
+    """Read and check relay.yaml; raise ConfigError listing every problem found.
+
+    Problems are reported against `path` as given. With `check_files`, the TLS
+    certificate and key, every ca_file and the master key file must exist.
+    """
+    file = str(path)
+    node = _compose(_read_text(path, file), file)
+    if node is None:
+        raise ConfigError([ConfigProblem(file, 0, 0, "the file is empty; see config/relay.yaml "
+                                                     "for a complete example")])
+    source = Path(os.path.abspath(path))
+    reader = _Reader(file, source.parent, check_files)
+    tree = _TreeBuilder(reader.add).build(node)
+    config = reader.relay_config(tree, source)
+    if reader.problems or config is None:
+        raise ConfigError(sorted(reader.problems, key=lambda p: (p.line, p.col)))
+    return config

@@ -1,0 +1,427 @@
+"""The main log: one line per mail event, in the shape of Exim's mainlog.
+
+Takes: queue entries, delivery reports and session facts from the stages that
+see them happen, plus an injected clock.
+Emits: lines such as ``2026-01-01 12:00:00 1abc-000001 => x@gmail.com
+R=acme T=gmail H=smtp.gmail.com [1.2.3.4]:587 X=TLS1.3 C="250 2.0.0 OK"``
+to a file opened in append mode (0640) or to a stream.
+Untrusted input: addresses, HELO names, logins, upstream replies and client
+data. Every such field goes through `sanitize()`, which escapes CR, LF and all
+other non-printing characters and truncates the field, so no client or
+upstream can forge or split a log line. Bodies and secrets are never passed in.
+Fails: a write error (disk full, log volume gone) is counted in `write_errors`
+and echoed on stderr instead of raised, so logging never stops mail from
+moving; `reopen()` raises if the new file cannot be opened and keeps the old one.
+
+The ``format_*`` functions are pure and return the line without its
+timestamp; `MainLog` adds the time and does the writing.
+
+Markers, as in Exim: ``<=`` arrival, ``=>`` delivery, ``->`` a further
+recipient of the same delivery, ``==`` deferral, ``**`` permanent failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from relayd.values import DeliveryReport, QueueEntry
+
+# Long enough for any real address or SMTP reply line, short enough that a
+# hostile client cannot turn one event into megabytes of log.
+MAX_FIELD = 512
+
+LOG_FILE_MODE = 0o640  # Exim's default: the mail group may read, others not.
+
+_ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def sanitize(text: str, limit: int = MAX_FIELD) -> str:
+    """`text` made safe for one log line: escaped and cut to about `limit` characters.
+
+    Backslash, CR, LF and tab become ``\\\\``, ``\\r``, ``\\n``, ``\\t``; any other
+    non-printing character (controls, DEL, C1 controls, Unicode line and
+    paragraph separators, format characters, undecodable surrogates) becomes
+    ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``. A cut field ends in ``...``.
+    """
+    out: list[str] = []
+    size = 0
+    for ch in text:
+        piece = _escape(ch)
+        if size + len(piece) > limit:
+            out.append("...")
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out)
+
+
+def _escape(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    if ch == " " or ch.isprintable():
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def format_timestamp(when: float, *, utc: bool) -> str:
+    """Exim's ``YYYY-MM-DD HH:MM:SS``, in local time unless `utc`."""
+    parts = time.gmtime(when) if utc else time.localtime(when)
+    return time.strftime("%Y-%m-%d %H:%M:%S", parts)
+
+
+def format_arrival(
+    entry: QueueEntry,
+    *,
+    client_ip: str,
+    client_port: int,
+    helo: str,
+    protocol: str,
+    tls: str | None,
+    auth: str | None,
+) -> str:
+    """``<id> <= sender H=(helo) [ip]:port P=.. X=.. A=.. S=.. id=.. for r1 r2``."""
+    env = entry.envelope
+    tokens = [sanitize(entry.id), "<=", _sender(env.sender)]
+    host = f"[{sanitize(client_ip)}]" + (f":{client_port}" if client_port else "")
+    tokens.append(f"H=({sanitize(helo)}) {host}" if helo else f"H={host}")
+    tokens.append(f"P={sanitize(protocol)}")
+    if tls:
+        tokens.append(f"X={sanitize(tls)}")
+    if auth:
+        tokens.append(f"A={sanitize(auth)}")
+    tokens.append(f"S={env.size}")
+    message_id = env.header_message_id.strip().strip("<>")
+    if message_id:
+        tokens.append(f"id={sanitize(message_id)}")
+    recipients = [r.address for r in entry.recipients] or list(env.recipients)
+    if recipients:
+        tokens.append("for " + " ".join(sanitize(r) for r in recipients))
+    return " ".join(tokens)
+
+
+def format_delivered(queue_id: str, report: DeliveryReport, *, first: bool) -> str:
+    """``<id> => addr R=rule T=transport H=host [ip]:port X=tls C="reply"``.
+
+    `first` False gives ``->``: another recipient carried by the same
+    upstream transaction.
+    """
+    tokens = [sanitize(queue_id), "=>" if first else "->", sanitize(report.address)]
+    tokens += _route_tokens(report)
+    host = _host(report.host, report.ip, report.port)
+    if host:
+        tokens.append(f"H={host}")
+    if report.tls:
+        tokens.append(f"X={sanitize(report.tls)}")
+    if report.reply is not None:
+        confirmation = sanitize(str(report.reply)).replace('"', '\\"')
+        tokens.append(f'C="{confirmation}"')
+    return " ".join(tokens)
+
+
+def format_deferred(
+    queue_id: str, report: DeliveryReport, *, next_attempt: float | None, utc: bool = False
+) -> str:
+    """``<id> == addr R=rule T=transport defer (-1) H=host [ip]:port: reason``.
+
+    When the next attempt is known it is appended as ``next try <time>`` so
+    an operator reading the log knows when the queue will act again.
+    """
+    tokens = [sanitize(queue_id), "==", sanitize(report.address)]
+    tokens += _route_tokens(report)
+    tokens.append("defer (-1)")
+    host = _host(report.host, report.ip, report.port)
+    if host:
+        tokens.append(f"H={host}")
+    line = " ".join(tokens) + ": " + _reason(report)
+    if next_attempt is not None:
+        line += f" (next try {format_timestamp(next_attempt, utc=utc)})"
+    return line
+
+
+def format_host_failed(
+    queue_id: str, *, transport: str, host: str, ip: str, port: int, reason: str
+) -> str:
+    """``<id> H=host [ip]:port T=transport: reason`` for a transport skipped in failover."""
+    where = _host(host, ip, port) or "[]"
+    return f"{sanitize(queue_id)} H={where} T={sanitize(transport)}: {sanitize(reason)}"
+
+
+def format_failed(queue_id: str, report: DeliveryReport) -> str:
+    """``<id> ** addr R=rule T=transport H=host [ip]:port: reason``."""
+    return f"{sanitize(queue_id)} ** {_failure_tail(report)}"
+
+
+def format_completed(queue_id: str) -> str:
+    """``<id> Completed``: every recipient reached a final state."""
+    return f"{sanitize(queue_id)} Completed"
+
+
+def format_bounce_created(
+    queue_id: str, *, bounce_id: str, sender: str, size: int | None = None
+) -> str:
+    """``<bounce_id> <= <> R=<id> U=relayd P=local S=size for sender``.
+
+    As in Exim, the bounce's own arrival line names the message it reports
+    on with R=, so the two can be joined with one grep.
+    """
+    tokens = [sanitize(bounce_id), "<=", "<>", f"R={sanitize(queue_id)}", "U=relayd", "P=local"]
+    if size is not None:
+        tokens.append(f"S={size}")
+    tokens.append(f"for {sanitize(sender)}")
+    return " ".join(tokens)
+
+
+def format_bounce_dropped(queue_id: str, report: DeliveryReport) -> str:
+    """``<id> ** addr ...: reason (null sender: bounce discarded)``: a bounce is never bounced."""
+    return f"{sanitize(queue_id)} ** {_failure_tail(report)} (null sender: bounce discarded)"
+
+
+def format_rejected(
+    *, client_ip: str, stage: str, reply: str, detail: str = "", address: str | None = None
+) -> str:
+    """``H=[ip] rejected RCPT <addr>: reply: detail``.
+
+    `reply` is what the client was told; `detail` is the internal reason,
+    which only the log sees.
+    """
+    what = sanitize(stage)
+    if address is not None:
+        what += f" <{sanitize(address)}>"
+    line = f"H=[{sanitize(client_ip)}] rejected {what}: {sanitize(reply)}"
+    if detail:
+        line += f": {sanitize(detail)}"
+    return line
+
+
+def format_auth_failed(
+    *, client_ip: str, login: str | None, helo: str = "", mechanism: str = ""
+) -> str:
+    """Exim's ``authenticator failed for ([ip]) [ip]: 535 Incorrect authentication data``.
+
+    The login the client tried is shown as set_id (never the password); the
+    reply text is the same whether or not the login exists.
+    """
+    prefix = f"{sanitize(mechanism)} authenticator" if mechanism else "authenticator"
+    ip = sanitize(client_ip)
+    name = sanitize(helo) if helo else f"[{ip}]"
+    line = f"{prefix} failed for ({name}) [{ip}]: 535 Incorrect authentication data"
+    if login is not None:
+        line += f" (set_id={sanitize(login)})"
+    return line
+
+
+def format_daemon(text: str, *, level: str = "") -> str:
+    """A daemon event (start, stop, reload, config error); `level` prefixes it."""
+    return f"{level}: {sanitize(text)}" if level else sanitize(text)
+
+
+def _sender(address: str) -> str:
+    return "<>" if address == "" else sanitize(address)
+
+
+def _route_tokens(report: DeliveryReport) -> list[str]:
+    tokens: list[str] = []
+    if report.rule:
+        tokens.append(f"R={sanitize(report.rule)}")
+    if report.transport:
+        tokens.append(f"T={sanitize(report.transport)}")
+    return tokens
+
+
+def _host(host: str, ip: str, port: int) -> str:
+    """``host [ip]:port`` with whatever parts are known; "" when none are."""
+    if not host and not ip:
+        return ""
+    address = f"[{sanitize(ip)}]" if ip else ""
+    if address and port:
+        address += f":{port}"
+    if host:
+        return f"{sanitize(host)} {address}".rstrip()
+    return address
+
+
+def _reason(report: DeliveryReport) -> str:
+    if report.reason:
+        return sanitize(report.reason)
+    if report.reply is not None:
+        return sanitize(f"SMTP error from remote mail server: {report.reply}")
+    return "unknown error"
+
+
+def _failure_tail(report: DeliveryReport) -> str:
+    tokens = [sanitize(report.address)] + _route_tokens(report)
+    host = _host(report.host, report.ip, report.port)
+    if host:
+        tokens.append(f"H={host}")
+    return " ".join(tokens) + ": " + _reason(report)
+
+
+def _open_append(path: Path) -> TextIO:
+    """Open `path` for appending, line-buffered; a new file gets mode 0640 whatever the umask."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        fd = os.open(path, flags | os.O_EXCL, LOG_FILE_MODE)
+        os.fchmod(fd, LOG_FILE_MODE)
+    except FileExistsError:
+        fd = os.open(path, flags, LOG_FILE_MODE)
+    return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+
+class MainLog:
+    """Writes timestamped mainlog lines; one method per event kind; thread-safe.
+
+    With `path` None the lines go to `stream` (stderr by default), which is
+    what a service under systemd wants. `utc` stamps lines in UTC instead of
+    local time.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        stream: TextIO | None = None,
+        utc: bool = False,
+    ) -> None:
+        self._path = path
+        self._clock = clock
+        self._utc = utc
+        self._stream: TextIO = stream if stream is not None else sys.stderr
+        self._lock = threading.Lock()
+        self._file: TextIO | None = _open_append(path) if path is not None else None
+        self.write_errors = 0
+
+    def reopen(self) -> None:
+        """Open the path again (after logrotate moved the old file away).
+
+        The new file is opened before the old one is closed, so a failure
+        leaves logging where it was and raises OSError for the caller to report.
+        """
+        if self._path is None:
+            return
+        fresh = _open_append(self._path)
+        with self._lock:
+            old, self._file = self._file, fresh
+        if old is not None:
+            old.close()
+
+    def close(self) -> None:
+        """Close the file; later lines fall back to the stream."""
+        with self._lock:
+            old, self._file = self._file, None
+        if old is not None:
+            old.close()
+
+    def arrival(
+        self,
+        entry: QueueEntry,
+        *,
+        client_ip: str,
+        client_port: int,
+        helo: str,
+        protocol: str,
+        tls: str | None,
+        auth: str | None,
+    ) -> None:
+        self._write(
+            format_arrival(
+                entry,
+                client_ip=client_ip,
+                client_port=client_port,
+                helo=helo,
+                protocol=protocol,
+                tls=tls,
+                auth=auth,
+            )
+        )
+
+    def delivered(self, queue_id: str, report: DeliveryReport, *, first: bool) -> None:
+        self._write(format_delivered(queue_id, report, first=first))
+
+    def deferred(
+        self, queue_id: str, report: DeliveryReport, *, next_attempt: float | None
+    ) -> None:
+        self._write(format_deferred(queue_id, report, next_attempt=next_attempt, utc=self._utc))
+
+    def host_failed(
+        self, queue_id: str, *, transport: str, host: str, ip: str, port: int, reason: str
+    ) -> None:
+        self._write(
+            format_host_failed(
+                queue_id, transport=transport, host=host, ip=ip, port=port, reason=reason
+            )
+        )
+
+    def failed(self, queue_id: str, report: DeliveryReport) -> None:
+        self._write(format_failed(queue_id, report))
+
+    def completed(self, queue_id: str) -> None:
+        self._write(format_completed(queue_id))
+
+    def bounce_created(
+        self, queue_id: str, *, bounce_id: str, sender: str, size: int | None = None
+    ) -> None:
+        self._write(format_bounce_created(queue_id, bounce_id=bounce_id, sender=sender, size=size))
+
+    def bounce_dropped(self, queue_id: str, report: DeliveryReport) -> None:
+        self._write(format_bounce_dropped(queue_id, report))
+
+    def rejected(
+        self,
+        *,
+        client_ip: str,
+        stage: str,
+        reply: str,
+        detail: str = "",
+        address: str | None = None,
+    ) -> None:
+        self._write(
+            format_rejected(
+                client_ip=client_ip, stage=stage, reply=reply, detail=detail, address=address
+            )
+        )
+
+    def auth_failed(
+        self, *, client_ip: str, login: str | None, helo: str = "", mechanism: str = ""
+    ) -> None:
+        self._write(
+            format_auth_failed(client_ip=client_ip, login=login, helo=helo, mechanism=mechanism)
+        )
+
+    def info(self, text: str) -> None:
+        self._write(format_daemon(text))
+
+    def warning(self, text: str) -> None:
+        self._write(format_daemon(text, level="warning"))
+
+    def error(self, text: str) -> None:
+        self._write(format_daemon(text, level="error"))
+
+    def _write(self, text: str) -> None:
+        line = f"{format_timestamp(self._clock(), utc=self._utc)} {text}\n"
+        with self._lock:
+            target = self._file if self._file is not None else self._stream
+            try:
+                target.write(line)
+                target.flush()
+            except (OSError, ValueError) as exc:
+                self.write_errors += 1
+                _report_write_error(exc, line)
+
+
+def _report_write_error(exc: BaseException, line: str) -> None:
+    """Last resort when the log itself cannot be written: stderr, never an exception."""
+    try:
+        sys.stderr.write(f"relayd: main log write failed ({exc.__class__.__name__}): {line}")
+    except (OSError, ValueError):
+        pass

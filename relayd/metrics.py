@@ -1,0 +1,251 @@
+"""Every Prometheus metric relayd exposes, declared once, with help text.
+
+Takes: counts and timings from the stages, at the same places the main log
+writes its lines.
+Emits: the Prometheus text exposition format, from `render()` or from an HTTP
+endpoint started with `start_http_server()`.
+Untrusted input: none. Label values are tenant names, transport names and
+fixed reason words from relayd's own tables; never addresses, logins of
+unknown clients, reply texts or secrets, which would also let a client grow
+the number of series without bound.
+Fails: `DuplicateTimeseries` (a ValueError) when two `RelayMetrics` are put on
+the same registry; ValueError for a delivery result or queue state outside
+the documented set.
+
+Reset: operators like to clear the counters at a fixed hour. `reset()` builds
+a complete new set of counters and the histogram on a fresh private registry
+and swaps one reference, so a scrape sees either all old or all new values and
+never a half-cleared set. The gauges (queue size, upstream state, open
+sessions) describe the present rather than accumulate, so they keep their
+values: zeroing the sessions gauge while sessions are open would drive it
+negative as they close. The registry handed to the constructor (the one
+served over HTTP) stays the same object for the life of the instance: it
+holds a single collector that reads the current counters and the gauges.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+from wsgiref.simple_server import WSGIServer
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+
+DELIVERY_RESULTS = frozenset({"delivered", "deferred", "failed"})
+QUEUE_STATES = frozenset({"active", "frozen", "deferred"})
+
+# One upstream SMTP transaction: from a few tens of milliseconds on loopback to
+# minutes for a slow upstream accepting a large message (RFC 5321 allows 10 min).
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    """One generation of accumulating metrics, all registered on `registry`."""
+
+    registry: CollectorRegistry
+    messages_received: Counter
+    bytes_received: Counter
+    smtp_rejections: Counter
+    auth_failures: Counter
+    deliveries: Counter
+    failovers: Counter
+    bounces: Counter
+    delivery_seconds: Histogram
+
+
+@dataclass(frozen=True, slots=True)
+class _Gauges:
+    """Metrics that describe the present; they live as long as the instance."""
+
+    queue_messages: Gauge
+    upstream_up: Gauge
+    sessions: Gauge
+
+    def collect(self) -> Iterator[Metric]:
+        for gauge in (self.queue_messages, self.upstream_up, self.sessions):
+            yield from gauge.collect()
+
+
+def _build_counts() -> _Counts:
+    """Declare every accumulating metric on a fresh private registry."""
+    r = CollectorRegistry()
+    return _Counts(
+        registry=r,
+        messages_received=Counter(
+            "relayd_messages_received",
+            "Messages accepted and spooled (250 sent), per tenant.",
+            ["tenant"],
+            registry=r,
+        ),
+        bytes_received=Counter(
+            "relayd_received_bytes",
+            "Bytes of message data accepted and spooled, per tenant.",
+            ["tenant"],
+            registry=r,
+        ),
+        smtp_rejections=Counter(
+            "relayd_smtp_rejections",
+            "Commands refused on the submission listeners, by reason.",
+            ["reason"],
+            registry=r,
+        ),
+        auth_failures=Counter(
+            "relayd_auth_failures",
+            "Failed SMTP AUTH attempts on the submission listeners.",
+            registry=r,
+        ),
+        deliveries=Counter(
+            "relayd_deliveries",
+            "Recipient delivery outcomes (delivered, deferred, failed) per tenant and transport.",
+            ["tenant", "transport", "result"],
+            registry=r,
+        ),
+        failovers=Counter(
+            "relayd_failovers",
+            "Times a transport was left for the next one in its chain, by reason.",
+            ["transport", "reason"],
+            registry=r,
+        ),
+        bounces=Counter(
+            "relayd_bounces",
+            "Delivery status notifications generated, per tenant.",
+            ["tenant"],
+            registry=r,
+        ),
+        delivery_seconds=Histogram(
+            "relayd_delivery_seconds",
+            "Duration of one upstream SMTP transaction, per transport.",
+            ["transport"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        ),
+    )
+
+
+def _build_gauges() -> _Gauges:
+    """Declare the gauges, unregistered: the public collector yields them itself."""
+    return _Gauges(
+        queue_messages=Gauge(
+            "relayd_queue_messages",
+            "Messages in the queue, by state (active, frozen, deferred).",
+            ["state"],
+            registry=None,
+        ),
+        upstream_up=Gauge(
+            "relayd_upstream_up",
+            "1 when the transport's last connection worked, 0 when it failed.",
+            ["transport"],
+            registry=None,
+        ),
+        sessions=Gauge(
+            "relayd_smtp_sessions",
+            "Client SMTP sessions open right now.",
+            registry=None,
+        ),
+    )
+
+
+class _Current:
+    """The one collector on the public registry: current counts plus the gauges."""
+
+    def __init__(self, owner: RelayMetrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._owner._counts.registry.collect()
+        yield from self._owner._gauges.collect()
+
+    def describe(self) -> Iterator[Metric]:
+        # Lets the public registry detect two RelayMetrics registered on it.
+        return self.collect()
+
+
+class RelayMetrics:
+    """relayd's metrics on an injected (or private) `CollectorRegistry`.
+
+    Use the metric attributes directly (``m.deliveries.labels(tenant, transport,
+    "delivered").inc()``) or the checked helpers below. Read the attributes
+    at each use rather than keeping them, so a `reset()` is honoured.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._counts = _build_counts()
+        self._gauges = _build_gauges()
+        self.registry.register(_Current(self))
+
+    def reset(self) -> None:
+        """Start every counter and the histogram again from zero (see the module doc)."""
+        self._counts = _build_counts()
+
+    def render(self) -> bytes:
+        """The current values in the Prometheus text exposition format."""
+        return prometheus_client.generate_latest(self.registry)
+
+    def start_http_server(self, address: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+        """Serve /metrics on `address`:`port` (0 picks a free port) from a daemon thread.
+
+        Stop it with ``server.shutdown(); server.server_close()``. Pass an IP
+        literal: the address is not looked up in DNS by relayd's callers.
+        """
+        return prometheus_client.start_http_server(port, addr=address, registry=self.registry)
+
+    def count_delivery(self, *, tenant: str, transport: str, result: str) -> None:
+        """Count one recipient outcome; `result` must be delivered, deferred or failed."""
+        if result not in DELIVERY_RESULTS:
+            raise ValueError(f"delivery result must be one of {sorted(DELIVERY_RESULTS)}")
+        self._counts.deliveries.labels(tenant, transport, result).inc()
+
+    def set_queue_size(self, state: str, count: int) -> None:
+        """Set the number of queued messages in `state` (active, frozen or deferred)."""
+        if state not in QUEUE_STATES:
+            raise ValueError(f"queue state must be one of {sorted(QUEUE_STATES)}")
+        self._gauges.queue_messages.labels(state).set(count)
+
+    @property
+    def messages_received(self) -> Counter:
+        return self._counts.messages_received
+
+    @property
+    def bytes_received(self) -> Counter:
+        return self._counts.bytes_received
+
+    @property
+    def smtp_rejections(self) -> Counter:
+        return self._counts.smtp_rejections
+
+    @property
+    def auth_failures(self) -> Counter:
+        return self._counts.auth_failures
+
+    @property
+    def deliveries(self) -> Counter:
+        return self._counts.deliveries
+
+    @property
+    def failovers(self) -> Counter:
+        return self._counts.failovers
+
+    @property
+    def bounces(self) -> Counter:
+        return self._counts.bounces
+
+    @property
+    def queue_messages(self) -> Gauge:
+        return self._gauges.queue_messages
+
+    @property
+    def upstream_up(self) -> Gauge:
+        return self._gauges.upstream_up
+
+    @property
+    def delivery_seconds(self) -> Histogram:
+        return self._counts.delivery_seconds
+
+    @property
+    def sessions(self) -> Gauge:
+        return self._gauges.sessions

@@ -1,0 +1,126 @@
+"""Metrics: counting, help text, reset, isolation between instances, the HTTP endpoint."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relayd.metrics import RelayMetrics
+
+
+def sample(metrics: RelayMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def test_counters_count_per_label() -> None:
+    m = RelayMetrics()
+    m.messages_received.labels("acme").inc()
+    m.messages_received.labels("acme").inc()
+    m.bytes_received.labels("acme").inc(2048)
+    m.count_delivery(tenant="acme", transport="gmail", result="delivered")
+    m.count_delivery(tenant="acme", transport="sendgrid", result="deferred")
+    m.failovers.labels("gmail", "connection refused").inc()
+    m.auth_failures.inc()
+    assert sample(m, "relayd_messages_received_total", {"tenant": "acme"}) == 2
+    assert sample(m, "relayd_received_bytes_total", {"tenant": "acme"}) == 2048
+    assert sample(
+        m, "relayd_deliveries_total",
+        {"tenant": "acme", "transport": "gmail", "result": "delivered"},
+    ) == 1
+    assert sample(
+        m, "relayd_failovers_total", {"transport": "gmail", "reason": "connection refused"}
+    ) == 1
+    assert sample(m, "relayd_auth_failures_total") == 1
+
+
+def test_gauges_and_histogram_record_values() -> None:
+    m = RelayMetrics()
+    m.set_queue_size("deferred", 7)
+    m.upstream_up.labels("gmail").set(0)
+    m.sessions.inc()
+    m.delivery_seconds.labels("gmail").observe(0.3)
+    assert sample(m, "relayd_queue_messages", {"state": "deferred"}) == 7
+    assert sample(m, "relayd_upstream_up", {"transport": "gmail"}) == 0
+    assert sample(m, "relayd_smtp_sessions") == 1
+    assert sample(m, "relayd_delivery_seconds_count", {"transport": "gmail"}) == 1
+    assert sample(m, "relayd_delivery_seconds_bucket", {"transport": "gmail", "le": "0.5"}) == 1
+
+
+def test_unknown_delivery_result_or_queue_state_is_refused() -> None:
+    m = RelayMetrics()
+    with pytest.raises(ValueError):
+        m.count_delivery(tenant="acme", transport="gmail", result="bounced")
+    with pytest.raises(ValueError):
+        m.set_queue_size("stuck", 1)
+
+
+def test_render_shows_help_text_for_every_metric() -> None:
+    text = RelayMetrics().render().decode()
+    for name in (
+        "relayd_messages_received_total",
+        "relayd_received_bytes_total",
+        "relayd_smtp_rejections_total",
+        "relayd_auth_failures_total",
+        "relayd_deliveries_total",
+        "relayd_failovers_total",
+        "relayd_bounces_total",
+        "relayd_queue_messages",
+        "relayd_upstream_up",
+        "relayd_delivery_seconds",
+        "relayd_smtp_sessions",
+    ):
+        assert f"# HELP {name} " in text
+    assert "# HELP relayd_smtp_sessions Client SMTP sessions open right now." in text
+
+
+def test_reset_clears_counters_and_histogram_but_keeps_present_state() -> None:
+    m = RelayMetrics()
+    m.bounces.labels("acme").inc()
+    m.delivery_seconds.labels("gmail").observe(1.0)
+    m.sessions.inc()
+    m.set_queue_size("active", 3)
+    m.reset()
+    assert sample(m, "relayd_bounces_total", {"tenant": "acme"}) is None
+    assert sample(m, "relayd_delivery_seconds_count", {"transport": "gmail"}) is None
+    assert sample(m, "relayd_smtp_sessions") == 1
+    assert sample(m, "relayd_queue_messages", {"state": "active"}) == 3
+    m.bounces.labels("acme").inc()
+    assert sample(m, "relayd_bounces_total", {"tenant": "acme"}) == 1
+
+
+def test_two_instances_do_not_share_values() -> None:
+    a, b = RelayMetrics(), RelayMetrics()
+    a.smtp_rejections.labels("relay_denied").inc()
+    assert sample(a, "relayd_smtp_rejections_total", {"reason": "relay_denied"}) == 1
+    assert sample(b, "relayd_smtp_rejections_total", {"reason": "relay_denied"}) is None
+
+
+def test_two_instances_on_one_registry_are_refused() -> None:
+    shared = CollectorRegistry()
+    RelayMetrics(shared)
+    with pytest.raises(ValueError):
+        RelayMetrics(shared)
+
+
+def test_http_endpoint_serves_current_values_across_a_reset() -> None:
+    m = RelayMetrics()
+    server, thread = m.start_http_server("127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        url = f"http://127.0.0.1:{port}/metrics"
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        m.messages_received.labels("acme").inc()
+        with direct.open(url, timeout=5) as resp:
+            before = resp.read().decode()
+        m.reset()
+        with direct.open(url, timeout=5) as resp:
+            after = resp.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert 'relayd_messages_received_total{tenant="acme"} 1.0' in before
+    assert 'relayd_messages_received_total{tenant="acme"}' not in after
+    assert "# HELP relayd_messages_received_total" in after
