@@ -304,6 +304,8 @@ def _is_loopback(text: str) -> bool:
 
 
 def _sender_pattern_ok(pattern: str) -> bool:
+    if pattern == "*":
+        return True  # any sender: meant for the capture-only development default
     local, at, domain = pattern.rpartition("@")
     if not at or len(pattern) > 254:
         return False

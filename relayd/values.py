@@ -69,7 +69,9 @@ class Envelope:
     received_at: float
     size: int
     client_ip: str = ""
+    client_port: int = 0
     client_helo: str = ""
+    tls: str = ""  # protocol version the client used, e.g. "TLSv1.3"; "" for none
     smtputf8: bool = False
     bounce_of: str | None = None
     protocol: str = "esmtpsa"

@@ -1,0 +1,359 @@
+"""The composition root: builds every stage from the config and wires them together.
+
+listener -> spool -> scheduler -> router -> transport -> outcome. Each stage
+is handed what it needs here and nowhere else; no stage reaches for a global.
+Also here: signals (SIGTERM stops cleanly, SIGHUP reloads all-or-nothing),
+systemd readiness, and the `relayd` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import os
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from relayd import replies
+from relayd.authguard import AuthGuard
+from relayd.config import RelayConfig, TenantConfig
+from relayd.configfile import ConfigError, load_config
+from relayd.credentials import CredentialError, CredentialStore, UpstreamCredential, load_master_keys
+from relayd.delivery import DeliveryAgent
+from relayd.dsn import build_dsn
+from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
+from relayd.mainlog import MainLog
+from relayd.metrics import RelayMetrics
+from relayd.passwords import DUMMY_HASH, verify_password
+from relayd.scheduler import Scheduler, UpstreamHealth
+from relayd.spool import Spool, SpoolFullError, SpoolWriteError
+from relayd.transport import Transport, build_transports
+from relayd.values import Envelope, QueueEntry, Recipient
+
+
+class PasswordChecker:
+    """Tenant password verification off the event loop, with a small success cache.
+
+    scrypt is deliberately slow (tens of milliseconds); running it in a thread
+    keeps other sessions moving, and remembering recent successes (as a keyed
+    HMAC of the password, held only in memory) keeps a busy application's
+    reconnects cheap. A config reload clears the cache.
+    """
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._ok: dict[str, tuple[str, bytes]] = {}
+
+    def clear(self) -> None:
+        self._ok.clear()
+
+    def _mac(self, password: str) -> bytes:
+        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
+
+    async def check(self, tenant: TenantConfig | None, password: str) -> bool:
+        encoded = tenant.password_hash if tenant is not None and tenant.password_hash else None
+        if tenant is not None and encoded is not None:
+            cached = self._ok.get(tenant.name)
+            if cached is not None and cached[0] == encoded and hmac.compare_digest(cached[1], self._mac(password)):
+                return True
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, verify_password, password, encoded or DUMMY_HASH)
+        ok = ok and encoded is not None and tenant is not None and tenant.enabled
+        if ok and tenant is not None and encoded is not None:
+            self._ok[tenant.name] = (encoded, self._mac(password))
+        return ok
+
+
+def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+    return context
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd about readiness/watchdog (no-op outside a Type=notify unit)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError:
+            pass
+
+
+class Relay:
+    """A running relayd: owns every stage and their lifecycles."""
+
+    def __init__(self, config: RelayConfig, *, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.log = MainLog(config.log_file)
+        self.metrics = RelayMetrics()
+        self.health = UpstreamHealth()
+        self.passwords = PasswordChecker()
+        self.spool = Spool(config.spool_dir)
+        self.credentials = self._open_credentials(config)
+        self.transports: dict[str, Transport] = self._build_transports(config)
+        self.agent = DeliveryAgent(
+            config=lambda: self.config,
+            spool=self.spool,
+            transports=lambda: self.transports,
+            health=self.health,
+            log=self.log,
+            metrics=self.metrics,
+            enqueue_bounce=self.enqueue_bounce,
+            build_dsn=build_dsn,
+            is_forced=lambda message_id: self.scheduler.is_forced(message_id),
+        )
+        self.scheduler = Scheduler(
+            self.agent.deliver,
+            max_parallel=config.delivery.max_parallel,
+            on_error=lambda message_id, error: self.log.error(
+                f"{message_id} delivery error: {type(error).__name__}: {error}"
+            ),
+        )
+        first = config.listeners[0]
+        self.guard = AuthGuard(
+            delay_after=first.auth_failures_before_delay,
+            disconnect_after=first.auth_failures_before_disconnect,
+            window=first.auth_failure_window,
+        )
+        self.server = SubmissionServer(
+            ListenerServices(
+                config=lambda: self.config,
+                authenticate=self.authenticate,
+                accept=self.accept,
+                new_id=self.spool.new_id,
+                guard=self.guard,
+                log=self.log,
+                metrics=self.metrics,
+            ),
+            make_server_tls_context(config),
+        )
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._metrics_server: Any = None
+
+    # -- construction helpers --------------------------------------------------
+
+    def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
+        needed = any(getattr(t, "credential", None) for t in config.transports.values())
+        if not needed and not config.credentials.store.exists():
+            return None
+        keys = load_master_keys(config.credentials, self.environ)
+        return CredentialStore.open(config.credentials.store, keys)
+
+    def _lookup_credential(self, name: str) -> UpstreamCredential | None:
+        return self.credentials.get(name) if self.credentials is not None else None
+
+    def _build_transports(self, config: RelayConfig) -> dict[str, Transport]:
+        return build_transports(
+            config.transports, credentials=self._lookup_credential, helo_name=config.hostname
+        )
+
+    # -- services handed to the listener -----------------------------------------
+
+    async def authenticate(self, login: str, password: str) -> TenantConfig | None:
+        tenant = self.config.tenants.get(login)
+        return tenant if await self.passwords.check(tenant, password) else None
+
+    async def accept(self, envelope: Envelope, body: bytes) -> str:
+        try:
+            entry = await self.spool.accept(envelope, body)
+        except SpoolFullError as error:
+            self.log.error(f"spool full, message refused: {error}")
+            raise SubmissionRefused(replies.SPOOL_FULL) from None
+        except SpoolWriteError as error:
+            self.log.error(f"spool write failed, message refused: {error}")
+            raise SubmissionRefused(replies.SPOOL_ERROR) from None
+        self._note_arrival(entry)
+        self.scheduler.add(entry)
+        return entry.id
+
+    def _note_arrival(self, entry: QueueEntry) -> None:
+        env = entry.envelope
+        self.log.arrival(
+            entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
+            protocol=env.protocol, tls=env.tls or None, auth=env.tenant,
+        )
+        self.metrics.messages_received.labels(tenant=env.tenant).inc()
+        self.metrics.bytes_received.labels(tenant=env.tenant).inc(env.size)
+
+    async def enqueue_bounce(self, original: Envelope, dsn: bytes) -> None:
+        bounce = Envelope(
+            id=self.spool.new_id(),
+            tenant=original.tenant,
+            sender="",
+            recipients=(original.sender,),
+            received_at=time.time(),
+            size=len(dsn),
+            bounce_of=original.id,
+            protocol="local",
+        )
+        entry = await self.spool.accept(bounce, dsn)
+        self.log.bounce_created(original.id, bounce_id=entry.id, sender=original.sender, size=len(dsn))
+        self.scheduler.add(entry)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.spool.start()
+        loaded = self.spool.load()
+        for problem in loaded.problems:
+            self.log.warning(f"spool: {problem}")
+        self.scheduler.add_all(loaded.entries)
+        await self.server.start(self.config.listeners)
+        self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
+        if self.config.metrics.port is not None:
+            self._metrics_server = self.metrics.start_http_server(
+                self.config.metrics.address, self.config.metrics.port
+            )
+        listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
+        self.log.info(f"relayd started: listening on {listening}; {len(loaded.entries)} message(s) in the queue")
+        sd_notify("READY=1\nSTATUS=accepting mail")
+
+    async def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        self.log.info("relayd stopping: no longer accepting connections")
+        self.server.stop_accepting()
+        await self.server.drain(self.config.delivery.shutdown_grace)
+        await self.scheduler.stop(self.config.delivery.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for transport in self.transports.values():
+            await transport.close()
+        await self.spool.stop()
+        if self._metrics_server is not None:
+            server, _thread = self._metrics_server
+            server.shutdown()
+        self.log.info("relayd stopped")
+        self.log.close()
+        self._stopped.set()
+
+    async def reload(self) -> bool:
+        """Re-read the YAML; on any error keep running on the old config."""
+        try:
+            new = load_config(self.config.source)
+            credentials = self._open_credentials(new)
+        except ConfigError as error:
+            for line in str(error).splitlines():
+                self.log.error(f"reload failed, keeping the running configuration: {line}")
+            return False
+        except CredentialError as error:
+            self.log.error(f"reload failed, keeping the running configuration: {error}")
+            return False
+        if new.listeners != self.config.listeners or new.tls != self.config.tls:
+            self.log.warning("listener or TLS changes take effect at the next restart")
+        old_transports = self.transports
+        self.credentials = credentials
+        self.config = new
+        self.transports = self._build_transports(new)
+        self.passwords.clear()
+        for transport in old_transports.values():
+            await transport.close()
+        self.log.info(f"configuration reloaded from {new.source}")
+        return True
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_term() -> None:
+        if not stopping:
+            stopping.append(loop.create_task(relay.stop()))
+
+    def on_hup() -> None:
+        loop.create_task(relay.reload())
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
+
+
+async def serve(config: RelayConfig) -> int:
+    relay = Relay(config)
+    loop = asyncio.get_running_loop()
+    _install_signals(relay, loop)
+    await relay.start()
+    if config.pid_file is not None:
+        config.pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        await relay.wait_stopped()
+    finally:
+        if config.pid_file is not None:
+            config.pid_file.unlink(missing_ok=True)
+    return 0
+
+
+def _run(coro: Any) -> int:
+    try:
+        import uvloop  # optional speed-up; plain asyncio works the same
+
+        return int(uvloop.run(coro))
+    except ImportError:
+        return int(asyncio.run(coro))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relayd", description="SMTP relay daemon")
+    parser.add_argument(
+        "--config", type=Path,
+        default=Path(os.environ.get("RELAYD_CONFIG", "/etc/relayd/relay.yaml")),
+        help="the YAML configuration (default: $RELAYD_CONFIG or /etc/relayd/relay.yaml)",
+    )
+    sub = parser.add_subparsers(dest="command")
+    dev = sub.add_parser("dev", help="run on the embedded development default (capture only)")
+    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")))
+    dev.add_argument("--port", type=int, default=2525)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "dev":
+        from relayd.devdefault import prepare_dev
+
+        config_path = prepare_dev(args.dir, port=args.port, out=sys.stdout)
+    else:
+        config_path = args.config
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        print(str(error), file=sys.stderr)
+        return 78  # EX_CONFIG
+    except OSError as error:
+        print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
+        return 78
+    try:
+        return _run(serve(config))
+    except CredentialError as error:
+        print(f"relayd: {error}", file=sys.stderr)
+        return 78
+    except OSError as error:
+        print(f"relayd: {error}", file=sys.stderr)
+        return 71  # EX_OSERR
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""Delivery and outcome: walk each recipient's transport chain once, then record the result.
+
+Takes: a due `QueueEntry` from the scheduler; the current config; the
+transports; the upstream health table; the spool.
+Emits: per recipient a `DeliveryReport` (delivered / deferred / failed), the
+matching mainlog lines and metrics, the new recipient states in the spool,
+and an RFC 3464 bounce to the sender for every permanent failure.
+Untrusted input: upstream replies (only logged, sanitised by the log).
+How it fails: a spool file whose body no longer checks out is set aside and
+reported, never delivered half; anything else propagates to the scheduler,
+which retries the message later.
+
+The failover policy itself (which error means "next transport", "defer" or
+"fail") is `relayd.failover.classify`, applied inside the transports. Here:
+* recipients are grouped by matching route rule, one upstream transaction per
+  group and transport;
+* a transport in its retry wait (`UpstreamHealth`) is skipped without a
+  connection attempt;
+* a recipient left over after the whole chain is deferred, except when every
+  transport refused the sender permanently (5xx to MAIL FROM), which fails it;
+* a deferred recipient's next attempt follows the retry schedule of the last
+  transport that was tried for it; when the schedule has run out (the maximum
+  age), the recipient fails with "retry timeout exceeded";
+* a bounce is queued durably before the failures are recorded, so a crash in
+  between can only duplicate a bounce, never lose one; a failed bounce (null
+  sender) is logged and dropped, never bounced again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from relayd.config import RelayConfig
+from relayd.router import group_by_route
+from relayd.scheduler import UpstreamHealth
+from relayd.values import (
+    AttemptOutcome,
+    AttemptResult,
+    Delivery,
+    DeliveryReport,
+    Envelope,
+    QueueEntry,
+    Recipient,
+    RecipientResult,
+    RecipientState,
+    Route,
+    SmtpReply,
+    Stage,
+)
+
+RETRY_TIMEOUT = "retry timeout exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The entry after one pass, and the reports that produced it."""
+
+    entry: QueueEntry
+    reports: tuple[DeliveryReport, ...]
+    newly_failed: tuple[DeliveryReport, ...]
+
+
+def due_recipients(entry: QueueEntry, now: float, *, forced: bool) -> list[str]:
+    return [
+        r.address
+        for r in entry.undelivered
+        if forced or r.next_attempt is None or r.next_attempt <= now
+    ]
+
+
+def _report(route: Route, result: AttemptResult | None, rr: RecipientResult, tried: list[str]) -> DeliveryReport:
+    return DeliveryReport(
+        address=rr.address,
+        outcome=rr.outcome,
+        rule=route.rule,
+        transport=result.transport if result else "",
+        host=result.host if result else "",
+        ip=result.ip if result else "",
+        port=result.port if result else 0,
+        tls=result.tls if result else "",
+        reply=rr.reply,
+        reason=rr.describe(),
+        tried=tuple(tried),
+    )
+
+
+def leftover_report(route: Route, address: str, last: DeliveryReport | None, tried: list[str], all_refused_sender: bool) -> DeliveryReport:
+    """The verdict for a recipient that no transport in its chain took."""
+    if last is None:
+        reason = "all transports are in their retry wait" if tried else "no transport available"
+        return DeliveryReport(address, AttemptOutcome.DEFER, route.rule, reason=reason, tried=tuple(tried))
+    outcome = AttemptOutcome.FAIL if all_refused_sender else AttemptOutcome.DEFER
+    return replace(last, outcome=outcome, tried=tuple(tried))
+
+
+def apply_reports(
+    entry: QueueEntry,
+    reports: Sequence[DeliveryReport],
+    *,
+    now: float,
+    config: RelayConfig,
+) -> Outcome:
+    """Pure: the new recipient states after one pass (retry arithmetic included)."""
+    by_address = {r.address: r for r in reports}
+    recipients: list[Recipient] = []
+    final_reports: list[DeliveryReport] = []
+    newly_failed: list[DeliveryReport] = []
+    for recipient in entry.recipients:
+        report = by_address.get(recipient.address)
+        if report is None or recipient.state.is_final:
+            recipients.append(recipient)
+            continue
+        attempts = recipient.attempts + 1
+        if report.outcome is AttemptOutcome.DELIVERED:
+            recipients.append(recipient.moved_to(RecipientState.DELIVERED, attempts=attempts, next_attempt=None))
+        elif report.outcome is AttemptOutcome.FAIL:
+            recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
+            newly_failed.append(report)
+        else:
+            first = recipient.first_failure if recipient.first_failure is not None else now
+            schedule = config.retry_for(report.transport or (report.tried[-1] if report.tried else ""))
+            planned = schedule.next_attempt(first, now, recipient.last_interval)
+            if planned is None:
+                report = replace(report, outcome=AttemptOutcome.FAIL, reason=f"{RETRY_TIMEOUT}: {report.reason}")
+                recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
+                newly_failed.append(report)
+            else:
+                next_attempt, interval = planned
+                recipients.append(
+                    recipient.moved_to(
+                        RecipientState.DEFERRED, attempts=attempts, first_failure=first,
+                        next_attempt=next_attempt, last_interval=interval, last_error=report.reason,
+                    )
+                )
+        final_reports.append(report)
+    return Outcome(replace(entry, recipients=tuple(recipients)), tuple(final_reports), tuple(newly_failed))
+
+
+class DeliveryAgent:
+    """Runs one delivery pass for one message; handed to the scheduler as `deliver`."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], RelayConfig],
+        spool: Any,  # relayd.spool.Spool
+        transports: Callable[[], Mapping[str, Any]],  # name -> relayd.transport.Transport
+        health: UpstreamHealth,
+        log: Any,  # relayd.mainlog.MainLog
+        metrics: Any = None,
+        enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
+        build_dsn: Callable[..., bytes],
+        is_forced: Callable[[str], bool] = lambda _id: False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._transports = transports
+        self._health = health
+        self._log = log
+        self._metrics = metrics
+        self._enqueue_bounce = enqueue_bounce
+        self._build_dsn = build_dsn
+        self._is_forced = is_forced
+        self._clock = clock
+
+    async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
+        """One pass over the message's due recipients. None: the message left the queue."""
+        from relayd.spool import SpoolCorruptError
+
+        try:
+            body = self._spool.read_body(entry.id)
+        except SpoolCorruptError as error:
+            self._spool.set_aside(entry.id, str(error))
+            self._log.error(f"{entry.id} spool file set aside: {error}")
+            return None
+        config = self._config()
+        now = self._clock()
+        addresses = due_recipients(entry, now, forced=self._is_forced(entry.id))
+        if not addresses:
+            return entry
+        reports = await self._route_and_send(entry, body, addresses, config)
+        outcome = apply_reports(entry, reports, now=self._clock(), config=config)
+        self._log_outcome(entry, outcome)
+        if outcome.newly_failed:
+            await self._bounce(entry, body, outcome.newly_failed, config)
+        if outcome.entry.is_complete:
+            self._spool.complete(entry.id)
+            self._log.completed(entry.id)
+            return None
+        await self._spool.update(outcome.entry, durable=True)
+        return outcome.entry
+
+    async def _route_and_send(
+        self, entry: QueueEntry, body: bytes, addresses: list[str], config: RelayConfig
+    ) -> list[DeliveryReport]:
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            reason = f"tenant {entry.envelope.tenant} is no longer configured"
+            return [DeliveryReport(a, AttemptOutcome.DEFER, "", reason=reason) for a in addresses]
+        groups, unrouted = group_by_route(tenant, addresses)
+        # A rule removed by a reload after the message was accepted: the address
+        # is unroutable now, a permanent local failure (Exim: "Unrouteable address").
+        unroutable = SmtpReply(550, f"5.4.4 Unrouteable address: no route of tenant {tenant.name} matches it")
+        reports = [
+            DeliveryReport(a, AttemptOutcome.FAIL, "", reply=unroutable, reason="Unrouteable address")
+            for a in unrouted
+        ]
+        for route, group in groups.items():
+            reports.extend(await self.walk_chain(entry, body, route, group, config))
+        return reports
+
+    async def walk_chain(
+        self, entry: QueueEntry, body: bytes, route: Route, addresses: list[str], config: RelayConfig
+    ) -> list[DeliveryReport]:
+        """Try the route's transports in order until every recipient has a verdict."""
+        transports = self._transports()
+        remaining = list(addresses)
+        reports: list[DeliveryReport] = []
+        last: dict[str, DeliveryReport] = {}
+        refused_sender = {a: True for a in addresses}
+        tried: list[str] = []
+        for name in route.transports:
+            if not remaining:
+                break
+            tried.append(name)
+            if self._health.is_skipped(name) is not None or name not in transports:
+                for a in remaining:
+                    refused_sender[a] = False
+                continue
+            result = await self._attempt(entry, body, remaining, transports[name], config)
+            still: list[str] = []
+            for address in remaining:
+                rr = result.for_address(address) or RecipientResult(
+                    address, AttemptOutcome.DEFER, Stage.WRITE, detail="transport gave no answer"
+                )
+                report = _report(route, result, rr, tried)
+                if rr.outcome is AttemptOutcome.NEXT_TRANSPORT:
+                    last[address] = report
+                    permanent_sender = rr.stage is Stage.MAIL and rr.reply is not None and rr.reply.is_permanent
+                    refused_sender[address] = refused_sender[address] and permanent_sender
+                    still.append(address)
+                else:
+                    reports.append(report)
+            if still and result.connection_failed:
+                self._log.host_failed(entry.id, transport=name, host=result.host, ip=result.ip, port=result.port, reason=result.detail or last[still[0]].reason)
+                if self._metrics is not None:
+                    self._metrics.failovers.labels(transport=name, reason=_reason_label(last[still[0]])).inc()
+            remaining = still
+        for address in remaining:
+            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address]))
+        return reports
+
+    async def _attempt(
+        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Any, config: RelayConfig
+    ) -> AttemptResult:
+        delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
+        started = time.monotonic()
+        result: AttemptResult = await transport.send(delivery)
+        if self._metrics is not None:
+            self._metrics.delivery_seconds.labels(transport=transport.name).observe(time.monotonic() - started)
+        if result.connection_failed:
+            self._health.failed(transport.name, config.retry_for(transport.name), result.detail or "connection failed")
+            if self._metrics is not None:
+                self._metrics.upstream_up.labels(transport=transport.name).set(0)
+        else:
+            self._health.succeeded(transport.name)
+            if self._metrics is not None:
+                self._metrics.upstream_up.labels(transport=transport.name).set(1)
+        return result
+
+    def _log_outcome(self, entry: QueueEntry, outcome: Outcome) -> None:
+        first_delivered = True
+        tenant = entry.envelope.tenant
+        for report in outcome.reports:
+            if report.outcome is AttemptOutcome.DELIVERED:
+                self._log.delivered(entry.id, report, first=first_delivered)
+                first_delivered = False
+                result = "delivered"
+            elif report.outcome is AttemptOutcome.FAIL:
+                if entry.envelope.is_bounce:
+                    self._log.bounce_dropped(entry.id, report)
+                else:
+                    self._log.failed(entry.id, report)
+                result = "failed"
+            else:
+                state = next(r for r in outcome.entry.recipients if r.address == report.address)
+                self._log.deferred(entry.id, report, next_attempt=state.next_attempt)
+                result = "deferred"
+            if self._metrics is not None:
+                self._metrics.deliveries.labels(tenant=tenant, transport=report.transport or "none", result=result).inc()
+
+    async def _bounce(
+        self, entry: QueueEntry, body: bytes, failed: Sequence[DeliveryReport], config: RelayConfig
+    ) -> None:
+        if entry.envelope.is_bounce:
+            return  # a bounce is never bounced; already logged as dropped
+        dsn = self._build_dsn(
+            original=entry.envelope,
+            original_body=body,
+            failed=list(failed),
+            reporting_mta=config.hostname,
+            now=self._clock(),
+            message_id_domain=config.hostname,
+        )
+        await self._enqueue_bounce(entry.envelope, dsn)
+        if self._metrics is not None:
+            self._metrics.bounces.labels(tenant=entry.envelope.tenant).inc()
+
+
+def _reason_label(report: DeliveryReport) -> str:
+    """A small, fixed set of metric label values (never free text)."""
+    if report.reply is not None:
+        return str(report.reply.code)
+    text = report.reason.lower()
+    for word in ("refused", "timeout", "certificate", "tls", "auth", "credential"):
+        if word in text:
+            return word
+    return "other"

@@ -1,0 +1,247 @@
+"""Scheduler: which queued message is due, and how many deliveries run at once.
+
+Takes: `QueueEntry` values (loaded from the spool at start, then one per
+accepted message), and a `deliver(entry) -> entry` coroutine from the outcome
+stage that makes one delivery attempt and returns the entry's new state.
+Emits: calls to `deliver`, at most `max_parallel` at a time, never two for the
+same message.
+Untrusted input: none (entries come from relayd's own spool).
+How it fails: an exception from `deliver` is logged and the message is tried
+again after `error_backoff`; the scheduler itself never stops on one message.
+
+The index is memory only; the spool is the truth and the index is rebuilt
+from it at start. Picking the next due message is a heap pop, so a large
+queue does not make each pick slower. Stale heap entries (a message whose due
+time changed) are skipped lazily on pop.
+
+Also here: `UpstreamHealth`, Exim's host retry state. A transport whose
+connection failed is skipped by every other message until its own retry
+time, instead of each message waiting for the same timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+from relayd.retry import RetrySchedule
+from relayd.values import QueueEntry
+
+Deliver = Callable[[QueueEntry], Awaitable[QueueEntry | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamState:
+    """Why and until when a transport is being skipped."""
+
+    first_failure: float
+    next_try: float
+    last_interval: float
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRecord:
+    """Last success and last error of a transport, for `relayctl status`."""
+
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class UpstreamHealth:
+    """Per-transport retry state (connection-level failures only)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._down: dict[str, UpstreamState] = {}
+        self._records: dict[str, UpstreamRecord] = {}
+
+    def is_skipped(self, name: str) -> UpstreamState | None:
+        state = self._down.get(name)
+        if state is None or self._clock() >= state.next_try:
+            return None
+        return state
+
+    def failed(self, name: str, schedule: RetrySchedule, error: str) -> UpstreamState:
+        now = self._clock()
+        old = self._down.get(name)
+        first = old.first_failure if old is not None else now
+        planned = schedule.next_attempt(first, now, old.last_interval if old else None)
+        # Past the schedule's end the upstream is still only skipped for the
+        # last interval: messages, not hosts, are what finally fail.
+        next_try, interval = planned or (now + schedule.rules[-1].interval, schedule.rules[-1].interval)
+        state = UpstreamState(first, next_try, interval, error)
+        self._down[name] = state
+        record = self._records.get(name, UpstreamRecord())
+        self._records[name] = UpstreamRecord(record.last_success, error, now)
+        return state
+
+    def succeeded(self, name: str) -> None:
+        self._down.pop(name, None)
+        record = self._records.get(name, UpstreamRecord())
+        self._records[name] = UpstreamRecord(self._clock(), record.last_error, record.last_error_at)
+
+    def noted_error(self, name: str, error: str) -> None:
+        """A per-message error (e.g. 550 on RCPT): recorded, but the upstream stays usable."""
+        record = self._records.get(name, UpstreamRecord())
+        self._records[name] = UpstreamRecord(record.last_success, error, self._clock())
+
+    def snapshot(self) -> dict[str, tuple[UpstreamRecord, UpstreamState | None]]:
+        names = set(self._records) | set(self._down)
+        return {n: (self._records.get(n, UpstreamRecord()), self.is_skipped(n)) for n in names}
+
+
+class Scheduler:
+    """The in-memory index of the queue and the loop that starts deliveries."""
+
+    def __init__(
+        self,
+        deliver: Deliver,
+        *,
+        max_parallel: int,
+        clock: Callable[[], float] = time.time,
+        error_backoff: float = 60.0,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        self._deliver = deliver
+        self._clock = clock
+        self._max_parallel = max_parallel
+        self._error_backoff = error_backoff
+        self._on_error = on_error
+        self._entries: dict[str, QueueEntry] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._forced: set[str] = set()
+
+    # -- index ---------------------------------------------------------------
+
+    def add(self, entry: QueueEntry) -> None:
+        """Index a message (new, reloaded or updated) and wake the loop if it is due."""
+        if entry.is_complete:
+            self._entries.pop(entry.id, None)
+            return
+        self._entries[entry.id] = entry
+        due = entry.next_due()
+        if due is not None and not entry.frozen:
+            heapq.heappush(self._heap, (due, next(self._seq), entry.id))
+            if due <= self._clock():
+                self._wakeup.set()
+
+    def add_all(self, entries: Iterable[QueueEntry]) -> None:
+        for entry in entries:
+            self.add(entry)
+        self._wakeup.set()
+
+    def forget(self, message_id: str) -> None:
+        self._entries.pop(message_id, None)
+
+    def get(self, message_id: str) -> QueueEntry | None:
+        return self._entries.get(message_id)
+
+    def entries(self) -> list[QueueEntry]:
+        return list(self._entries.values())
+
+    def in_flight(self, message_id: str) -> bool:
+        return message_id in self._in_flight
+
+    def force(self, message_ids: Iterable[str]) -> None:
+        """Deliver these now, ignoring retry times (Exim's -M / -qff)."""
+        now = self._clock()
+        for message_id in message_ids:
+            if message_id in self._entries:
+                self._forced.add(message_id)
+                heapq.heappush(self._heap, (now, next(self._seq), message_id))
+        self._wakeup.set()
+
+    def is_forced(self, message_id: str) -> bool:
+        return message_id in self._forced
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- loop ----------------------------------------------------------------
+
+    def _pop_due(self) -> str | None:
+        now = self._clock()
+        while self._heap and self._heap[0][0] <= now:
+            due, _, message_id = heapq.heappop(self._heap)
+            entry = self._entries.get(message_id)
+            if entry is None or entry.frozen or message_id in self._in_flight:
+                continue
+            current = entry.next_due()
+            forced = message_id in self._forced
+            if current is None or (current > due and not forced):
+                continue  # stale: a newer heap item exists for this message
+            return message_id
+        return None
+
+    def _seconds_to_next(self) -> float | None:
+        if not self._heap:
+            return None
+        return max(0.0, self._heap[0][0] - self._clock())
+
+    async def run(self) -> None:
+        while not self._stopping:
+            while len(self._in_flight) < self._max_parallel:
+                message_id = self._pop_due()
+                if message_id is None:
+                    break
+                self._start(message_id)
+            self._wakeup.clear()
+            timeout = self._seconds_to_next()
+            if len(self._in_flight) >= self._max_parallel:
+                timeout = None  # a finishing delivery wakes us
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def _start(self, message_id: str) -> None:
+        entry = self._entries[message_id]
+        task = asyncio.get_running_loop().create_task(self._run_one(entry))
+        self._in_flight[message_id] = task
+
+    async def _run_one(self, entry: QueueEntry) -> None:
+        message_id = entry.id
+        try:
+            updated = await self._deliver(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # one broken message must not stop the queue
+            if self._on_error is not None:
+                self._on_error(message_id, error)
+            retry_at = self._clock() + self._error_backoff
+            heapq.heappush(self._heap, (retry_at, next(self._seq), message_id))
+            updated = self._entries.get(message_id)
+        finally:
+            self._in_flight.pop(message_id, None)
+            self._forced.discard(message_id)
+            self._wakeup.set()
+        if updated is None:
+            self._entries.pop(message_id, None)
+        elif message_id in self._entries:
+            self.add(updated)
+
+    async def stop(self, grace: float) -> None:
+        """Stop starting deliveries; give running ones `grace` seconds, then cancel.
+
+        A cancelled delivery leaves its recipients pending or deferred on disk,
+        so it is simply tried again after restart.
+        """
+        self._stopping = True
+        self._wakeup.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
