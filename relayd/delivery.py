@@ -168,10 +168,12 @@ class DeliveryAgent:
 
     async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
         """One pass over the message's due recipients. None: the message left the queue."""
-        from relayd.spool import SpoolCorruptError
+        from relayd.spool import SpoolCorruptError, SpoolEntryMissing
 
         try:
             body = self._spool.read_body(entry.id)
+        except SpoolEntryMissing:
+            return None  # removed by an operator meanwhile
         except SpoolCorruptError as error:
             self._spool.set_aside(entry.id, str(error))
             self._log.error(f"{entry.id} spool file set aside: {error}")
@@ -190,7 +192,10 @@ class DeliveryAgent:
             self._spool.complete(entry.id)
             self._log.completed(entry.id)
             return None
-        await self._spool.update(outcome.entry, durable=True)
+        try:
+            await self._spool.update(outcome.entry, durable=True)
+        except SpoolEntryMissing:
+            return None  # removed by an operator during the attempt
         return outcome.entry
 
     async def _route_and_send(
@@ -239,7 +244,14 @@ class DeliveryAgent:
                 report = _report(route, result, rr, tried)
                 if rr.outcome is AttemptOutcome.NEXT_TRANSPORT:
                     last[address] = report
-                    permanent_sender = rr.stage is Stage.MAIL and rr.reply is not None and rr.reply.is_permanent
+                    # A 5xx to MAIL FROM (or a provider refusing the sender after the
+                    # data, e.g. SES "Email address is not verified") is a refusal of
+                    # this sender by this provider, not a problem of the transport.
+                    permanent_sender = (
+                        rr.stage in (Stage.MAIL, Stage.AFTER_DATA)
+                        and rr.reply is not None
+                        and rr.reply.is_permanent
+                    )
                     refused_sender[address] = refused_sender[address] and permanent_sender
                     still.append(address)
                 else:

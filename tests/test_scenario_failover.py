@@ -235,3 +235,17 @@ def test_recipients_matching_different_rules_are_split_per_rule(
         (via_gmail,) = gmail.wait_for_messages(1)
     assert sorted(via_mailgun.rcpt_tos) == ["a@eu.corp.test", "b@partner.test"]
     assert via_gmail.rcpt_tos == ["c@customer.test"]
+
+
+def test_sender_refused_by_every_provider_fails_and_bounces(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    gmail_acme, _, sendgrid = scenario_one(relay_files, upstreams)
+    gmail_acme.reply_to("MAIL", "550 5.7.1 Sender address rejected", times=1)
+    sendgrid.reply_to("MAIL", "550 5.7.1 The from address does not match a verified Sender Identity", times=1)
+    with RelayThread(relay_files.config):
+        submit(relay_files, ACME, "billing@acme.example", ["client@customer.test"])
+        relay_files.wait_for_log("** client@customer.test")
+        (bounce,) = gmail_acme.wait_for_messages(1)
+    assert bounce.mail_from == "" and bounce.rcpt_tos == ["billing@acme.example"]
+    assert sendgrid.messages == []
