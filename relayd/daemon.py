@@ -15,14 +15,13 @@ import hmac
 import os
 import secrets
 import signal
-import socket
 import ssl
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from relayd import replies
+from relayd import replies, sdnotify
 from relayd.authguard import AuthGuard
 from relayd.config import RelayConfig, TenantConfig
 from relayd.configfile import ConfigError, load_config
@@ -79,20 +78,6 @@ def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
     return context
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd about readiness/watchdog (no-op outside a Type=notify unit)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), address)
-        except OSError:
-            pass
 
 
 class Relay:
@@ -224,10 +209,13 @@ class Relay:
             )
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
         self.log.info(f"relayd started: listening on {listening}; {len(loaded.entries)} message(s) in the queue")
-        sd_notify("READY=1\nSTATUS=accepting mail")
+        sdnotify.notify("READY=1\nSTATUS=accepting mail", self.environ)
+        interval = sdnotify.watchdog_interval(self.environ)
+        if interval is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
 
     async def stop(self) -> None:
-        sd_notify("STOPPING=1")
+        sdnotify.notify("STOPPING=1", self.environ)
         self.log.info("relayd stopping: no longer accepting connections")
         self.server.stop_accepting()
         await self.server.drain(self.config.delivery.shutdown_grace)
@@ -267,6 +255,7 @@ class Relay:
         for transport in old_transports.values():
             await transport.close()
         self.log.info(f"configuration reloaded from {new.source}")
+        sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return True
 
     async def wait_stopped(self) -> None:
