@@ -64,4 +64,4 @@ class AuthGuard:
         excess = len(self._recent(client)) - self._delay_after
         if excess <= 0:
             return 0.0
-        return min(MAX_DELAY, 0.5 * (2 ** (excess - 1)))
+        return float(min(MAX_DELAY, 0.5 * 2.0 ** (excess - 1)))

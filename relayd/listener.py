@@ -79,7 +79,7 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
-class SubmissionSession(Session):  # type: ignore[misc]
+class SubmissionSession(Session):
     """aiosmtpd's session plus who the client is, for relayd's policy."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -88,7 +88,7 @@ class SubmissionSession(Session):  # type: ignore[misc]
         self.auth_mechanism: str | None = None
 
 
-class SubmissionProtocol(SMTP):  # type: ignore[misc]
+class SubmissionProtocol(SMTP):
     """One client connection on one listener."""
 
     # The stream buffer size; command lines are still capped by aiosmtpd's
@@ -176,9 +176,20 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
 
     def close_with(self, reply: str) -> None:
         """Write a final reply and close (used for timeouts and shutdown)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply.encode("ascii", "replace") + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.encode("ascii", "replace") + b"\r\n")
+            transport.close()
+
+    def submission_session(self) -> SubmissionSession:
+        """The current session, with relayd's fields (always set while connected).
+
+        A method, not a property: aiosmtpd inspects every attribute of the
+        protocol object in its constructor, before any session exists.
+        """
+        session = self.session
+        assert isinstance(session, SubmissionSession)
+        return session
 
     def _timeout_cb(self) -> None:
         self.close_with(replies.timeout(self.hostname))
@@ -210,10 +221,10 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
-        assert self.session is not None
-        self.session.extended_smtp = True
-        self.session.host_name = hostname
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        session = self.submission_session()
+        session.extended_smtp = True
+        session.host_name = hostname
         lines = [
             f"{self.hostname} Hello {hostname} [{self.client_ip}]",
             f"SIZE {self.listener.max_message_size}",
@@ -230,8 +241,7 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
         await self._push_lines(lines)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        assert self.session is not None
-        session: SubmissionSession = self.session
+        session = self.submission_session()
         if not session.host_name or not session.extended_smtp:
             await self.push(replies.AUTH_NEEDS_EHLO)
             return
@@ -343,7 +353,7 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
             await self.push("501 5.5.4 Syntax: DATA")
             return
         handler: SubmissionHandler = self.event_handler
-        tenant = handler.tenant_for(self.session)
+        tenant = handler.tenant_for(self.submission_session())
         if tenant is None:
             await self.push(replies.AUTH_REQUIRED)
             return
@@ -357,7 +367,7 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
             reply = await handler.take_message(self, tenant, raw, size_limit)
         finally:
             self._in_data = False
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
 
     async def _read_data(self, size_limit: int) -> bytes | None:
@@ -384,7 +394,7 @@ class SubmissionProtocol(SMTP):  # type: ignore[misc]
                 if leftover:
                     # Commands pipelined after the final dot go back to the stream
                     # for aiosmtpd's command loop (it reads the same buffer).
-                    reader._buffer[0:0] = leftover  # noqa: SLF001
+                    reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
                 self._reset_timeout()
                 return TOO_BIG if too_big else bytes(buf[2:end + 2])
             if len(buf) > ceiling:
@@ -483,8 +493,9 @@ class SubmissionHandler:
         self, server: SubmissionProtocol, tenant: TenantConfig, raw: bytes, size_limit: int
     ) -> str:
         """Check the body and hand it to the queue; the reply to DATA."""
-        session: SubmissionSession = server.session
-        envelope: SmtpEnvelope = server.envelope
+        session = server.submission_session()
+        envelope = server.envelope
+        assert envelope is not None and envelope.mail_from is not None
         if raw is TOO_BIG:
             return self._refuse(session, "DATA", replies.message_too_big(size_limit), "too big")
         verdict = policy.check_data(raw, max_line_length=self.listener.max_line_length)
@@ -524,10 +535,11 @@ class SubmissionHandler:
 
 def _protocol_name(server: SubmissionProtocol) -> str:
     """Exim's P= values: esmtp, plus s for TLS and a for AUTH."""
-    name = "esmtp" if server.session.extended_smtp else "smtp"
+    session = server.submission_session()
+    name = "esmtp" if session.extended_smtp else "smtp"
     if server.is_encrypted:
         name += "s"
-    if server.session.authenticated:
+    if session.authenticated:
         name += "a"
     return name
 
