@@ -117,6 +117,10 @@ class TenantConfig:
     max_recipients: int | None = None
     max_message_size: int | None = None
     enabled: bool = True
+    # Where the tenant is defined ("relay.yaml:42"), and whether that is the
+    # managed tenants file that `relayctl tenant` rewrites (relay.yaml never is).
+    origin: str = ""
+    managed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +172,8 @@ class RelayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control_socket: Path | None = None  # defaults to <spool_dir>/control.sock
     pid_file: Path | None = None
+    tenants_file: Path | None = None  # defaults to tenants.yaml next to the credential store
+    audit_log: Path | None = None  # defaults to audit.log next to log_file (else the store)
 
     def retry_for(self, transport_name: str) -> RetrySchedule:
         t = self.transports.get(transport_name)
@@ -176,3 +182,15 @@ class RelayConfig:
     @property
     def control_path(self) -> Path:
         return self.control_socket or self.spool_dir / "control.sock"
+
+    @property
+    def tenants_path(self) -> Path:
+        """The managed tenants file: relayctl's own, so relay.yaml is never rewritten."""
+        return self.tenants_file or self.credentials.store.parent / "tenants.yaml"
+
+    @property
+    def audit_path(self) -> Path:
+        """Where relayctl appends one JSON line per admin action."""
+        if self.audit_log is not None:
+            return self.audit_log
+        return (self.log_file or self.credentials.store).parent / "audit.log"

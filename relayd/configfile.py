@@ -12,6 +12,12 @@ otherwise every key is checked and all problems are collected. Messages never
 repeat the value of a key that may hold a secret (password-like keys,
 `password_hash`, `credential`).
 
+Tenants come from two places: relay.yaml's `tenants:` section, which only the
+operator edits, and the managed tenants file (`tenants_file:`, default
+tenants.yaml beside the credential store), which `relayctl tenant` rewrites.
+Both use the same schema and are merged; a name defined in both is an error
+naming both places, and the managed file's problems carry its own name.
+
 The YAML is composed into nodes rather than loaded, so every key and value keeps
 its line and column, and a duplicate key is an error instead of pyyaml's silent
 "last one wins". Relative paths are resolved against the YAML file's directory.
@@ -353,7 +359,9 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
 # --------------------------------------------------------------------------- keys per section
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
-             "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants")
+             "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
+             "tenants_file", "audit_log")
+_MANAGED_TOP_KEYS = ("version", "tenants")
 _TLS_KEYS = ("cert", "key")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
 _DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
@@ -399,12 +407,15 @@ class _Reader:
     raises if any problem was collected.
     """
 
-    def __init__(self, file: str, base: Path, check_files: bool) -> None:
+    def __init__(self, file: str, base: Path, check_files: bool, *, managed: bool = False,
+                 bind_owner: dict[str, str] | None = None) -> None:
         self.file = file
         self.base = base
         self.check_files = check_files
+        self.managed = managed  # reading the managed tenants file rather than relay.yaml
+        self.transports_file = "relay.yaml"  # where the transports are, for the managed file
         self.problems: list[ConfigProblem] = []
-        self._bind_owner: dict[str, str] = {}
+        self._bind_owner: dict[str, str] = {} if bind_owner is None else bind_owner
 
     def add(self, pos: _Pos, message: str) -> None:
         self.problems.append(ConfigProblem(self.file, pos.line, pos.col, message))
@@ -710,22 +721,60 @@ class _Reader:
         spool_dir = self.need(m, "spool_dir", self.path, Path("."))
         tls = self.tls_files(m)
         transports, transport_names = self.transports(m)
+        own_tenants = self.tenants(m, transport_names)
+        credentials = self.credentials(m)
+        tenants_file = self.get(m, "tenants_file", self.path, None)
+        managed_path = tenants_file or credentials.store.parent / "tenants.yaml"
+        managed = self.managed_tenants(managed_path, source, transport_names, own_tenants)
         return RelayConfig(
             source=source,
             hostname=hostname,
             spool_dir=spool_dir,
             log_file=self.log_file(m),
-            credentials=self.credentials(m),
+            credentials=credentials,
             listeners=self.listeners(m, has_tls_files=m.value("tls") is not None),
             transports=transports,
-            tenants=self.tenants(m, transport_names),
+            tenants=MappingProxyType({**own_tenants, **managed}),
             tls=tls,
             retry=self.get(m, "retry", self.schedule, parse_retry_schedule(DEFAULT_RETRY)),
             delivery=self.delivery(m),
             metrics=self.metrics(m),
             control_socket=self.get(m, "control_socket", self.path, None),
             pid_file=self.get(m, "pid_file", self.path, None),
+            tenants_file=tenants_file,
+            audit_log=self.get(m, "audit_log", self.path, None),
         )
+
+    def managed_tenants(self, path: Path, source: Path, transport_names: frozenset[str],
+                        defined: Mapping[str, TenantConfig]) -> Mapping[str, TenantConfig]:
+        """The tenants of the managed file (none if it does not exist yet); its problems are
+        reported under its own name."""
+        if not path.exists():
+            return MappingProxyType({})
+        shown = shown_path(self.file, source, path)
+        sub = _Reader(shown, path.parent, self.check_files, managed=True, bind_owner=self._bind_owner)
+        sub.transports_file = self.file
+        try:
+            tenants = sub.managed_file(_read_text(path, shown), transport_names, defined)
+        except ConfigError as error:
+            self.problems.extend(error.problems)
+            return MappingProxyType({})
+        self.problems.extend(sub.problems)
+        return tenants
+
+    def managed_file(self, text: str, transport_names: frozenset[str],
+                     defined: Mapping[str, TenantConfig]) -> Mapping[str, TenantConfig]:
+        """A managed tenants file: `version: 1` and a `tenants:` section, nothing else."""
+        node = _compose(text, self.file)
+        if node is None:
+            return MappingProxyType({})
+        root = self.as_map(_TreeBuilder(self.add).build(node), "the tenants file")
+        if root is None:
+            return MappingProxyType({})
+        self.scan_secrets(root, under_tenants=True)
+        self.check_keys(root, _MANAGED_TOP_KEYS, "the tenants file")
+        self.version(root)
+        return self.tenants(root, transport_names, defined)
 
     def version(self, m: _Map) -> None:
         e = m.entry("version")
@@ -999,7 +1048,9 @@ class _Reader:
 
     # -- tenants -------------------------------------------------------------
 
-    def tenants(self, m: _Map, transport_names: frozenset[str]) -> Mapping[str, TenantConfig]:
+    def tenants(self, m: _Map, transport_names: frozenset[str],
+                defined: Mapping[str, TenantConfig] | None = None) -> Mapping[str, TenantConfig]:
+        """The tenants section; `defined` are tenants another file already holds."""
         node = m.value("tenants")
         t = self.as_map(node, "tenants") if node is not None else None
         if t is None:
@@ -1009,12 +1060,18 @@ class _Reader:
             if _LOGIN.fullmatch(e.key) is None:
                 self.add(e.key_pos, f"tenant name '{e.key}' is its SMTP login and may only hold "
                                     "letters, digits and _ . @ + - (at most 64)")
+            other = (defined or {}).get(e.key)
+            if other is not None:
+                self.add(e.key_pos, f"tenant '{e.key}' is also defined at {other.origin}; a tenant "
+                                    "can be defined in only one place, so remove one of the two")
+                continue
             tm = self.as_map(e.value, f"tenant '{e.key}'")
             if tm is not None:
-                result[e.key] = self.tenant(e.key, tm, transport_names)
+                result[e.key] = self.tenant(e.key, tm, transport_names, e.key_pos)
         return MappingProxyType(result)
 
-    def tenant(self, name: str, tm: _Map, transport_names: frozenset[str]) -> TenantConfig:
+    def tenant(self, name: str, tm: _Map, transport_names: frozenset[str],
+               key_pos: _Pos) -> TenantConfig:
         self.check_keys(tm, _TENANT_KEYS, f"tenant '{name}'")
         binds = self.get(tm, "bind_addresses", self.text_list(self.loopback, "address"), ())
         self.check_bind_owners(name, tm, binds)
@@ -1028,6 +1085,8 @@ class _Reader:
             max_recipients=self.get(tm, "max_recipients", self.integer(_RECIPIENTS), None),
             max_message_size=self.get(tm, "max_message_size", self.size(_MESSAGE_SIZE), None),
             enabled=self.get(tm, "enabled", self.boolean, True),
+            origin=f"{self.file}:{key_pos.line}",
+            managed=self.managed,
         )
 
     def check_bind_owners(self, tenant: str, tm: _Map, binds: tuple[str, ...]) -> None:
@@ -1091,8 +1150,9 @@ class _Reader:
             if name not in transport_names:
                 guess = _suggest(name, sorted(transport_names))
                 hint = f"; did you mean '{guess}'?" if guess else ""
+                where = f"in {self.transports_file}" if self.managed else "in this file"
                 self.add(node.pos, f"via names '{name}', which is not a transport defined "
-                                   f"in this file{hint}")
+                                   f"{where}{hint}")
             elif name in chain:
                 self.add(node.pos, f"transport '{name}' is listed twice in this route")
             chain.append(name)
@@ -1163,5 +1223,38 @@ def load_config(path: Path, *, check_files: bool = True) -> RelayConfig:
     tree = _TreeBuilder(reader.add).build(node)
     config = reader.relay_config(tree, source)
     if reader.problems or config is None:
-        raise ConfigError(sorted(reader.problems, key=lambda p: (p.line, p.col)))
+        # relay.yaml's problems first, then the managed tenants file's, each in file order.
+        raise ConfigError(sorted(reader.problems, key=lambda p: (p.file != file, p.line, p.col)))
     return config
+
+
+def shown_path(config_file: str, source: Path, target: Path) -> str:
+    """How to name `target` in messages: beside relay.yaml as it was given, else absolute."""
+    try:
+        relative = target.relative_to(source.parent)
+    except ValueError:
+        return str(target)
+    return os.path.join(os.path.dirname(config_file), str(relative))
+
+
+def parse_managed_tenants(
+    text: str,
+    *,
+    file: str,
+    base: Path,
+    transport_names: frozenset[str],
+    defined: Mapping[str, TenantConfig],
+    config_file: str = "relay.yaml",
+) -> Mapping[str, TenantConfig]:
+    """Check the text of a managed tenants file against relay.yaml's transports and tenants.
+
+    `relayctl tenant` checks what it is about to write with this, so the file it
+    leaves behind always loads. Raises ConfigError listing every problem.
+    """
+    owners = {address: t.name for t in defined.values() for address in t.bind_addresses}
+    reader = _Reader(file, base, False, managed=True, bind_owner=owners)
+    reader.transports_file = config_file
+    tenants = reader.managed_file(text, transport_names, defined)
+    if reader.problems:
+        raise ConfigError(sorted(reader.problems, key=lambda p: (p.line, p.col)))
+    return tenants

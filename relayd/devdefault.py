@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from relayd.clienthelp import SubmissionAccess, client_snippets
+from relayd.config import TlsMode
 from relayd.credentials import generate_master_key, write_key_file, write_private_file
 from relayd.passwords import generate_password, hash_password
 
@@ -131,25 +133,13 @@ def prepare_dev(directory: Path, *, port: int, out: TextIO) -> Path:
 def connection_help(directory: Path, port: int, password: str) -> str:
     cert = directory / "tls" / "cert.pem"
     capture = directory / "capture" / "new"
+    access = SubmissionAccess("127.0.0.1", port, TlsMode.STARTTLS, DEV_TENANT, trust_file=cert)
     return f"""
 relayd (development default) is starting on 127.0.0.1:{port}
   user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
   TLS: STARTTLS with a self-signed certificate: {cert}
   Every message is captured, never sent: look in {capture}
 
-nodemailer:
-  const transporter = nodemailer.createTransport({{
-    host: '127.0.0.1', port: {port}, secure: false,
-    auth: {{ user: '{DEV_TENANT}', pass: process.env.SMTP_PASSWORD }},
-    tls: {{ ca: require('fs').readFileSync('{cert}') }},
-  }});
-
-Python smtplib:
-  import smtplib, ssl
-  with smtplib.SMTP('127.0.0.1', {port}) as s:
-      s.starttls(context=ssl.create_default_context(cafile='{cert}'))
-      s.login('{DEV_TENANT}', os.environ['SMTP_PASSWORD'])
-      s.send_message(msg)
-
+{client_snippets(access)}
 Stop with Ctrl-C.
 """
