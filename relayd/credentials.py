@@ -290,8 +290,30 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes, *, replace: bool = True) -> None:
+def _owner_for(path: Path) -> tuple[int, int] | None:
+    """The owner a rewritten file should keep: the old file's, else its directory's.
+
+    Only root can give a file away; when root runs relayctl, the store must stay
+    readable by the relayd user that owns the state directory.
+    """
+    if os.geteuid() != 0:
+        return None
+    for candidate in (path, path.parent):
+        try:
+            st = candidate.stat()
+        except OSError:
+            continue
+        return st.st_uid, st.st_gid
+    return None
+
+
+def write_private_file(
+    path: Path, data: bytes, *, replace: bool = True, keep_owner: bool = False
+) -> None:
     """Write `data` to `path` with mode 0600, atomically and durably.
+
+    With `keep_owner`, a file rewritten by root keeps the owner of the file it
+    replaces (or of its directory), so the daemon's user can still read it.
 
     A temporary file in the same directory is written and fsync'd, then
     renamed over `path` (or hard-linked, when `replace` is false, so an
@@ -302,8 +324,11 @@ def write_private_file(path: Path, data: bytes, *, replace: bool = True) -> None
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    owner = _owner_for(path) if keep_owner else None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -488,7 +513,7 @@ class CredentialStore:
 
     def save(self) -> None:
         """Encrypt with the primary key and replace the file atomically (mode 0600)."""
-        write_private_file(self._path, self._seal())
+        write_private_file(self._path, self._seal(), keep_owner=True)
 
     def _seal(self) -> bytes:
         primary = self._keys[0]

@@ -472,3 +472,24 @@ def test_rotation_from_an_environment_key_writes_a_new_key_file(tmp_path: Path) 
     keys = read_key_file(new_file)
     assert len(keys) == 1 and keys[0] != env_key
     assert CredentialStore.open(store_path, keys).names() == ["gmail"]
+
+
+def test_store_rewritten_by_root_keeps_the_daemon_users_ownership(tmp_path: Path) -> None:
+    from relayd.credentials import CredentialStore, generate_master_key
+
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a file away")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # the daemon's user owns its state directory
+    key = generate_master_key()
+    store = CredentialStore.open(state / "credentials.enc", [key])
+    store.set("gmail", "acme@gmail.com", "app-password")
+    store.save()
+    first = (state / "credentials.enc").stat()
+    assert (first.st_uid, first.st_gid) == (65534, 65534)
+    again = CredentialStore.open(state / "credentials.enc", [key])
+    again.set("sendgrid", "apikey", "SG.key")
+    again.save()
+    second = (state / "credentials.enc").stat()
+    assert (second.st_uid, second.st_gid, second.st_mode & 0o777) == (65534, 65534, 0o600)
