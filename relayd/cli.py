@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
 
+from relayd.audit import audited
 from relayd.config import CredentialsConfig
 from relayd.credentials import (
     CredentialError,
@@ -154,6 +155,29 @@ def _open_store(args: argparse.Namespace) -> tuple[CredentialStore, MasterKeys]:
     return CredentialStore.open(target.store, found.keys), found
 
 
+def _audit_failure(exc: BaseException) -> str:
+    """The sentence main() prints for a failure, for the audit log; none holds a secret."""
+    if isinstance(exc, CliError):
+        return exc.message.splitlines()[0]
+    if isinstance(exc, (CredentialError, ValueError)) and str(exc):
+        return str(exc).splitlines()[0]
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__
+
+
+def _secret_audit_log(args: argparse.Namespace) -> Path:
+    """relay.yaml's audit_log; with --store (relay.yaml not read), audit.log beside the store."""
+    return args.store.parent / "audit.log" if args.store is not None else _load_config(args).audit_path
+
+
+def _audited(action: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Record a secret command in the audit log (relayd.audit): who, what, which name, outcome."""
+    return audited(action, locate=_secret_audit_log, describe=_audit_failure,
+                   target=lambda a: str(getattr(a, "name", None) or "credential store"))
+
+
+@_audited("secret.set")
 def cmd_secret_set(args: argparse.Namespace) -> int:
     check_name(args.name)
     target = _credentials_target(args)
@@ -193,6 +217,7 @@ def cmd_secret_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_audited("secret.remove")
 def cmd_secret_remove(args: argparse.Namespace) -> int:
     store, _ = _open_store(args)
     if not store.remove(args.name):
@@ -202,6 +227,7 @@ def cmd_secret_remove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_audited("secret.rotate-key")
 def cmd_secret_rotate_key(args: argparse.Namespace) -> int:
     target = _credentials_target(args)
     found = locate_master_keys(target, args.environ)
@@ -338,6 +364,23 @@ def _add_tenant_commands(subparsers: Subparsers) -> None:
         help="read the password as one line of stdin even on a terminal",
     )
     p.set_defaults(func=cmd_tenant_hash_password)
+    from relayd.cli_admin import add_tenant_verbs  # imports this module: load it late
+
+    add_tenant_verbs(verbs)
+
+
+def _add_admin_commands(subparsers: Subparsers) -> None:
+    """config check, route test, transport verify (relayd.cli_admin)."""
+    from relayd.cli_admin import add_admin_commands
+
+    add_admin_commands(subparsers)
+
+
+def _add_queue_commands(subparsers: Subparsers) -> None:
+    """queue ..., reload, status, send-test (relayd.cli_queue)."""
+    from relayd.cli_queue import add_queue_commands  # imports this module: load it late
+
+    add_queue_commands(subparsers)
 
 
 # --------------------------------------------------------------------- main
@@ -346,6 +389,8 @@ _COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
     _add_secret_commands,
     _add_key_commands,
     _add_tenant_commands,
+    _add_admin_commands,
+    _add_queue_commands,
 )
 
 

@@ -23,7 +23,15 @@ The failover policy itself (which error means "next transport", "defer" or
   age), the recipient fails with "retry timeout exceeded";
 * a bounce is queued durably before the failures are recorded, so a crash in
   between can only duplicate a bounce, never lose one; a failed bounce (null
-  sender) is logged and dropped, never bounced again.
+  sender) is logged and dropped, never bounced again;
+* a forced delivery (operator: deliver now, flush) ignores the transports'
+  retry waits, as Exim's -M and -qff ignore host retry data;
+* `hold_until` tells the scheduler when a due message has nothing to try
+  because every transport of every due recipient is in its retry wait: it is
+  put back quietly instead of logging and recording one more deferral;
+* `give_up` is the operator's "cancel delivery" (Exim -Mg): every open
+  recipient fails with "delivery cancelled by administrator" and the sender
+  gets a bounce, exactly as for a permanent failure.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from relayd.config import RelayConfig
-from relayd.router import group_by_route
+from relayd.router import group_by_route, route
 from relayd.scheduler import UpstreamHealth
 from relayd.values import (
     AttemptOutcome,
@@ -51,6 +59,10 @@ from relayd.values import (
 )
 
 RETRY_TIMEOUT = "retry timeout exceeded"
+CANCELLED = "delivery cancelled by administrator"
+# A local, permanent decision carries a synthetic 5xx so the DSN reads as a
+# failure, not as an expired delivery.
+CANCELLED_REPLY = SmtpReply(550, f"5.0.0 {CANCELLED}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +210,77 @@ class DeliveryAgent:
             return None  # removed by an operator during the attempt
         return outcome.entry
 
+    async def give_up(self, entry: QueueEntry) -> bool:
+        """Fail every open recipient now and bounce to the sender (Exim -Mg).
+
+        The caller keeps the message out of delivery meanwhile. A bounce
+        message is not bounced again: its recipient is logged as discarded.
+        Returns False when the message was no longer queued. Raises
+        SpoolCorruptError (after setting the file aside) when its body is damaged.
+        """
+        from relayd.spool import SpoolCorruptError, SpoolEntryMissing
+
+        try:
+            body = self._spool.read_body(entry.id)
+        except SpoolEntryMissing:
+            return False
+        except SpoolCorruptError as error:
+            self._spool.set_aside(entry.id, str(error))
+            self._log.error(f"{entry.id} spool file set aside: {error}")
+            raise
+        config = self._config()
+        reports = [
+            DeliveryReport(r.address, AttemptOutcome.FAIL, "", reply=CANCELLED_REPLY, reason=CANCELLED)
+            for r in entry.undelivered
+        ]
+        outcome = apply_reports(entry, reports, now=self._clock(), config=config)
+        self._log_outcome(entry, outcome)
+        if outcome.newly_failed:
+            await self._bounce(entry, body, outcome.newly_failed, config)
+        self._spool.complete(entry.id)
+        self._log.completed(entry.id)
+        return True
+
+    def hold_until(self, entry: QueueEntry) -> float | None:
+        """When a due message has something to try again; None if it has now.
+
+        Not None only when every transport of every due recipient is in its
+        retry wait (then: the earliest end of those waits). A recipient past
+        its schedule's maximum age is never held, so it can still time out.
+        """
+        config = self._config()
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            return None
+        now = self._clock()
+        earliest: float | None = None
+        for recipient in entry.undelivered:
+            if recipient.next_attempt is not None and recipient.next_attempt > now:
+                continue
+            found = route(tenant, recipient.address)
+            if found is None or not found.transports:
+                return None
+            schedule = config.retry_for(found.transports[-1])
+            since = recipient.first_failure if recipient.first_failure is not None else entry.envelope.received_at
+            if now - since >= schedule.max_age:
+                return None
+            wait = self._chain_wait(found.transports)
+            if wait is None:
+                return None
+            earliest = wait if earliest is None else min(earliest, wait)
+        return earliest
+
+    def _chain_wait(self, chain: Sequence[str]) -> float | None:
+        """The earliest end of the chain's retry waits; None if a transport is usable now."""
+        transports = self._transports()
+        ends: list[float] = []
+        for name in chain:
+            state = self._health.is_skipped(name)
+            if state is None or name not in transports:
+                return None
+            ends.append(state.next_try)
+        return min(ends)
+
     async def _route_and_send(
         self, entry: QueueEntry, body: bytes, addresses: list[str], config: RelayConfig
     ) -> list[DeliveryReport]:
@@ -227,11 +310,13 @@ class DeliveryAgent:
         last: dict[str, DeliveryReport] = {}
         refused_sender = {a: True for a in addresses}
         tried: list[str] = []
+        forced = self._is_forced(entry.id)
         for name in route.transports:
             if not remaining:
                 break
             tried.append(name)
-            if self._health.is_skipped(name) is not None or name not in transports:
+            waiting = not forced and self._health.is_skipped(name) is not None
+            if waiting or name not in transports:
                 for a in remaining:
                     refused_sender[a] = False
                 continue

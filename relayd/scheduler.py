@@ -16,22 +16,42 @@ time changed) are skipped lazily on pop.
 
 Also here: `UpstreamHealth`, Exim's host retry state. A transport whose
 connection failed is skipped by every other message until its own retry
-time, instead of each message waiting for the same timeout.
+time, instead of each message waiting for the same timeout. A due message
+whose every transport is in that wait (the optional `hold_until` callable
+says until when) is not started at all but put back in the heap for that
+time, so a large queue behind a down upstream costs no disk writes and no
+log lines, only one real attempt per upstream retry time.
+
+Operator actions (freeze, thaw, remove, give up) go through `exclusive()`:
+it keeps the message out of delivery, waits (bounded) for an attempt already
+running to finish, and serialises operators on the same message, so an
+operator's change and a delivery's result never overwrite each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from relayd.retry import RetrySchedule
 from relayd.values import QueueEntry
 
 Deliver = Callable[[QueueEntry], Awaitable[QueueEntry | None]]
+HoldUntil = Callable[[QueueEntry], "float | None"]
+
+# How many due-but-waiting messages one pass over the heap puts back before it
+# yields to the event loop: start-up with 100,000 queued messages behind a
+# down upstream must not stall the listeners for the whole sweep.
+_POSTPONE_BATCH = 2000
+
+
+class MessageBusy(Exception):
+    """A delivery attempt of the message did not finish within the operator's wait."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +115,10 @@ class UpstreamHealth:
         names = set(self._records) | set(self._down)
         return {n: (self._records.get(n, UpstreamRecord()), self.is_skipped(n)) for n in names}
 
+    def clear(self) -> None:
+        """Forget every retry wait (Exim's -qff ignores host retry state); records stay."""
+        self._down.clear()
+
 
 class Scheduler:
     """The in-memory index of the queue and the loop that starts deliveries."""
@@ -107,8 +131,10 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         error_backoff: float = 60.0,
         on_error: Callable[[str, BaseException], None] | None = None,
+        hold_until: HoldUntil | None = None,
     ) -> None:
         self._deliver = deliver
+        self._hold_until = hold_until
         self._clock = clock
         self._max_parallel = max_parallel
         self._error_backoff = error_backoff
@@ -120,6 +146,11 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._forced: set[str] = set()
+        self._force_after: set[str] = set()  # forced while in delivery: force once that attempt ends
+        self._held: dict[str, int] = {}  # message id -> operators holding it
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._attempt_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiting: dict[str, float] = {}  # due but put back: every transport in its retry wait
 
     # -- index ---------------------------------------------------------------
 
@@ -127,6 +158,7 @@ class Scheduler:
         """Index a message (new, reloaded or updated) and wake the loop if it is due."""
         if entry.is_complete:
             self._entries.pop(entry.id, None)
+            self._waiting.pop(entry.id, None)
             return
         self._entries[entry.id] = entry
         due = entry.next_due()
@@ -142,6 +174,8 @@ class Scheduler:
 
     def forget(self, message_id: str) -> None:
         self._entries.pop(message_id, None)
+        self._waiting.pop(message_id, None)
+        self._attempt_ended(message_id)  # nobody waits for an attempt that cannot come
 
     def get(self, message_id: str) -> QueueEntry | None:
         return self._entries.get(message_id)
@@ -156,13 +190,78 @@ class Scheduler:
         """Deliver these now, ignoring retry times (Exim's -M / -qff)."""
         now = self._clock()
         for message_id in message_ids:
-            if message_id in self._entries:
+            if message_id in self._in_flight:
+                self._force_after.add(message_id)  # the running attempt may not have been forced
+            elif message_id in self._entries:
                 self._forced.add(message_id)
                 heapq.heappush(self._heap, (now, next(self._seq), message_id))
         self._wakeup.set()
 
     def is_forced(self, message_id: str) -> bool:
         return message_id in self._forced
+
+    def in_flight_ids(self) -> frozenset[str]:
+        return frozenset(self._in_flight)
+
+    def waiting(self) -> dict[str, float]:
+        """Due messages put back because every transport is in its retry wait, and until when."""
+        return dict(self._waiting)
+
+    def attempt_finished(self, message_id: str) -> "asyncio.Future[None]":
+        """A future resolved when the next delivery attempt of the message ends.
+
+        Take it before `force()` so the attempt cannot end unnoticed in between.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._attempt_waiters.setdefault(message_id, []).append(future)
+        return future
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, message_id: str, timeout: float) -> AsyncIterator[QueueEntry | None]:
+        """Hold a message out of delivery while an operator changes it.
+
+        Waits up to `timeout` seconds for another operator on the same message
+        and for a delivery attempt already running, then yields the current
+        entry (None: it left the queue meanwhile, e.g. delivered). Raises
+        MessageBusy when the wait runs out; nothing was changed then. The
+        caller updates the index (`add`/`forget`) inside the block.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lock = self._locks.setdefault(message_id, asyncio.Lock())
+        self._held[message_id] = self._held.get(message_id, 0) + 1
+        try:
+            try:
+                await asyncio.wait_for(lock.acquire(), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise MessageBusy(message_id) from None
+            try:
+                task = self._in_flight.get(message_id)
+                if task is not None:
+                    done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+                    if not done:
+                        raise MessageBusy(message_id)
+                yield self._entries.get(message_id)
+            finally:
+                lock.release()
+        finally:
+            self._release(message_id)
+
+    def _release(self, message_id: str) -> None:
+        left = self._held.get(message_id, 1) - 1
+        if left > 0:
+            self._held[message_id] = left
+            return
+        self._held.pop(message_id, None)
+        self._locks.pop(message_id, None)
+        entry = self._entries.get(message_id)
+        if entry is not None:
+            self.add(entry)  # heap items popped while it was held were dropped
+
+    def _attempt_ended(self, message_id: str) -> None:
+        for future in self._attempt_waiters.pop(message_id, []):
+            if not future.done():
+                future.set_result(None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -171,15 +270,25 @@ class Scheduler:
 
     def _pop_due(self) -> str | None:
         now = self._clock()
+        postponed = 0
         while self._heap and self._heap[0][0] <= now:
             due, _, message_id = heapq.heappop(self._heap)
             entry = self._entries.get(message_id)
-            if entry is None or entry.frozen or message_id in self._in_flight:
+            if entry is None or entry.frozen or message_id in self._in_flight or message_id in self._held:
                 continue
             current = entry.next_due()
             forced = message_id in self._forced
             if current is None or (current > due and not forced):
                 continue  # stale: a newer heap item exists for this message
+            if not forced and self._hold_until is not None:
+                until = self._hold_until(entry)
+                if until is not None and until > now:
+                    self._waiting[message_id] = until
+                    heapq.heappush(self._heap, (until, next(self._seq), message_id))
+                    postponed += 1
+                    if postponed >= _POSTPONE_BATCH:
+                        return None  # run() comes straight back after yielding
+                    continue
             return message_id
         return None
 
@@ -205,12 +314,15 @@ class Scheduler:
                 pass
 
     def _start(self, message_id: str) -> None:
+        self._waiting.pop(message_id, None)
         entry = self._entries[message_id]
         task = asyncio.get_running_loop().create_task(self._run_one(entry))
         self._in_flight[message_id] = task
 
     async def _run_one(self, entry: QueueEntry) -> None:
         message_id = entry.id
+        failed = False
+        updated: QueueEntry | None = None
         try:
             updated = await self._deliver(entry)
         except asyncio.CancelledError:
@@ -218,17 +330,24 @@ class Scheduler:
         except Exception as error:  # one broken message must not stop the queue
             if self._on_error is not None:
                 self._on_error(message_id, error)
+            # Only the back-off item: re-adding the entry would push its old,
+            # already-due time and retry a failing message in a tight loop.
             retry_at = self._clock() + self._error_backoff
             heapq.heappush(self._heap, (retry_at, next(self._seq), message_id))
-            updated = self._entries.get(message_id)
+            failed = True
         finally:
             self._in_flight.pop(message_id, None)
             self._forced.discard(message_id)
             self._wakeup.set()
-        if updated is None:
-            self._entries.pop(message_id, None)
-        elif message_id in self._entries:
-            self.add(updated)
+        if not failed:
+            if updated is None:
+                self.forget(message_id)
+            elif message_id in self._entries:
+                self.add(updated)
+        self._attempt_ended(message_id)
+        if message_id in self._force_after:
+            self._force_after.discard(message_id)
+            self.force([message_id])
 
     async def stop(self, grace: float) -> None:
         """Stop starting deliveries; give running ones `grace` seconds, then cancel.

@@ -1,0 +1,804 @@
+"""The control socket: how relayctl steers a running relayd, and how it knows none runs.
+
+Takes: JSON-line requests on a Unix stream socket (`RelayConfig.control_path`,
+mode 0600), from processes of relayd's own user or root only (checked with
+SO_PEERCRED); the running stages (scheduler, spool, delivery agent, health
+table, main log) handed in through `QueueControl`'s constructor.
+Emits: one or more JSON lines per request; the last has ``"done": true`` and
+either ``"ok": true`` plus data or ``"ok": false, "error": "sentence"``. Long
+actions send ``{"progress": n, "total": m}`` lines first; `queue.list` sends
+``{"rows": [...]}`` chunks of compact rows (`queueview.wire_row`).
+Untrusted input: request lines (size-capped, parsed as JSON, every argument
+checked; message ids must have the id shape before they touch a path). Only
+relayd's user and root can connect, but a malformed request still only gets
+an error line.
+How it fails: a handler raises `ControlError` for an ordinary refusal (sent as
+``ok: false``); anything else is logged and answered "internal error". On the
+client side `ControlUnavailable` says, in one sentence, that the daemon is not
+running (socket missing or refused), or that it stopped answering.
+
+Every change to a queued message goes through the daemon, which owns the
+index and the set of messages in delivery: `Scheduler.exclusive` keeps the
+message out of delivery and waits (bounded) for a running attempt, so a
+removal can never be undone by a delivery finishing later, and two operators
+never overwrite each other. While relayd runs it holds an exclusive flock on
+``<spool_dir>/daemon.lock``; relayctl takes the same lock before touching the
+spool directly, so offline edits and a starting daemon never overlap.
+
+Commands: health, status, reload, queue.list, queue.count, queue.show,
+queue.log, deliver, flush, freeze, thaw, remove, giveup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
+
+from relayd.msgid import is_message_id
+from relayd.queueview import entry_to_json, queue_counts, wire_row
+from relayd.values import QueueEntry, RecipientState
+
+MAX_REQUEST = 32 * 1024 * 1024  # an id list for 100,000 messages is about 2 MB
+MAX_REPLY_LINE = 256 * 1024 * 1024  # a shown body can be a whole 25 MB message, JSON-escaped
+LIST_CHUNK = 5000  # rows per queue.list line: big enough to be cheap, small enough to stream
+PROGRESS_EVERY = 50  # messages between progress lines of a long action
+DEFAULT_BUSY_WAIT = 60.0  # seconds an operator action waits for a running delivery attempt
+DEFAULT_DELIVER_WAIT = 120.0  # seconds `deliver` waits for its attempts to end
+LOG_READ_CAP = 64 * 1024 * 1024  # the tail of the main log searched for a message's history
+LOCK_NAME = "daemon.lock"
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room for the terminator
+_PEERCRED = struct.Struct("3i")
+
+
+class ControlError(Exception):
+    """An ordinary refusal: `message` goes back to the client as `error`."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class ControlUnavailable(Exception):
+    """The daemon cannot be reached; the text says why in one sentence."""
+
+
+class DaemonNotRunning(ControlUnavailable):
+    """No daemon listens on the socket (missing or refused): the spool may be used directly."""
+
+
+class SpoolInUse(OSError):
+    """Another process holds the spool's daemon lock."""
+
+
+# ------------------------------------------------------------- daemon lock
+
+
+def lock_path(spool_dir: Path) -> Path:
+    return spool_dir / LOCK_NAME
+
+
+class SpoolLock:
+    """An flock on ``<spool_dir>/daemon.lock``: exclusive for relayd, for relayctl's offline edits."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, path: Path, *, exclusive: bool, timeout: float) -> "SpoolLock | None":
+        """Take the lock, polling up to `timeout` seconds; None when it stays taken."""
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                return cls(fd)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+            except OSError:
+                os.close(fd)
+                raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+# ------------------------------------------------------ socket path helper
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A name for `path` short enough for sockaddr_un (via /proc/self/fd when it is long)."""
+    if len(os.fsencode(str(path))) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{dir_fd}/{path.name}"
+    finally:
+        os.close(dir_fd)
+
+
+# ------------------------------------------------------------------ client
+
+
+class ControlClient:
+    """relayctl's side: one connection per request, blocking, bounded by `timeout` per line."""
+
+    def __init__(self, path: Path, *, timeout: float = 180.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """The final answer (``ok`` true or false); intermediate lines are skipped."""
+        final: dict[str, Any] = {}
+        for message in self.stream(cmd, **args):
+            final = message
+        return final
+
+    def stream(self, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Every answer line, the final one (``done: true``) last."""
+        sock = self._connect()
+        with sock, sock.makefile("rb") as reader:
+            line = json.dumps({"cmd": cmd, **args}, separators=(",", ":")).encode() + b"\n"
+            try:
+                sock.sendall(line)
+                while True:
+                    raw = reader.readline(MAX_REPLY_LINE)
+                    if not raw:
+                        raise ControlUnavailable(
+                            "relayd closed the control connection before answering (is it stopping?)"
+                        )
+                    message = json.loads(raw)
+                    if not isinstance(message, dict):
+                        raise ControlUnavailable("relayd sent an answer that is not a JSON object")
+                    yield message
+                    if message.get("done"):
+                        return
+            except socket.timeout:
+                raise ControlUnavailable(f"relayd did not answer within {self.timeout:g}s") from None
+            except (BrokenPipeError, ConnectionResetError):
+                raise ControlUnavailable("relayd closed the control connection (is it stopping?)") from None
+            except ValueError:
+                raise ControlUnavailable("relayd sent an answer that is not JSON") from None
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            with _reachable(self.path) as name:
+                sock.connect(name)
+        except FileNotFoundError:
+            sock.close()
+            raise DaemonNotRunning(f"relayd is not running (no control socket at {self.path})") from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise DaemonNotRunning(f"relayd is not running (nothing listens on {self.path})") from None
+        except PermissionError:
+            sock.close()
+            raise ControlUnavailable(
+                f"permission denied on {self.path}: run relayctl as relayd's user or root"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise ControlUnavailable(f"cannot reach relayd at {self.path}: {exc.strerror or exc}") from None
+        return sock
+
+
+# ------------------------------------------------------------------ server
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One parsed request: its arguments, who sent it, and ways to send lines before the answer.
+
+    `emit` sends one JSON object as a line; `emit_raw` sends bytes that
+    already are complete JSON lines (pre-encoded queue rows).
+    """
+
+    cmd: str
+    args: Mapping[str, Any]
+    user: str
+    emit: Emit
+    emit_raw: Callable[[bytes], Awaitable[None]]
+
+
+Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+
+
+def _peer(sock: socket.socket | None) -> tuple[int, str]:
+    """The connecting process's uid and user name (SO_PEERCRED)."""
+    if sock is None:
+        return -1, "unknown"
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    _pid, uid, _gid = _PEERCRED.unpack(raw)
+    try:
+        return uid, pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return uid, f"uid {uid}"
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+class ControlServer:
+    """Serves `handlers` on a Unix socket that only relayd's user and root may use."""
+
+    def __init__(
+        self, path: Path, handlers: Mapping[str, Handler], *, log_error: Callable[[str], None]
+    ) -> None:
+        self.path = Path(path)
+        self._handlers = handlers
+        self._log_error = log_error
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._inode: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        """Bind the socket with mode 0600 before anyone can see it, replacing a stale one."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            private = Path(tempfile.mkdtemp(prefix=".control-", dir=self.path.parent))
+            try:
+                with _reachable(private / "s") as name:
+                    sock.bind(name)
+                os.chmod(private / "s", 0o600)
+                os.replace(private / "s", self.path)
+            finally:
+                with contextlib.suppress(OSError):
+                    (private / "s").unlink()
+                os.rmdir(private)
+            st = os.stat(self.path, follow_symlinks=False)
+            self._inode = (st.st_dev, st.st_ino)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def stop(self) -> None:
+        """Stop listening, end open connections, and remove the socket file if it is still ours."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if server is not None:
+            await server.wait_closed()  # after the connections: newer Pythons wait for them
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self._inode:
+                self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            uid, user = _peer(writer.get_extra_info("socket"))
+            if uid not in (0, os.geteuid()):
+                await self._send(writer, self._failure(f"permission denied for {user}"))
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._send(writer, self._failure("request line too long"))
+                    return
+                if not line:
+                    return
+                await self._answer(line, user, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes, user: str, writer: asyncio.StreamWriter) -> None:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("cmd"), str):
+            await self._send(writer, self._failure('a request is one JSON object with a "cmd" string'))
+            return
+        cmd = obj.pop("cmd")
+        handler = self._handlers.get(cmd)
+        if handler is None:
+            await self._send(writer, self._failure(f"unknown command '{cmd[:40]}'"))
+            return
+
+        async def emit(message: dict[str, Any]) -> None:
+            await self._send(writer, message)
+
+        async def emit_raw(lines: bytes) -> None:
+            writer.write(lines)
+            await writer.drain()
+
+        try:
+            data = await handler(Request(cmd, obj, user, emit, emit_raw))
+        except ControlError as exc:
+            await self._send(writer, self._failure(exc.message, **exc.extra))
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug must not kill the daemon or leave the client hanging
+            self._log_error(f"control command {cmd} failed: {type(exc).__name__}: {exc}")
+            await self._send(writer, self._failure(f"internal error ({type(exc).__name__}); see the main log"))
+            return
+        await self._send(writer, {**data, "done": True, "ok": True})
+
+    @staticmethod
+    def _failure(error: str, **extra: Any) -> dict[str, Any]:
+        return {**extra, "done": True, "ok": False, "error": error}
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, message: Mapping[str, Any]) -> None:
+        writer.write(_encode(message))
+        await writer.drain()
+
+
+# ------------------------------------------------------ the main log
+
+
+def read_log_lines(path: Path | None, message_id: str, *, cap: int = LOG_READ_CAP) -> list[str]:
+    """Main log lines that mention `message_id`, from the last `cap` bytes of the file."""
+    if path is None or not is_message_id(message_id):
+        return []
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - cap)
+            f.seek(start)
+            data = f.read(cap)
+    except FileNotFoundError:
+        return []
+    if start > 0:
+        data = data.partition(b"\n")[2]  # the first line was cut
+    needle = message_id.encode()
+    return [
+        line.decode("utf-8", "replace")
+        for line in data.split(b"\n")
+        if needle in line
+    ]
+
+
+def log_size(path: Path | None) -> int:
+    if path is None:
+        return 0
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def read_log_since(path: Path | None, offset: int, ids: Sequence[str]) -> dict[str, list[str]]:
+    """Lines written after `offset` that mention each id (what one attempt logged)."""
+    found: dict[str, list[str]] = {i: [] for i in ids}
+    if path is None or not ids:
+        return found
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(LOG_READ_CAP)
+    except OSError:
+        return found
+    for raw in data.split(b"\n"):
+        line = raw.decode("utf-8", "replace")
+        for message_id in ids:
+            if message_id in line:
+                found[message_id].append(line)
+    return found
+
+
+# ---------------------------------------------------------- the commands
+
+
+def _ids(args: Mapping[str, Any]) -> list[str]:
+    ids = args.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ControlError('"ids" must be a list of message ids')
+    bad = [i for i in ids if not is_message_id(i)]
+    if bad:
+        raise ControlError(f"'{bad[0][:40]}' is not a message id")
+    return list(dict.fromkeys(ids))
+
+
+def _seconds(args: Mapping[str, Any], name: str, default: float) -> float:
+    value = args.get(name, default)
+    if type(value) not in (int, float) or not 0 <= value <= 3600:
+        raise ControlError(f'"{name}" must be a number of seconds between 0 and 3600')
+    return float(value)
+
+
+def _entry_id(entry: QueueEntry) -> str:
+    return entry.envelope.id
+
+
+class QueueControl:
+    """The commands, over the daemon's own stages (all handed in; nothing global).
+
+    `scheduler` is a relayd.scheduler.Scheduler, `spool` a relayd.spool.Spool,
+    `agent` a relayd.delivery.DeliveryAgent, `health` an UpstreamHealth, `log`
+    the MainLog. `reload` re-reads the configuration and returns its problems
+    (empty when it took); `listeners` gives the bound (name, address, port).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Any],
+        scheduler: Any,
+        spool: Any,
+        agent: Any,
+        health: Any,
+        log: Any,
+        reload: Callable[[], Awaitable[list[str]]],
+        listeners: Callable[[], Sequence[tuple[str, str, int]]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._scheduler = scheduler
+        self._spool = spool
+        self._agent = agent
+        self._health = health
+        self._log = log
+        self._reload = reload
+        self._listeners = listeners
+        self._clock = clock
+        self._started = clock()
+        self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "health": self.health,
+            "status": self.status,
+            "reload": self.reload,
+            "queue.list": self.queue_list,
+            "queue.count": self.queue_count,
+            "queue.show": self.queue_show,
+            "queue.log": self.queue_log,
+            "deliver": self.deliver,
+            "flush": self.flush,
+            "freeze": self.freeze,
+            "thaw": self.thaw,
+            "remove": self.remove,
+            "giveup": self.giveup,
+        }
+
+    # -- observation -----------------------------------------------------------
+
+    def _health_table(self) -> dict[str, dict[str, Any]]:
+        snapshot = self._health.snapshot()
+        table: dict[str, dict[str, Any]] = {}
+        for name in set(self._config().transports) | set(snapshot):
+            record, skipped = snapshot.get(name, (None, None))
+            table[name] = {
+                "skipped_until": skipped.next_try if skipped is not None else None,
+                "last_success": record.last_success if record is not None else None,
+                "last_error": record.last_error if record is not None else None,
+                "last_error_at": record.last_error_at if record is not None else None,
+            }
+        return table
+
+    async def health(self, request: Request) -> dict[str, Any]:
+        return {"transports": self._health_table()}
+
+    async def status(self, request: Request) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "pid": os.getpid(),
+            "uptime": now - self._started,
+            "started_at": self._started,
+            "config": str(self._config().source),
+            "listeners": [{"name": n, "address": a, "port": p} for n, a, p in self._listeners()],
+            "queue": queue_counts(
+                self._scheduler.entries(), self._scheduler.in_flight_ids(), now, self._scheduler.waiting()
+            ),
+            "transports": self._health_table(),
+        }
+
+    async def reload(self, request: Request) -> dict[str, Any]:
+        problems = await self._reload()
+        if problems:
+            raise ControlError("\n".join(problems), problems=problems)
+        return {"config": str(self._config().source)}
+
+    async def queue_list(self, request: Request) -> dict[str, Any]:
+        """The whole index in `{"rows": [...]}` lines of LIST_CHUNK compact rows.
+
+        Each row's JSON is kept between calls while its entry (an immutable
+        value) and in-delivery flag are unchanged, so listing a large,
+        mostly quiet queue costs little more than joining bytes; the event
+        loop gets a turn after every chunk.
+        """
+        entries = sorted(self._scheduler.entries(), key=_entry_id)
+        flying = self._scheduler.in_flight_ids()
+        old, fresh = self._row_cache, {}
+        for start in range(0, len(entries), LIST_CHUNK):
+            parts = []
+            for entry in entries[start : start + LIST_CHUNK]:
+                mid = entry.envelope.id
+                busy = mid in flying
+                cached = old.get(mid)
+                if cached is None or cached[0] is not entry or cached[1] != busy:
+                    cached = (entry, busy, json.dumps(wire_row(entry, busy), separators=(",", ":")).encode())
+                fresh[mid] = cached
+                parts.append(cached[2])
+            await request.emit_raw(b'{"rows":[' + b",".join(parts) + b"]}\n")
+        self._row_cache = fresh
+        return {"count": len(entries), "now": self._clock()}
+
+    async def queue_count(self, request: Request) -> dict[str, Any]:
+        return queue_counts(
+            self._scheduler.entries(), self._scheduler.in_flight_ids(), self._clock(), self._scheduler.waiting()
+        )
+
+    async def queue_show(self, request: Request) -> dict[str, Any]:
+        message_id = request.args.get("id")
+        if not isinstance(message_id, str) or not is_message_id(message_id):
+            raise ControlError('"id" must be a message id')
+        entry = self._scheduler.get(message_id)
+        answer: dict[str, Any] = {"message": None, "in_flight": False}
+        if request.args.get("log"):
+            answer["log"] = await asyncio.to_thread(read_log_lines, self._config().log_file, message_id)
+        if entry is None:
+            if "log" in answer:
+                return answer
+            raise ControlError(f"message {message_id} is not in the queue")
+        answer["message"] = entry_to_json(entry)
+        answer["in_flight"] = self._scheduler.in_flight(message_id)
+        answer["waiting_until"] = self._scheduler.waiting().get(message_id)
+        if request.args.get("body"):
+            from relayd.spool import SpoolCorruptError, SpoolEntryMissing
+
+            try:
+                body: bytes = await asyncio.to_thread(self._spool.read_body, message_id)
+            except SpoolEntryMissing:
+                raise ControlError(f"message {message_id} is not in the queue") from None
+            except SpoolCorruptError as exc:
+                raise ControlError(str(exc)) from None
+            answer["body"] = body.decode("utf-8", "surrogateescape")
+        return answer
+
+    async def queue_log(self, request: Request) -> dict[str, Any]:
+        message_id = request.args.get("id")
+        if not isinstance(message_id, str) or not is_message_id(message_id):
+            raise ControlError('"id" must be a message id')
+        lines = await asyncio.to_thread(read_log_lines, self._config().log_file, message_id)
+        return {"log": lines, "queued": self._scheduler.get(message_id) is not None}
+
+    # -- actions ---------------------------------------------------------------
+
+    async def _each(
+        self, request: Request, ids: list[str], act: Callable[[str], Awaitable[str]]
+    ) -> list[dict[str, str]]:
+        """Run `act` on every id in turn, with progress lines; one result per id."""
+        results: list[dict[str, str]] = []
+        total = len(ids)
+        for n, message_id in enumerate(ids, 1):
+            results.append({"id": message_id, "result": await act(message_id)})
+            if total > 1 and (n % PROGRESS_EVERY == 0 or n == total):
+                await request.emit({"progress": n, "total": total})
+        return results
+
+    async def _write_frozen(self, entry: QueueEntry, frozen: bool) -> QueueEntry | None:
+        from relayd.spool import SpoolEntryMissing
+
+        changed = replace(entry, frozen=frozen)
+        try:
+            await self._spool.update(changed, durable=True)
+        except SpoolEntryMissing:
+            self._scheduler.forget(entry.envelope.id)
+            return None
+        self._scheduler.add(changed)
+        return changed
+
+    async def freeze(self, request: Request) -> dict[str, Any]:
+        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+
+        async def act(message_id: str) -> str:
+            from relayd.scheduler import MessageBusy
+
+            try:
+                async with self._scheduler.exclusive(message_id, wait) as entry:
+                    if entry is None:
+                        return "not in queue"
+                    if entry.frozen:
+                        return "already frozen"
+                    if await self._write_frozen(entry, True) is None:
+                        return "not in queue"
+                    self._log.info(f"{message_id} frozen by {request.user}")
+                    return "frozen"
+            except MessageBusy:
+                return "busy"
+
+        return {"results": await self._each(request, _ids(request.args), act)}
+
+    async def thaw(self, request: Request) -> dict[str, Any]:
+        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+
+        async def act(message_id: str) -> str:
+            from relayd.scheduler import MessageBusy
+
+            try:
+                async with self._scheduler.exclusive(message_id, wait) as entry:
+                    if entry is None:
+                        return "not in queue"
+                    if not entry.frozen:
+                        return "not frozen"
+                    if await self._write_frozen(entry, False) is None:
+                        return "not in queue"
+                    self._log.info(f"{message_id} unfrozen by {request.user}")
+                    return "thawed"
+            except MessageBusy:
+                return "busy"
+
+        return {"results": await self._each(request, _ids(request.args), act)}
+
+    async def remove(self, request: Request) -> dict[str, Any]:
+        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+
+        async def act(message_id: str) -> str:
+            from relayd.scheduler import MessageBusy
+
+            try:
+                async with self._scheduler.exclusive(message_id, wait) as entry:
+                    if entry is None:
+                        return "not in queue"
+                    gone = await asyncio.to_thread(self._spool.remove, message_id)
+                    self._scheduler.forget(message_id)
+                    if not gone:
+                        return "not in queue"
+                    self._log.info(f"{message_id} removed by {request.user}")
+                    self._log.completed(message_id)
+                    return "removed"
+            except MessageBusy:
+                return "busy"
+
+        return {"results": await self._each(request, _ids(request.args), act)}
+
+    async def giveup(self, request: Request) -> dict[str, Any]:
+        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+
+        async def act(message_id: str) -> str:
+            from relayd.scheduler import MessageBusy
+            from relayd.spool import SpoolCorruptError
+
+            try:
+                async with self._scheduler.exclusive(message_id, wait) as entry:
+                    if entry is None:
+                        return "not in queue"
+                    self._log.info(f"{message_id} delivery cancelled by {request.user}")
+                    try:
+                        done = await self._agent.give_up(entry)
+                    except SpoolCorruptError:
+                        self._scheduler.forget(message_id)
+                        return "damaged, set aside"
+                    self._scheduler.forget(message_id)
+                    if not done:
+                        return "not in queue"
+                    return "bounce removed" if entry.envelope.is_bounce else "cancelled and bounced"
+            except MessageBusy:
+                return "busy"
+
+        return {"results": await self._each(request, _ids(request.args), act)}
+
+    async def deliver(self, request: Request) -> dict[str, Any]:
+        """Exim's -M: thaw if frozen, then one attempt now, ignoring retry times; wait for it."""
+        from relayd.scheduler import MessageBusy
+
+        busy_wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+        attempt_wait = _seconds(request.args, "attempt_wait", DEFAULT_DELIVER_WAIT)
+        ids = _ids(request.args)
+        results: dict[str, str] = {}
+        started: dict[str, asyncio.Future[None]] = {}
+        log_file = self._config().log_file
+        offset = log_size(log_file)
+        for message_id in ids:
+            try:
+                async with self._scheduler.exclusive(message_id, busy_wait) as entry:
+                    if entry is None:
+                        results[message_id] = "not in queue"
+                        continue
+                    if entry.frozen:
+                        if await self._write_frozen(entry, False) is None:
+                            results[message_id] = "not in queue"
+                            continue
+                        self._log.info(f"{message_id} unfrozen by {request.user}")
+                    started[message_id] = self._scheduler.attempt_finished(message_id)
+            except MessageBusy:
+                results[message_id] = "busy"
+        self._scheduler.force(list(started))
+        if started:
+            await self._wait_attempts(request, started, attempt_wait)
+        lines = await asyncio.to_thread(read_log_since, log_file, offset, list(started))
+        out = []
+        for message_id in ids:
+            result = results.get(message_id) or self._after_attempt(message_id, started[message_id])
+            out.append({"id": message_id, "result": result, "log": lines.get(message_id, [])})
+        return {"results": out}
+
+    async def _wait_attempts(
+        self, request: Request, futures: Mapping[str, asyncio.Future[None]], timeout: float
+    ) -> None:
+        pending = set(futures.values())
+        total = len(pending)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while pending:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if total > 1:
+                await request.emit({"progress": total - len(pending), "total": total})
+        for future in pending:
+            future.cancel()
+
+    def _after_attempt(self, message_id: str, future: asyncio.Future[None]) -> str:
+        if not future.done() or future.cancelled():
+            return "still waiting" if self._scheduler.get(message_id) is not None else "completed"
+        entry = self._scheduler.get(message_id)
+        if entry is None:
+            return "completed"
+        states = {r.state for r in entry.undelivered}
+        return "deferred" if RecipientState.DEFERRED in states else "pending"
+
+    async def flush(self, request: Request) -> dict[str, Any]:
+        """Exim's -qff: every message (or the given ones) now, ignoring every retry time."""
+        include_frozen = bool(request.args.get("include_frozen", True))
+        if "ids" in request.args:
+            ids = _ids(request.args)
+        else:
+            ids = [e.envelope.id for e in sorted(self._scheduler.entries(), key=_entry_id)]
+        self._health.clear()
+        thawed = 0
+        forced: list[str] = []
+        for n, message_id in enumerate(ids, 1):
+            entry = self._scheduler.get(message_id)
+            if entry is None:
+                continue
+            if entry.frozen:
+                if not include_frozen:
+                    continue
+                from relayd.scheduler import MessageBusy
+
+                try:
+                    async with self._scheduler.exclusive(message_id, DEFAULT_BUSY_WAIT) as current:
+                        if current is None or await self._write_frozen(current, False) is None:
+                            continue
+                        self._log.info(f"{message_id} unfrozen by {request.user}")
+                        thawed += 1
+                except MessageBusy:
+                    continue
+            forced.append(message_id)
+            if n % (PROGRESS_EVERY * 20) == 0:
+                await request.emit({"progress": n, "total": len(ids)})
+        self._scheduler.force(forced)
+        self._log.info(f"queue flush by {request.user}: {len(forced)} message(s) forced")
+        return {"forced": len(forced), "thawed": thawed}
