@@ -35,7 +35,6 @@ import sys
 import time
 from dataclasses import replace
 from email.message import EmailMessage
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from relayd.cli import CliError, UsageError, _load_config, _read_password
@@ -56,12 +55,10 @@ from relayd.queueview import (
     compile_address_pattern,
     entry_from_json,
     entry_to_json,
-    format_time,
     listing_lines,
     listing_text,
     printable_block,
     queue_counts,
-    row_from_entry,
     row_from_wire,
     row_to_json,
     sanitize,

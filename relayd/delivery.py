@@ -36,6 +36,7 @@ The failover policy itself (which error means "next transport", "defer" or
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
@@ -201,7 +202,9 @@ class DeliveryAgent:
         if outcome.newly_failed:
             await self._bounce(entry, body, outcome.newly_failed, config)
         if outcome.entry.is_complete:
-            self._spool.complete(entry.id)
+            # Unlinking frees the file's blocks, which the kernel does in the
+            # caller's time: keep that off the event loop.
+            await asyncio.to_thread(self._spool.complete, entry.id)
             self._log.completed(entry.id)
             return None
         try:
@@ -237,7 +240,7 @@ class DeliveryAgent:
         self._log_outcome(entry, outcome)
         if outcome.newly_failed:
             await self._bounce(entry, body, outcome.newly_failed, config)
-        self._spool.complete(entry.id)
+        await asyncio.to_thread(self._spool.complete, entry.id)
         self._log.completed(entry.id)
         return True
 

@@ -100,25 +100,51 @@ class SubmissionProtocol(SMTP):
         listener: ListenerConfig,
         services: ListenerServices,
         *,
+        handler: "SubmissionHandler",
+        hostname: str,
         tls_context: ssl.SSLContext | None,
         implicit_tls: bool,
         sessions: set["SubmissionProtocol"],
     ) -> None:
-        config = services.config()
-        super().__init__(
-            SubmissionHandler(listener, services),
-            data_size_limit=listener.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=config.hostname,
-            ident="relayd ESMTP",
-            tls_context=None if implicit_tls else tls_context,
-            require_starttls=False,
-            timeout=listener.command_timeout,
-            auth_required=False,
-            auth_require_tls=True,
-            command_call_limit=None,
+        # aiosmtpd's own constructor inspects every attribute of the protocol and
+        # the handler on each connection (about half a millisecond); relayd's
+        # options are fixed per listener, so set the same state directly.
+        # tests/test_listener.py checks that this stays a superset of what
+        # aiosmtpd's constructor sets.
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
         )
+        self.__ident__ = "relayd ESMTP"
+        self.event_handler = handler
+        self.data_size_limit = listener.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = hostname
+        self.tls_context = None if implicit_tls else tls_context
+        self.require_starttls = False
+        self._timeout_duration = listener.command_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = False
+        self._auth_methods = {}  # smtp_AUTH below does PLAIN and LOGIN itself
+        self._handle_hooks = handler.hooks
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in _SMTP_COMMANDS}
+        self._enforce_call_limit = False
         self.listener = listener
         self.services = services
         self.implicit_tls = implicit_tls
@@ -129,6 +155,14 @@ class SubmissionProtocol(SMTP):
         self.command_size_limits = collections.defaultdict(
             lambda: SMTP.command_size_limit, {"MAIL": SMTP.command_size_limit + 26 + 10 + 16}
         )
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Plain `<local@domain>` addresses without aiosmtpd's full RFC 5322 parser."""
+        match = _SIMPLE_ANGLE_ADDR.match(arg or "")
+        if match is not None:
+            return match.group(1), match.group(2)
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     # -- connection bookkeeping -------------------------------------------------
 
@@ -404,6 +438,14 @@ class SubmissionProtocol(SMTP):
 
 
 TOO_BIG = b"\x00TOO-BIG"
+_SMTP_COMMANDS = tuple(
+    name[5:] for name in dir(SubmissionProtocol) if name.startswith("smtp_")
+)
+_SIMPLE_ANGLE_ADDR = re.compile(
+    r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(.*)\Z",
+    re.DOTALL,
+)
 
 
 def _with_enhanced_code(line: bytes) -> bytes:
@@ -422,6 +464,12 @@ class SubmissionHandler:
     def __init__(self, listener: ListenerConfig, services: ListenerServices) -> None:
         self.listener = listener
         self.services = services
+        # What aiosmtpd's constructor would find by scanning for handle_* methods.
+        self.hooks: dict[str, Callable[..., Any]] = {
+            "MAIL": self.handle_MAIL,
+            "RCPT": self.handle_RCPT,
+            "exception": self.handle_exception,
+        }
 
     def tenant_for(self, session: SubmissionSession) -> TenantConfig | None:
         """The authenticated tenant, or one bound to the client's loopback address."""
@@ -567,9 +615,10 @@ class SubmissionServer:
         for listener in listeners:
             implicit = listener.tls is TlsMode.IMPLICIT
             starttls_ctx = self.tls_context if listener.tls is TlsMode.STARTTLS else None
+            handler = SubmissionHandler(listener, self.services)
             server = await loop.create_server(
-                lambda listener=listener, implicit=implicit, ctx=starttls_ctx: SubmissionProtocol(
-                    listener, self.services,
+                lambda listener=listener, implicit=implicit, ctx=starttls_ctx, handler=handler: SubmissionProtocol(
+                    listener, self.services, handler=handler, hostname=self.services.config().hostname,
                     tls_context=ctx, implicit_tls=implicit, sessions=self.sessions,
                 ),
                 host=listener.address,

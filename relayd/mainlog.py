@@ -48,6 +48,8 @@ def sanitize(text: str, limit: int = MAX_FIELD) -> str:
     paragraph separators, format characters, undecodable surrogates) becomes
     ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``. A cut field ends in ``...``.
     """
+    if len(text) <= limit and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to escape, nothing to cut
     out: list[str] = []
     size = 0
     for ch in text:

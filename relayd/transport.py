@@ -127,14 +127,20 @@ def wire_body(body: bytes) -> bytes:
     message early at the upstream (SMTP smuggling). The terminating ".\\r\\n"
     is not included.
     """
-    normalised = _BARE_LINE_END.sub(b"\r\n", body)
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") == crlf and body.count(b"\r") == crlf:
+        normalised = body  # the listener already stores CRLF-only bodies
+    else:
+        normalised = _BARE_LINE_END.sub(b"\r\n", body)
     if not normalised.endswith(b"\r\n"):
         normalised += b"\r\n"
+    if not normalised.startswith(b".") and b"\r\n." not in normalised:
+        return normalised
     return _LEADING_DOT.sub(b"..", normalised)
 
 
 def _has_8bit(body: bytes) -> bool:
-    return any(byte >= 0x80 for byte in body)
+    return not body.isascii()
 
 
 def tls_label(ssl_object: ssl.SSLObject | None) -> str:

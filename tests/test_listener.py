@@ -309,3 +309,30 @@ def test_bare_lf_message_from_smtplib_bytes_is_normalised(relay: RelayFiles) -> 
     (stored,) = captured(relay, 1)
     assert b"line one\r\nline two\r\n" in stored
     assert b"\n" not in stored.replace(b"\r\n", b"")
+
+
+def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
+    """relayd sets aiosmtpd's per-connection state itself; an aiosmtpd upgrade must not leave a gap."""
+    import asyncio
+
+    from aiosmtpd.smtp import SMTP
+
+    from relayd.authguard import AuthGuard
+    from relayd.config import ListenerConfig
+    from relayd.listener import ListenerServices, SubmissionHandler, SubmissionProtocol
+
+    async def build() -> tuple[set[str], set[str]]:
+        reference = SMTP(object(), hostname="relay.test")
+        services = ListenerServices(
+            config=lambda: None, authenticate=None, accept=None, new_id=None,  # type: ignore[arg-type]
+            guard=AuthGuard(delay_after=1, disconnect_after=2, window=1), log=None,
+        )
+        listener = ListenerConfig()
+        ours = SubmissionProtocol(
+            listener, services, handler=SubmissionHandler(listener, services), hostname="relay.test",
+            tls_context=None, implicit_tls=False, sessions=set(),
+        )
+        return set(vars(reference)), set(vars(ours))
+
+    reference, ours = asyncio.run(build())
+    assert reference - ours == set()
