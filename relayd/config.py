@@ -140,7 +140,7 @@ class DeliveryConfig:
     """How hard the scheduler works."""
 
     max_parallel: int = 20  # messages in delivery at once
-    queue_run_interval: float = 60.0  # seconds between sweeps for due messages
+    queue_run_interval: float = 60.0  # longest sleep between looks at the due heap (clock jumps)
     shutdown_grace: float = 10.0  # seconds to let in-flight deliveries finish on SIGTERM
 
 

@@ -110,6 +110,7 @@ class Relay:
         self.scheduler = Scheduler(
             self.agent.deliver,
             max_parallel=config.delivery.max_parallel,
+            sweep_interval=config.delivery.queue_run_interval,
             on_error=lambda message_id, error: self.log.error(
                 f"{message_id} delivery error: {type(error).__name__}: {error}"
             ),

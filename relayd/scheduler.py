@@ -132,8 +132,12 @@ class Scheduler:
         error_backoff: float = 60.0,
         on_error: Callable[[str, BaseException], None] | None = None,
         hold_until: HoldUntil | None = None,
+        sweep_interval: float = 60.0,
     ) -> None:
         self._deliver = deliver
+        # The heap says when the next message is due, but the wall clock can
+        # jump (NTP, a suspended VM): never sleep longer than this between looks.
+        self._sweep_interval = sweep_interval
         self._hold_until = hold_until
         self._clock = clock
         self._max_parallel = max_parallel
@@ -305,7 +309,8 @@ class Scheduler:
                     break
                 self._start(message_id)
             self._wakeup.clear()
-            timeout = self._seconds_to_next()
+            next_due = self._seconds_to_next()
+            timeout = self._sweep_interval if next_due is None else min(next_due, self._sweep_interval)
             if len(self._in_flight) >= self._max_parallel:
                 timeout = None  # a finishing delivery wakes us
             try:
