@@ -620,42 +620,31 @@ class QueueControl:
         return changed
 
     async def freeze(self, request: Request) -> dict[str, Any]:
-        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
-
-        async def act(message_id: str) -> str:
-            from relayd.scheduler import MessageBusy
-
-            try:
-                async with self._scheduler.exclusive(message_id, wait) as entry:
-                    if entry is None:
-                        return "not in queue"
-                    if entry.frozen:
-                        return "already frozen"
-                    if await self._write_frozen(entry, True) is None:
-                        return "not in queue"
-                    self._log.info(f"{message_id} frozen by {request.user}")
-                    return "frozen"
-            except MessageBusy:
-                return "busy"
-
-        return {"results": await self._each(request, _ids(request.args), act)}
+        return await self._set_frozen(request, True)
 
     async def thaw(self, request: Request) -> dict[str, Any]:
+        return await self._set_frozen(request, False)
+
+    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, Any]:
+        """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
+        from relayd.scheduler import MessageBusy
+
         wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+        unchanged, done, verb = (
+            ("already frozen", "frozen", "frozen") if frozen else ("not frozen", "thawed", "unfrozen")
+        )
 
         async def act(message_id: str) -> str:
-            from relayd.scheduler import MessageBusy
-
             try:
                 async with self._scheduler.exclusive(message_id, wait) as entry:
                     if entry is None:
                         return "not in queue"
-                    if not entry.frozen:
-                        return "not frozen"
-                    if await self._write_frozen(entry, False) is None:
+                    if entry.frozen == frozen:
+                        return unchanged
+                    if await self._write_frozen(entry, frozen) is None:
                         return "not in queue"
-                    self._log.info(f"{message_id} unfrozen by {request.user}")
-                    return "thawed"
+                    self._log.info(f"{message_id} {verb} by {request.user}")
+                    return done
             except MessageBusy:
                 return "busy"
 
