@@ -246,10 +246,18 @@ class ControlServer:
     """Serves `handlers` on a Unix socket that only relayd's user and root may use."""
 
     def __init__(
-        self, path: Path, handlers: Mapping[str, Handler], *, log_error: Callable[[str], None]
+        self,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        *,
+        log_error: Callable[[str], None],
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.path = Path(path)
         self._handlers = handlers
+        # Answers wait for this (the queue index loaded at start), so that
+        # `mailq` right after a restart never shows half a queue.
+        self._ready = ready
         self._log_error = log_error
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -309,6 +317,8 @@ class ControlServer:
                     return
                 if not line:
                     return
+                if self._ready is not None:
+                    await self._ready()
                 await self._answer(line, user, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass

@@ -147,10 +147,12 @@ class Relay:
                 listeners=lambda: self.server.bound,
             ).handlers(),
             log_error=self.log.error,
+            ready=self.wait_index_loaded,
         )
         self._spool_lock: SpoolLock | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.index_loaded: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
 
     # -- construction helpers --------------------------------------------------
@@ -231,13 +233,6 @@ class Relay:
 
     async def _start_stages(self) -> None:
         await self.spool.start()
-        loaded = self.spool.load()
-        for problem in loaded.problems:
-            self.log.warning(f"spool: {problem}")
-        self.scheduler.add_all(loaded.entries)
-        # The index lives as long as the process: keep the cyclic collector
-        # from walking 100,000 queued entries on every full collection.
-        gc.freeze()
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
@@ -246,11 +241,35 @@ class Relay:
                 self.config.metrics.address, self.config.metrics.port
             )
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
-        self.log.info(f"relayd started: listening on {listening}; {len(loaded.entries)} message(s) in the queue")
+        self.log.info(f"relayd started: listening on {listening}; loading the queue index")
+        self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
+        self._tasks.append(self.index_loaded)
         sdnotify.notify("READY=1\nSTATUS=accepting mail", self.environ)
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
+
+    async def wait_index_loaded(self) -> None:
+        if self.index_loaded is not None:
+            await asyncio.shield(self.index_loaded)
+
+    async def _load_index(self) -> None:
+        """Rebuild the in-memory index from the spool while mail is already accepted.
+
+        Reading 100,000 message headers takes seconds; applications should not
+        wait for that, and nothing about accepting a new message depends on it.
+        """
+        started = time.monotonic()
+        loaded = await asyncio.to_thread(self.spool.load)
+        for problem in loaded.problems:
+            self.log.warning(f"spool: {problem}")
+        added = self.scheduler.add_loaded(loaded.entries)
+        # The index lives as long as the process: keep the cyclic collector
+        # from walking 100,000 queued entries on every full collection.
+        gc.freeze()
+        self.log.info(
+            f"queue index loaded: {added} message(s) in {time.monotonic() - started:.2f}s"
+        )
 
     async def stop(self) -> None:
         sdnotify.notify("STOPPING=1", self.environ)

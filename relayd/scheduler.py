@@ -176,6 +176,22 @@ class Scheduler:
             self.add(entry)
         self._wakeup.set()
 
+    def add_loaded(self, entries: Iterable[QueueEntry]) -> int:
+        """Index entries read from disk at start; returns how many were new.
+
+        The index is loaded while the listeners already accept mail, so a
+        message may already be indexed (accepted, or even delivered and
+        updated) by the time its file's older reading arrives here: the index
+        then knows better, and the reading is dropped.
+        """
+        added = 0
+        for entry in entries:
+            if entry.id not in self._entries:
+                self.add(entry)
+                added += 1
+        self._wakeup.set()
+        return added
+
     def forget(self, message_id: str) -> None:
         self._entries.pop(message_id, None)
         self._waiting.pop(message_id, None)
@@ -310,7 +326,9 @@ class Scheduler:
                 self._start(message_id)
             self._wakeup.clear()
             next_due = self._seconds_to_next()
-            timeout = self._sweep_interval if next_due is None else min(next_due, self._sweep_interval)
+            timeout: float | None = (
+                self._sweep_interval if next_due is None else min(next_due, self._sweep_interval)
+            )
             if len(self._in_flight) >= self._max_parallel:
                 timeout = None  # a finishing delivery wakes us
             try:

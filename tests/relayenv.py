@@ -243,6 +243,7 @@ class RelayThread:
         async def start() -> Any:
             relay = Relay(self.config, environ=self.environ)
             await relay.start()
+            await relay.wait_index_loaded()
             return relay
 
         self.relay = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
