@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
-import hmac
 import os
-import secrets
 import signal
 import ssl
 import sys
@@ -24,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from relayd import replies, sdnotify
+from relayd.authcheck import PasswordChecker
 from relayd.authguard import AuthGuard
 from relayd.config import RelayConfig, TenantConfig
 from relayd.configfile import ConfigError, load_config
@@ -34,44 +32,10 @@ from relayd.dsn import build_dsn
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
-from relayd.passwords import DUMMY_HASH, verify_password
 from relayd.scheduler import Scheduler, UpstreamHealth
 from relayd.spool import Spool, SpoolFullError, SpoolWriteError
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
-
-
-class PasswordChecker:
-    """Tenant password verification off the event loop, with a small success cache.
-
-    scrypt is deliberately slow (tens of milliseconds); running it in a thread
-    keeps other sessions moving, and remembering recent successes (as a keyed
-    HMAC of the password, held only in memory) keeps a busy application's
-    reconnects cheap. A config reload clears the cache.
-    """
-
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
-        self._ok: dict[str, tuple[str, bytes]] = {}
-
-    def clear(self) -> None:
-        self._ok.clear()
-
-    def _mac(self, password: str) -> bytes:
-        return hmac.new(self._key, password.encode("utf-8"), hashlib.sha256).digest()
-
-    async def check(self, tenant: TenantConfig | None, password: str) -> bool:
-        encoded = tenant.password_hash if tenant is not None and tenant.password_hash else None
-        if tenant is not None and encoded is not None:
-            cached = self._ok.get(tenant.name)
-            if cached is not None and cached[0] == encoded and hmac.compare_digest(cached[1], self._mac(password)):
-                return True
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, verify_password, password, encoded or DUMMY_HASH)
-        ok = ok and encoded is not None and tenant is not None and tenant.enabled
-        if ok and tenant is not None and encoded is not None:
-            self._ok[tenant.name] = (encoded, self._mac(password))
-        return ok
 
 
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -287,6 +251,7 @@ class Relay:
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
             server.shutdown()
+        self.passwords.close()
         self.log.info("relayd stopped")
         self.log.close()
         if self._spool_lock is not None:
