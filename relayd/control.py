@@ -635,78 +635,73 @@ class QueueControl:
     async def thaw(self, request: Request) -> dict[str, Any]:
         return await self._set_frozen(request, False)
 
-    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, Any]:
-        """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
+    async def _on_each_exclusively(
+        self, request: Request, action: Callable[[str, QueueEntry], Awaitable[str]]
+    ) -> dict[str, Any]:
+        """Run `action` on every requested message while the daemon keeps it out of delivery.
+
+        A message in delivery is waited for (up to the request's `wait`); one
+        that stays busy is reported as such and left unchanged.
+        """
         from relayd.scheduler import MessageBusy
 
         wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+
+        async def act(message_id: str) -> str:
+            try:
+                async with self._scheduler.exclusive(message_id, wait) as entry:
+                    if entry is None:
+                        return "not in queue"
+                    return await action(message_id, entry)
+            except MessageBusy:
+                return "busy"
+
+        return {"results": await self._each(request, _ids(request.args), act)}
+
+    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, Any]:
+        """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
         unchanged, done, verb = (
             ("already frozen", "frozen", "frozen") if frozen else ("not frozen", "thawed", "unfrozen")
         )
 
-        async def act(message_id: str) -> str:
-            try:
-                async with self._scheduler.exclusive(message_id, wait) as entry:
-                    if entry is None:
-                        return "not in queue"
-                    if entry.frozen == frozen:
-                        return unchanged
-                    if await self._write_frozen(entry, frozen) is None:
-                        return "not in queue"
-                    self._log.info(f"{message_id} {verb} by {request.user}")
-                    return done
-            except MessageBusy:
-                return "busy"
+        async def set_flag(message_id: str, entry: QueueEntry) -> str:
+            if entry.frozen == frozen:
+                return unchanged
+            if await self._write_frozen(entry, frozen) is None:
+                return "not in queue"
+            self._log.info(f"{message_id} {verb} by {request.user}")
+            return done
 
-        return {"results": await self._each(request, _ids(request.args), act)}
+        return await self._on_each_exclusively(request, set_flag)
 
     async def remove(self, request: Request) -> dict[str, Any]:
-        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+        async def remove_one(message_id: str, entry: QueueEntry) -> str:
+            gone = await asyncio.to_thread(self._spool.remove, message_id)
+            self._scheduler.forget(message_id)
+            if not gone:
+                return "not in queue"
+            self._log.info(f"{message_id} removed by {request.user}")
+            self._log.completed(message_id)
+            return "removed"
 
-        async def act(message_id: str) -> str:
-            from relayd.scheduler import MessageBusy
-
-            try:
-                async with self._scheduler.exclusive(message_id, wait) as entry:
-                    if entry is None:
-                        return "not in queue"
-                    gone = await asyncio.to_thread(self._spool.remove, message_id)
-                    self._scheduler.forget(message_id)
-                    if not gone:
-                        return "not in queue"
-                    self._log.info(f"{message_id} removed by {request.user}")
-                    self._log.completed(message_id)
-                    return "removed"
-            except MessageBusy:
-                return "busy"
-
-        return {"results": await self._each(request, _ids(request.args), act)}
+        return await self._on_each_exclusively(request, remove_one)
 
     async def giveup(self, request: Request) -> dict[str, Any]:
-        wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
+        from relayd.spool import SpoolCorruptError
 
-        async def act(message_id: str) -> str:
-            from relayd.scheduler import MessageBusy
-            from relayd.spool import SpoolCorruptError
-
+        async def give_up_one(message_id: str, entry: QueueEntry) -> str:
+            self._log.info(f"{message_id} delivery cancelled by {request.user}")
             try:
-                async with self._scheduler.exclusive(message_id, wait) as entry:
-                    if entry is None:
-                        return "not in queue"
-                    self._log.info(f"{message_id} delivery cancelled by {request.user}")
-                    try:
-                        done = await self._agent.give_up(entry)
-                    except SpoolCorruptError:
-                        self._scheduler.forget(message_id)
-                        return "damaged, set aside"
-                    self._scheduler.forget(message_id)
-                    if not done:
-                        return "not in queue"
-                    return "bounce removed" if entry.envelope.is_bounce else "cancelled and bounced"
-            except MessageBusy:
-                return "busy"
+                done = await self._agent.give_up(entry)
+            except SpoolCorruptError:
+                self._scheduler.forget(message_id)
+                return "damaged, set aside"
+            self._scheduler.forget(message_id)
+            if not done:
+                return "not in queue"
+            return "bounce removed" if entry.envelope.is_bounce else "cancelled and bounced"
 
-        return {"results": await self._each(request, _ids(request.args), act)}
+        return await self._on_each_exclusively(request, give_up_one)
 
     async def deliver(self, request: Request) -> dict[str, Any]:
         """Exim's -M: thaw if frozen, then one attempt now, ignoring retry times; wait for it."""
