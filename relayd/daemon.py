@@ -33,7 +33,7 @@ from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServe
 from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
 from relayd.scheduler import Scheduler, UpstreamHealth
-from relayd.spool import Spool, SpoolFullError, SpoolWriteError
+from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
@@ -50,14 +50,20 @@ def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
 class Relay:
     """A running relayd: owns every stage and their lifecycles."""
 
-    def __init__(self, config: RelayConfig, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        spool_io: SpoolIO | None = None,
+    ) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.log = MainLog(config.log_file)
         self.metrics = RelayMetrics()
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(config.spool_dir, io=spool_io)
         self.credentials = self._open_credentials(config)
         self.transports: dict[str, Transport] = self._build_transports(config)
         self.agent = DeliveryAgent(

@@ -226,11 +226,12 @@ def submit(
 class RelayThread:
     """relayd's `Relay` running in a background thread with its own event loop."""
 
-    def __init__(self, config_path: Path, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, environ: dict[str, str] | None = None, spool_io: Any = None) -> None:
         from relayd.configfile import load_config
 
         self.config = load_config(config_path)
         self.environ = environ
+        self.spool_io = spool_io
         self.loop = asyncio.new_event_loop()
         self.relay: Any = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -241,7 +242,7 @@ class RelayThread:
         self._thread.start()
 
         async def start() -> Any:
-            relay = Relay(self.config, environ=self.environ)
+            relay = Relay(self.config, environ=self.environ, spool_io=self.spool_io)
             await relay.start()
             await relay.wait_index_loaded()
             return relay

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import errno
+import os
 import smtplib
 import socket
 import ssl
@@ -336,3 +338,31 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
 
     reference, ours = asyncio.run(build())
     assert reference - ours == set()
+
+
+def failing_writes(errno_value: int) -> Any:
+    """A spool I/O whose writes fail with one errno, as a full or broken disk would."""
+    from relayd.spool import SpoolIO
+
+    class FailingWrites(SpoolIO):
+        def write(self, fd: int, data: bytes | memoryview) -> int:
+            raise OSError(errno_value, os.strerror(errno_value))
+
+    return FailingWrites()
+
+
+@pytest.mark.parametrize(
+    "errno_value, reply",
+    [(errno.ENOSPC, b"4.3.1 Insufficient system storage"), (errno.EIO, b"4.3.0 Temporary local problem")],
+    ids=["disk-full", "io-error"],
+)
+def test_spool_write_failure_is_a_temporary_refusal_never_250(relay_files: RelayFiles, errno_value: int, reply: bytes) -> None:
+    capture_files(relay_files)
+    with RelayThread(relay_files.config, spool_io=failing_writes(errno_value)):
+        with connect(relay_files, login=ACME) as client:
+            client.mail("billing@acme.example")
+            client.rcpt("c@customer.test")
+            code, text = client.data(make_message("billing@acme.example", ["c@customer.test"]))
+    assert code == (452 if errno_value == errno.ENOSPC else 451)
+    assert text.startswith(reply)
+    assert list((relay_files.root / "spool" / "queue").rglob("*-*-*")) == []
