@@ -923,7 +923,7 @@ class _Reader:
         """`d` with the connection, command, error and data-rate bounds read from `lm`."""
         total = self.get(lm, "max_connections", self.integer(_CLIENT_CONNECTIONS), d.max_connections)
         per_ip = self.get(lm, "max_connections_per_ip", self.integer(_CLIENT_CONNECTIONS),
-                          d.max_connections_per_ip)
+                          min(d.max_connections_per_ip, total))
         if per_ip > total:
             self.add(self.pos_of(lm, "max_connections_per_ip"),
                      f"max_connections_per_ip ({per_ip}) must not be above max_connections ({total})")

@@ -157,7 +157,9 @@ class SubmissionProtocol(SMTP):
         self._sessions = sessions
         self._in_data = False
         self._connections = connections or connection_counter(listener)
-        self._admitted: bool | None = None  # None until the connection is counted
+        self._admitted: bool | None = None  # None until connection_made; then: did aiosmtpd get it
+        self._counted = False  # holds a slot in the listener's ConnectionCounter
+        self._last_command_at = 0.0  # loop time of admission or of the latest command
         self._peer_ip = ""
         self._closing = False
         self._budget = SessionBudget(listener.max_commands_before_auth, listener.hard_error_limit)
@@ -190,20 +192,47 @@ class SubmissionProtocol(SMTP):
         super().connection_made(transport)
 
     def _admit(self, transport: asyncio.BaseTransport) -> bool:
-        """Count a new connection, or refuse it with 421 before any other work."""
+        """Count a new connection, or refuse it with 421 before any other work.
+
+        When the listener is full, the unauthenticated connection idle the
+        longest makes room (see `_evict_idle_stranger`): a flood of idle
+        connections cannot keep a legitimate client out, even from 127.0.0.1.
+        """
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else ""
         refused = self._connections.admit(self._peer_ip)
-        self._admitted = refused is None
+        if refused == "total" and self._evict_idle_stranger():
+            refused = self._connections.admit(self._peer_ip)
+        self._admitted = self._counted = refused is None
         if refused is not None:
             host = self.services.config().hostname
             write_and_close(transport, (replies.too_many_connections(host, from_address=refused == "address") + "\r\n").encode())
             self._log_connection_refused(refused)
             return False
+        self._last_command_at = self.loop.time()
         self._sessions.add(self)
         if self.services.metrics is not None:
             self.services.metrics.sessions.inc()
         return True
+
+    def _evict_idle_stranger(self) -> bool:
+        """Close this listener's unauthenticated connection idle the longest; False if none."""
+        strangers = [s for s in self._sessions if s.listener is self.listener and s._evictable()]
+        if not strangers:
+            return False
+        victim = min(strangers, key=lambda s: s._last_command_at)
+        write, suppressed = self._connections.log_gate.admit(self.loop.time())
+        if write:
+            self.services.log.session_dropped(
+                client_ip=victim.client_ip,
+                reason=f"idle before authentication while {self.listener.name} is at max_connections "
+                       f"{self.listener.max_connections}" + (f" ({suppressed} similar line(s) not logged)" if suppressed else ""))
+        victim._drop(replies.evicted(self.hostname), "", log=False)
+        victim._release()  # now, not at connection_lost: the new connection needs the slot
+        return True
+
+    def _evictable(self) -> bool:
+        return bool(self._counted) and not self._closing and not self._in_data and not self._identified()
 
     def _log_connection_refused(self, refused: str) -> None:
         if self.services.metrics is not None:
@@ -221,16 +250,23 @@ class SubmissionProtocol(SMTP):
             super().data_received(data)
 
     def eof_received(self) -> Optional[bool]:
-        return super().eof_received() if self._admitted else False  # type: ignore[no-any-return]
+        return super().eof_received() if self._admitted else False
+
+    def _release(self) -> None:
+        """Give back this connection's slot, once."""
+        if not self._counted:
+            return
+        self._counted = False
+        self._connections.release(self._peer_ip)
+        self._sessions.discard(self)
+        if self.services.metrics is not None:
+            self.services.metrics.sessions.dec()
 
     def connection_lost(self, error: Optional[Exception]) -> None:
         if not self._admitted:
             return  # refused in connection_made: aiosmtpd never saw it
         self._admitted = False
-        self._connections.release(self._peer_ip)
-        self._sessions.discard(self)
-        if self.services.metrics is not None:
-            self.services.metrics.sessions.dec()
+        self._release()
         suppressed = self._rejection_log.take_suppressed()
         if suppressed:
             self.services.log.rejections_suppressed(client_ip=self._peer_ip, count=suppressed)
@@ -271,11 +307,12 @@ class SubmissionProtocol(SMTP):
         self._closing = True
         write_and_close(self.transport, reply.encode("ascii", "replace") + b"\r\n")
 
-    def _drop(self, reply: str, reason: str) -> None:
+    def _drop(self, reply: str, reason: str, *, log: bool = True) -> None:
         """Log why, say 421 and close; the command loop stops at its next await."""
         if self._closing:
             return
-        self.services.log.session_dropped(client_ip=self.client_ip, reason=reason)
+        if log:
+            self.services.log.session_dropped(client_ip=self.client_ip, reason=reason)
         self.close_with(reply)
         handler_task = self._handler_coroutine
         if handler_task is not None and not handler_task.done():
@@ -286,6 +323,7 @@ class SubmissionProtocol(SMTP):
 
         @functools.wraps(method)
         async def run(arg: str) -> None:
+            self._last_command_at = self.loop.time()
             if method.__name__ != "smtp_QUIT" and not self._budget.command(identified=self._identified()):
                 reason = f"too many commands before authentication ({self.listener.max_commands_before_auth})"
                 self._drop(replies.too_many_commands(self.hostname), reason)

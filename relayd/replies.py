@@ -39,6 +39,7 @@ INTERNAL_ERROR = "451 4.3.0 Temporary local problem; try again later"
 TIMEOUT = "421 4.4.2 {host} Timeout exceeded; closing connection"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down; try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections{scope}; try again later"
+EVICTED = "421 4.7.0 {host} Too many connections; closing this idle unauthenticated one"
 TOO_MANY_COMMANDS = "421 4.7.0 {host} Too many commands before authentication; closing connection"
 TOO_MANY_ERRORS = "421 4.7.0 {host} Too many errors; closing connection"
 DATA_TOO_SLOW = "421 4.4.2 {host} Message data arriving too slowly; closing connection"
@@ -108,3 +109,7 @@ def data_too_slow(host: str) -> str:
 
 def bad_helo(command: str) -> str:
     return BAD_HELO.format(command=command)
+
+
+def evicted(host: str) -> str:
+    return EVICTED.format(host=host)

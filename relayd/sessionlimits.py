@@ -15,7 +15,9 @@ Why each bound exists:
   and the next legitimate client is dropped. Loopback clients are counted only
   against the listener's total by default: every local application connects
   from 127.0.0.1, so a per-address cap there would let one application's
-  connections lock out all the others.
+  connections lock out all the others. When the total is reached the listener
+  closes its longest-idle unauthenticated connection to make room, so idle
+  connections, from anywhere, cannot keep a legitimate client out.
 - `DataDeadline`: aiosmtpd's idle timer is re-armed by every byte, so one byte
   a second holds a session for days. A line must end within the idle timeout,
   and the whole DATA phase must keep up a minimum average rate (Postfix's

@@ -225,17 +225,54 @@ def test_ehlo_with_8bit_or_control_bytes_gets_501_and_the_name_is_not_kept(relay
 def test_connections_over_max_connections_get_421_before_the_banner(relay_files: RelayFiles) -> None:
     capture_files(relay_files, listener_extra="max_connections: 5\nmax_connections_per_ip: 5")
     with RelayThread(relay_files.config), ExitStack() as stack:
-        held = [stack.enter_context(raw_connect(relay_files)) for _ in range(5)]
-        for sock in held:
-            assert sock.makefile("rb").readline().startswith(b"220")
+        held = [stack.enter_context(connect(relay_files, login=ACME)) for _ in range(5)]  # logged in: never evicted
         with raw_connect(relay_files) as extra:
             lines = wait_closed(extra, within=5)
         assert lines == [b"421 4.7.0 relay.test Too many connections; try again later"]
-        held.pop().close()
+        held.pop().quit()
         time.sleep(0.2)
         with raw_connect(relay_files) as again:
             assert again.makefile("rb").readline().startswith(b"220")
     assert "refused: too many connections (max_connections 5 on submission)" in relay_files.mainlog()
+
+
+def test_a_full_listener_closes_its_longest_idle_unauthenticated_connection_for_a_new_client(
+    relay_files: RelayFiles,
+) -> None:
+    capture_files(relay_files, listener_extra="max_connections: 10")
+    with RelayThread(relay_files.config), ExitStack() as stack:
+        idle = [stack.enter_context(raw_connect(relay_files)) for _ in range(10)]
+        for sock in idle:
+            assert sock.makefile("rb").readline().startswith(b"220")
+            time.sleep(0.01)
+        with connect(relay_files, login=ACME) as client:  # also from 127.0.0.1
+            assert client.sendmail("billing@acme.example", ["c@customer.test"],
+                                   make_message("billing@acme.example", ["c@customer.test"])) == {}
+        assert wait_closed(idle[0], within=5) == [
+            b"421 4.7.0 relay.test Too many connections; closing this idle unauthenticated one"]
+        for sock in idle[1:]:
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(100)  # still open, nothing said
+        assert len(captured(relay_files, 1)) == 1
+
+
+def test_eleven_hundred_idle_connections_do_not_keep_a_legitimate_client_out(relay_files: RelayFiles) -> None:
+    # The defaults: max_connections 1000, loopback held only to the total.
+    capture_files(relay_files)
+    with RelayThread(relay_files.config), ExitStack() as stack:
+        idle = [stack.enter_context(raw_connect(relay_files)) for _ in range(1100)]
+        for sock in idle:
+            sock.settimeout(10)
+            assert sock.recv(4)[:3] in (b"220", b"421")
+        started = time.monotonic()
+        with connect(relay_files, login=ACME) as client:
+            assert client.sendmail("billing@acme.example", ["c@customer.test"],
+                                   make_message("billing@acme.example", ["c@customer.test"])) == {}
+        took = time.monotonic() - started
+        print(f"legitimate client served in {took:.3f}s beside 1,100 idle connections")
+        assert took < 1.0
+        assert len(captured(relay_files, 1)) == 1
 
 
 def test_idle_unauthenticated_connections_from_one_address_do_not_stop_another_client(relay_files: RelayFiles) -> None:
@@ -255,19 +292,16 @@ def test_idle_unauthenticated_connections_from_one_address_do_not_stop_another_c
         assert len(captured(relay_files, 1)) == 1
 
 
-def test_loopback_clients_share_only_the_total_by_default(relay_files: RelayFiles) -> None:
+def test_loopback_clients_are_not_held_to_the_per_address_limit_by_default(relay_files: RelayFiles) -> None:
     capture_files(relay_files, listener_extra="max_connections: 8\nmax_connections_per_ip: 2")
     with RelayThread(relay_files.config), ExitStack() as stack:
         held = [stack.enter_context(raw_connect(relay_files)) for _ in range(8)]
         assert all(sock.makefile("rb").readline().startswith(b"220") for sock in held)
-        with raw_connect(relay_files) as extra:
-            assert wait_closed(extra, within=5)[0].startswith(b"421 4.7.0")
 
 
 def test_a_flood_of_refused_connections_is_summarised_in_the_log(relay_files: RelayFiles) -> None:
     capture_files(relay_files, listener_extra="max_connections: 1\nmax_connections_per_ip: 1")
-    with RelayThread(relay_files.config), raw_connect(relay_files) as held:
-        assert held.makefile("rb").readline().startswith(b"220")
+    with RelayThread(relay_files.config), connect(relay_files, login=ACME):
         for _ in range(200):
             with raw_connect(relay_files) as extra:
                 assert wait_closed(extra, within=5)[0].startswith(b"421 4.7.0")
@@ -390,3 +424,46 @@ def test_sessions_gauge_counts_starttls_sessions_once_and_returns_to_zero(relay_
         while sessions_gauge(thread) != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sessions_gauge(thread) == 0
+
+
+# -- the pure pieces ------------------------------------------------------------------
+
+
+def test_listener_limits_are_read_from_the_yaml_and_default_when_absent(relay_files: RelayFiles) -> None:
+    from relayd.configfile import load_config
+
+    capture_files(relay_files, listener_extra="max_connections: 300\nmax_connections_per_ip: 7\n"
+                                              "per_ip_limit_on_loopback: true\nhard_error_limit: 5")
+    listener = load_config(relay_files.config).listeners[0]
+    assert (listener.max_connections, listener.max_connections_per_ip) == (300, 7)
+    assert listener.per_ip_limit_on_loopback and listener.hard_error_limit == 5
+    assert (listener.max_commands_before_auth, listener.min_data_rate) == (30, 500)
+
+
+def test_data_deadline_credits_received_bytes_at_the_minimum_rate_up_to_the_size_limit() -> None:
+    from relayd.sessionlimits import DataDeadline
+
+    deadline = DataDeadline(started=0.0, line_timeout=10.0, min_rate=100.0, max_bytes=1000)
+    assert deadline.seconds_left(0.0) == 10.0
+    deadline.note(b"x" * 500 + b"\n", now=5.0)  # 5 s of credit; the next line began at 5.0
+    assert deadline.seconds_left(5.0) == 10.0  # both the line and the whole deadline are at 15
+    deadline.note(b"y" * 5000, now=9.0)  # beyond the size limit: credit stops at 1000 bytes
+    assert deadline.whole_deadline() == 20.0
+    assert deadline.seconds_left(15.0) == 0.0  # the unfinished line ran out first
+
+
+def test_file_limit_is_raised_only_as_far_as_needed_and_refused_past_the_hard_limit(relay_files: RelayFiles) -> None:
+    from relayd.configfile import load_config
+    from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit, needed_descriptors
+
+    capture_files(relay_files, listener_extra="max_connections: 500")
+    config = load_config(relay_files.config)
+    assert needed_descriptors(config) == 500 + 128
+    calls: list[tuple[int, int]] = []
+    limit = ensure_descriptor_limit(config, getrlimit=lambda _: (256, 4096),
+                                    setrlimit=lambda _, v: calls.append(v))
+    assert limit == 628 and calls == [(628, 4096)]
+    assert ensure_descriptor_limit(config, getrlimit=lambda _: (1024, 4096), setrlimit=lambda _, v: calls.append(v)) == 1024
+    assert len(calls) == 1
+    with pytest.raises(DescriptorLimitError, match="need 628 open files, but the hard limit is 512"):
+        ensure_descriptor_limit(config, getrlimit=lambda _: (256, 512), setrlimit=lambda _, v: None)
