@@ -376,7 +376,7 @@ class SubmissionProtocol(SMTP):
         else:
             line = _with_enhanced_code(line)
         await super().push(line)
-        if line[:1] in (b"4", b"5") and not line.startswith(b"421") and not self._budget.error():
+        if line[:1] in (b"4", b"5") and not line.startswith(b"421") and not self._budget.error(line):
             reason = f"too many errors ({self.listener.hard_error_limit}; last reply {line[:3].decode('ascii', 'replace')})"
             self._drop(replies.too_many_errors(self.hostname), reason)
 

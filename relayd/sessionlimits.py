@@ -140,6 +140,9 @@ class DataDeadline:
         return min(line_deadline, self.whole_deadline()) - now
 
 
+RECIPIENT_OVERSHOOT = 1000
+
+
 @dataclass
 class SessionBudget:
     """Commands before authentication and refused commands, for one connection."""
@@ -148,6 +151,7 @@ class SessionBudget:
     max_errors: int
     commands_before_auth: int = 0
     errors: int = 0
+    recipient_overshoot: int = 0
 
     def command(self, *, identified: bool) -> bool:
         """Count one command; False when it is over the pre-authentication budget."""
@@ -156,8 +160,16 @@ class SessionBudget:
         self.commands_before_auth += 1
         return self.commands_before_auth <= self.max_commands_before_auth
 
-    def error(self) -> bool:
-        """Count one refused command; False once the hard error limit is reached."""
+    def error(self, reply: bytes) -> bool:
+        """Count one refused command; False once the hard error limit is reached.
+
+        Recipients over the per-message limit (452 4.5.3) are the client's cue
+        to send the rest in another message, not an error, up to
+        `RECIPIENT_OVERSHOOT` of them (Postfix's smtpd_recipient_overshoot_limit).
+        """
+        if reply.startswith(b"452 4.5.3") and self.recipient_overshoot < RECIPIENT_OVERSHOOT:
+            self.recipient_overshoot += 1
+            return True
         self.errors += 1
         return self.errors < self.max_errors
 

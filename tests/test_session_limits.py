@@ -394,13 +394,27 @@ def test_a_delivered_message_forgives_earlier_errors(relay_files: RelayFiles) ->
     capture_files(relay_files, listener_extra="hard_error_limit: 3")
     with RelayThread(relay_files.config):
         with connect(relay_files, login=ACME) as client:
-            for _ in range(3):
-                client.mail("billing@acme.example")
-                assert client.rcpt("someone@nowhere.invalid")[0] in (250, 550)
-                client.rset()
+            for _ in range(2):
+                assert client.mail("ceo@globex.example")[0] == 550  # not acme's sender: an error
             assert client.sendmail("billing@acme.example", ["c@customer.test"],
                                    make_message("billing@acme.example", ["c@customer.test"])) == {}
+            for _ in range(2):
+                assert client.mail("ceo@globex.example")[0] == 550  # 4 errors, but only 2 since the message
             assert client.noop()[0] == 250
+            assert client.mail("ceo@globex.example")[0] == 550
+            assert client.noop() == (421, b"4.7.0 relay.test Too many errors; closing connection")
+
+
+def test_recipients_over_the_message_limit_are_not_counted_as_errors(relay_files: RelayFiles) -> None:
+    capture_files(relay_files, listener_extra="max_recipients: 3\nhard_error_limit: 5")
+    with RelayThread(relay_files.config):
+        recipients = [f"r{i}@customer.test" for i in range(30)]
+        with connect(relay_files, login=ACME) as client:
+            refused = client.sendmail("billing@acme.example", recipients,
+                                      make_message("billing@acme.example", recipients[:3]))
+            assert client.noop()[0] == 250
+        assert sorted(refused) == sorted(recipients[3:])
+        assert {code for code, _ in refused.values()} == {452}
 
 
 # -- issue 9 item 15: the sessions gauge ------------------------------------------------
