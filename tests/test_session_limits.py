@@ -257,22 +257,31 @@ def test_a_full_listener_closes_its_longest_idle_unauthenticated_connection_for_
         assert len(captured(relay_files, 1)) == 1
 
 
-def test_eleven_hundred_idle_connections_do_not_keep_a_legitimate_client_out(relay_files: RelayFiles) -> None:
-    # The defaults: max_connections 1000, loopback held only to the total.
+def test_twelve_hundred_idle_connections_do_not_keep_a_legitimate_client_out_of_the_daemon(
+    relay_files: RelayFiles,
+) -> None:
+    # The real daemon with the defaults (max_connections 1000, loopback held only
+    # to the total) and 1200 open files: before the limits, the idle connections
+    # used up every descriptor and the next client was never answered.
     capture_files(relay_files)
-    with RelayThread(relay_files.config), ExitStack() as stack:
-        idle = [stack.enter_context(raw_connect(relay_files)) for _ in range(1100)]
-        for sock in idle:
-            sock.settimeout(10)
-            assert sock.recv(4)[:3] in (b"220", b"421")
-        started = time.monotonic()
-        with connect(relay_files, login=ACME) as client:
-            assert client.sendmail("billing@acme.example", ["c@customer.test"],
-                                   make_message("billing@acme.example", ["c@customer.test"])) == {}
-        took = time.monotonic() - started
-        print(f"legitimate client served in {took:.3f}s beside 1,100 idle connections")
-        assert took < 1.0
+    proc = daemon_with_nofile(relay_files, 1200, 1200)
+    try:
+        wait_for_banner(relay_files, proc)
+        with ExitStack() as stack:
+            idle = [stack.enter_context(raw_connect(relay_files, timeout=5)) for _ in range(1200)]
+            for sock in idle:
+                assert sock.recv(4) == b"220 "
+            started = time.monotonic()
+            with connect(relay_files, login=ACME, timeout=5) as client:
+                assert client.sendmail("billing@acme.example", ["c@customer.test"],
+                                       make_message("billing@acme.example", ["c@customer.test"])) == {}
+            took = time.monotonic() - started
+            print(f"legitimate client served in {took:.3f}s beside 1,200 idle connections")
+            assert took < 1.0
         assert len(captured(relay_files, 1)) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
 
 
 def test_idle_unauthenticated_connections_from_one_address_do_not_stop_another_client(relay_files: RelayFiles) -> None:
@@ -337,6 +346,19 @@ def daemon_with_nofile(files: RelayFiles, soft: int, hard: int) -> subprocess.Po
         [sys.executable, "-m", "relayd.daemon", "--config", str(files.config)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit,
     )
+
+
+def wait_for_banner(files: RelayFiles, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with raw_connect(files, timeout=1) as sock:
+                if sock.recv(4) == b"220 ":
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("relayd did not start listening")
 
 
 def test_daemon_refuses_to_start_when_max_connections_cannot_fit_in_its_file_limit(relay_files: RelayFiles) -> None:
