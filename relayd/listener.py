@@ -232,7 +232,7 @@ class SubmissionProtocol(SMTP):
         return True
 
     def _evictable(self) -> bool:
-        return bool(self._counted) and not self._closing and not self._in_data and not self._identified()
+        return self._counted and not self._closing and not self._in_data and not self._identified()
 
     def _log_connection_refused(self, refused: str) -> None:
         if self.services.metrics is not None:
@@ -590,7 +590,6 @@ class SubmissionProtocol(SMTP):
                 too_big = True
                 del buf[:-4]
             search_from = max(0, len(buf) - 4)
-
 
     def _arm_data_deadline(self, deadline: DataDeadline) -> bool:
         """Time the next DATA read out at the nearest deadline; False if one has passed."""
