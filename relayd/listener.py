@@ -602,6 +602,7 @@ class SubmissionProtocol(SMTP):
 
 
 TOO_BIG = b"\x00TOO-BIG"
+_HANDSHAKE_TIMEOUT = 60.0  # asyncio's default; shorter when command_timeout is
 _REJECTIONS_LOGGED = 10  # per connection per minute; the rest are counted in one summary line
 _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(SubmissionProtocol) if name.startswith("smtp_")
@@ -808,6 +809,8 @@ class SubmissionServer:
                 host=listener.address,
                 port=listener.port,
                 ssl=self.tls_context if implicit else None,
+                # A handshake is not yet a counted connection: bound its time.
+                ssl_handshake_timeout=min(listener.command_timeout, _HANDSHAKE_TIMEOUT) if implicit else None,
                 reuse_address=True,
             )
             self._servers.append(server)

@@ -119,6 +119,30 @@ def test_client_that_stalls_in_the_tls_handshake_is_disconnected(relay_files: Re
     assert lines[-1].startswith(b"220 2.0.0 Ready to start TLS")
 
 
+def test_client_that_trickles_a_command_line_is_cut_off_at_the_command_timeout(relay_files: RelayFiles) -> None:
+    capture_files(relay_files, listener_extra="command_timeout: 1s")
+    with RelayThread(relay_files.config), raw_connect(relay_files) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        started = time.monotonic()
+        for byte in b"EHLO a-very-slow-client.example":
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert time.monotonic() - started < 2.5
+        assert reader.readline().startswith(b"421 4.4.2")
+
+
+def test_implicit_tls_client_that_never_starts_the_handshake_is_disconnected(relay_files: RelayFiles) -> None:
+    capture_files(relay_files, listener_extra="tls: implicit\ncommand_timeout: 1s")
+    with RelayThread(relay_files.config), raw_connect(relay_files) as sock:
+        started = time.monotonic()
+        assert wait_closed(sock, within=10) == []
+        assert time.monotonic() - started < 3
+
+
 def test_sigterm_tells_connected_clients_421_before_the_daemon_exits(relay_files: RelayFiles) -> None:
     capture_files(relay_files)
     with RelaydProcess(relay_files) as relayd:
