@@ -48,6 +48,16 @@ class ListenerConfig:
     auth_failures_before_delay: int = 3
     auth_failures_before_disconnect: int = 10  # per client address, within the window
     auth_failure_window: float = 900.0  # "back off 15-30 minutes"
+    # Open connections on this listener: each holds a descriptor and memory.
+    max_connections: int = 1000
+    # Per client address (Postfix's smtpd_client_connection_count_limit). Not
+    # applied to loopback clients unless per_ip_limit_on_loopback: every local
+    # application connects from 127.0.0.1, and one must not lock out the others.
+    max_connections_per_ip: int = 50
+    per_ip_limit_on_loopback: bool = False
+    max_commands_before_auth: int = 30  # EHLO, STARTTLS, EHLO, AUTH need 4
+    hard_error_limit: int = 20  # refused commands per connection (Postfix's default)
+    min_data_rate: int = 500  # bytes/s averaged over DATA (Postfix's smtpd_min_data_rate)
 
 
 @dataclass(frozen=True, slots=True)

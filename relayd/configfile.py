@@ -25,6 +25,7 @@ its line and column, and a duplicate key is an error instead of pyyaml's silent
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import enum
 import ipaddress
@@ -369,7 +370,9 @@ _METRICS_KEYS = ("address", "port")
 _LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max_message_size",
                   "max_recipients", "command_timeout", "data_timeout", "max_line_length",
                   "auth_failures_before_delay", "auth_failures_before_disconnect",
-                  "auth_failure_window")
+                  "auth_failure_window", "max_connections", "max_connections_per_ip",
+                  "per_ip_limit_on_loopback", "max_commands_before_auth", "hard_error_limit",
+                  "min_data_rate")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region")
@@ -386,6 +389,10 @@ _TIMEOUT = (1.0, 3600.0)  # 1s-1h
 _LINE_LENGTH = (998, 65536)  # RFC 5322 allows 998; refusing less would refuse valid mail
 _AUTH_FAILURES = (1, 10000)
 _AUTH_WINDOW = (60.0, 86400.0)  # 1m-1d
+_CLIENT_CONNECTIONS = (1, 100000)  # descriptors: see relayd.fdlimit
+_COMMANDS_BEFORE_AUTH = (4, 10000)  # EHLO, STARTTLS, EHLO, AUTH
+_ERROR_LIMIT = (1, 10000)
+_DATA_RATE = (1, 1024**3)  # bytes per second
 _PARALLEL = (1, 1000)
 _QUEUE_RUN = (1.0, 3600.0)
 _SHUTDOWN_GRACE = (0.0, 3600.0)
@@ -892,7 +899,7 @@ class _Reader:
             self.add(self.pos_of(lm, "auth_failures_before_disconnect"),
                      f"auth_failures_before_disconnect ({drop}) must not be below "
                      f"auth_failures_before_delay ({delay})")
-        return ListenerConfig(
+        listener = ListenerConfig(
             name=name,
             address=address,
             port=self.get(lm, "port", self.integer(_PORT), d.port),
@@ -909,6 +916,29 @@ class _Reader:
             auth_failures_before_disconnect=drop,
             auth_failure_window=self.get(lm, "auth_failure_window", self.duration(_AUTH_WINDOW),
                                          d.auth_failure_window),
+        )
+        return self.listener_limits(lm, listener)
+
+    def listener_limits(self, lm: _Map, d: ListenerConfig) -> ListenerConfig:
+        """`d` with the connection, command, error and data-rate bounds read from `lm`."""
+        total = self.get(lm, "max_connections", self.integer(_CLIENT_CONNECTIONS), d.max_connections)
+        per_ip = self.get(lm, "max_connections_per_ip", self.integer(_CLIENT_CONNECTIONS),
+                          min(d.max_connections_per_ip, total))
+        if per_ip > total:
+            self.add(self.pos_of(lm, "max_connections_per_ip"),
+                     f"max_connections_per_ip ({per_ip}) must not be above max_connections ({total})")
+        return dataclasses.replace(
+            d,
+            max_connections=total,
+            max_connections_per_ip=per_ip,
+            per_ip_limit_on_loopback=self.get(lm, "per_ip_limit_on_loopback", self.boolean,
+                                              d.per_ip_limit_on_loopback),
+            max_commands_before_auth=self.get(lm, "max_commands_before_auth",
+                                              self.integer(_COMMANDS_BEFORE_AUTH),
+                                              d.max_commands_before_auth),
+            hard_error_limit=self.get(lm, "hard_error_limit", self.integer(_ERROR_LIMIT),
+                                      d.hard_error_limit),
+            min_data_rate=self.get(lm, "min_data_rate", self.integer(_DATA_RATE), d.min_data_rate),
         )
 
     def check_unique_listener(self, lm: _Map, listener: ListenerConfig, names: dict[str, _Pos],

@@ -29,6 +29,7 @@ from relayd.control import ControlServer, QueueControl, SpoolInUse, SpoolLock, l
 from relayd.credentials import CredentialError, CredentialStore, UpstreamCredential, load_master_keys
 from relayd.delivery import DeliveryAgent
 from relayd.dsn import build_dsn
+from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
@@ -398,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         return 78  # EX_CONFIG
     except OSError as error:
         print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
+        return 78
+    try:
+        ensure_descriptor_limit(config)
+    except DescriptorLimitError as error:
+        print(f"relayd: {error}", file=sys.stderr)
         return 78
     try:
         return _run(serve(config))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import collections
+import functools
 import ipaddress
 import re
 import ssl
@@ -35,6 +36,7 @@ from relayd import policy, replies
 from relayd.authguard import AuthGuard
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
+from relayd.sessionlimits import ConnectionCounter, DataDeadline, LogGate, SessionBudget, write_and_close
 from relayd.values import Envelope
 
 _READ_CHUNK = 64 * 1024  # larger reads leave glibc's heap fragmented under many TLS sessions
@@ -86,6 +88,8 @@ class SubmissionSession(Session):
         super().__init__(loop)
         self.tenant_name: str | None = None
         self.auth_mechanism: str | None = None
+        # The connection's rejection-log budget (it outlives the session at STARTTLS).
+        self.may_log: Callable[[], bool] | None = None
 
 
 class SubmissionProtocol(SMTP):
@@ -105,6 +109,7 @@ class SubmissionProtocol(SMTP):
         tls_context: ssl.SSLContext | None,
         implicit_tls: bool,
         sessions: set["SubmissionProtocol"],
+        connections: ConnectionCounter | None = None,
     ) -> None:
         # aiosmtpd's own constructor inspects every attribute of the protocol and
         # the handler on each connection (about half a millisecond); relayd's
@@ -143,7 +148,7 @@ class SubmissionProtocol(SMTP):
         self._auth_methods = {}  # smtp_AUTH below does PLAIN and LOGIN itself
         self._handle_hooks = handler.hooks
         self._ehlo_hook_ver = None
-        self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in _SMTP_COMMANDS}
+        self._smtp_methods = {name: self._budgeted(getattr(self, f"smtp_{name}")) for name in _SMTP_COMMANDS}
         self._enforce_call_limit = False
         self.listener = listener
         self.services = services
@@ -151,6 +156,14 @@ class SubmissionProtocol(SMTP):
         self._greeted = False
         self._sessions = sessions
         self._in_data = False
+        self._connections = connections or connection_counter(listener)
+        self._admitted: bool | None = None  # None until connection_made; then: did aiosmtpd get it
+        self._counted = False  # holds a slot in the listener's ConnectionCounter
+        self._last_command_at = 0.0  # loop time of admission or of the latest command
+        self._peer_ip = ""
+        self._closing = False
+        self._budget = SessionBudget(listener.max_commands_before_auth, listener.hard_error_limit)
+        self._rejection_log = LogGate(burst=_REJECTIONS_LOGGED, window=60.0)
         # aiosmtpd keeps these per class and grows them on every EHLO; fix them per connection.
         self.command_size_limits = collections.defaultdict(
             lambda: SMTP.command_size_limit, {"MAIL": SMTP.command_size_limit + 26 + 10 + 16}
@@ -167,19 +180,96 @@ class SubmissionProtocol(SMTP):
     # -- connection bookkeeping -------------------------------------------------
 
     def _create_session(self) -> Session:
-        return SubmissionSession(self.loop)
+        session = SubmissionSession(self.loop)
+        session.may_log = self.may_log_rejection
+        return session
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiosmtpd calls this again after STARTTLS on the same connection: the
+        # connection is counted (and the gauge bumped) only the first time.
+        if self._admitted is None and not self._admit(transport):
+            return
         super().connection_made(transport)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection, or refuse it with 421 before any other work.
+
+        When the listener is full, the unauthenticated connection idle the
+        longest makes room (see `_evict_idle_stranger`): a flood of idle
+        connections cannot keep a legitimate client out, even from 127.0.0.1.
+        """
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = str(peer[0]) if peer else ""
+        refused = self._connections.admit(self._peer_ip)
+        if refused == "total" and self._evict_idle_stranger():
+            refused = self._connections.admit(self._peer_ip)
+        self._admitted = self._counted = refused is None
+        if refused is not None:
+            host = self.services.config().hostname
+            write_and_close(transport, (replies.too_many_connections(host, from_address=refused == "address") + "\r\n").encode())
+            self._log_connection_refused(refused)
+            return False
+        self._last_command_at = self.loop.time()
         self._sessions.add(self)
         if self.services.metrics is not None:
             self.services.metrics.sessions.inc()
+        return True
+
+    def _evict_idle_stranger(self) -> bool:
+        """Close this listener's unauthenticated connection idle the longest; False if none."""
+        strangers = [s for s in self._sessions if s.listener is self.listener and s._evictable()]
+        if not strangers:
+            return False
+        victim = min(strangers, key=lambda s: s._last_command_at)
+        write, suppressed = self._connections.log_gate.admit(self.loop.time())
+        if write:
+            self.services.log.session_dropped(
+                client_ip=victim.client_ip,
+                reason=f"idle before authentication while {self.listener.name} is at max_connections "
+                       f"{self.listener.max_connections}" + (f" ({suppressed} similar line(s) not logged)" if suppressed else ""))
+        victim._drop(replies.evicted(self.hostname), "", log=False)
+        victim._release()  # now, not at connection_lost: the new connection needs the slot
+        return True
+
+    def _evictable(self) -> bool:
+        return self._counted and not self._closing and not self._in_data and not self._identified()
+
+    def _log_connection_refused(self, refused: str) -> None:
+        if self.services.metrics is not None:
+            self.services.metrics.smtp_rejections.labels(reason="CONNECT").inc()
+        write, suppressed = self._connections.log_gate.admit(self.loop.time())
+        if write:
+            limit = (f"max_connections_per_ip {self.listener.max_connections_per_ip}" if refused == "address"
+                     else f"max_connections {self.listener.max_connections}")
+            self.services.log.connection_refused(
+                client_ip=self._peer_ip, reason=f"too many connections ({limit} on {self.listener.name})",
+                suppressed=suppressed)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            super().data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        return super().eof_received() if self._admitted else False
+
+    def _release(self) -> None:
+        """Give back this connection's slot, once."""
+        if not self._counted:
+            return
+        self._counted = False
+        self._connections.release(self._peer_ip)
+        self._sessions.discard(self)
+        if self.services.metrics is not None:
+            self.services.metrics.sessions.dec()
 
     def connection_lost(self, error: Optional[Exception]) -> None:
-        if self in self._sessions:
-            self._sessions.discard(self)
-            if self.services.metrics is not None:
-                self.services.metrics.sessions.dec()
+        if not self._admitted:
+            return  # refused in connection_made: aiosmtpd never saw it
+        self._admitted = False
+        self._release()
+        suppressed = self._rejection_log.take_suppressed()
+        if suppressed:
+            self.services.log.rejections_suppressed(client_ip=self._peer_ip, count=suppressed)
         super().connection_lost(error)
 
     @property
@@ -209,11 +299,51 @@ class SubmissionProtocol(SMTP):
         return self.listener.allow_plaintext_auth and is_loopback(self.client_ip)
 
     def close_with(self, reply: str) -> None:
-        """Write a final reply and close (used for timeouts and shutdown)."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(reply.encode("ascii", "replace") + b"\r\n")
-            transport.close()
+        """Write a final reply and close (used for timeouts, limits and shutdown).
+
+        The transport is asked for `write` rather than tested for its class:
+        uvloop's TCP transport is no `asyncio.WriteTransport` subclass.
+        """
+        self._closing = True
+        write_and_close(self.transport, reply.encode("ascii", "replace") + b"\r\n")
+
+    def _drop(self, reply: str, reason: str, *, log: bool = True) -> None:
+        """Log why, say 421 and close; the command loop stops at its next await."""
+        if self._closing:
+            return
+        if log:
+            self.services.log.session_dropped(client_ip=self.client_ip, reason=reason)
+        self.close_with(reply)
+        handler_task = self._handler_coroutine
+        if handler_task is not None and not handler_task.done():
+            handler_task.cancel()
+
+    def _budgeted(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+        """`method` behind the pre-authentication command budget."""
+
+        @functools.wraps(method)
+        async def run(arg: str) -> None:
+            self._last_command_at = self.loop.time()
+            if method.__name__ != "smtp_QUIT" and not self._budget.command(identified=self._identified()):
+                reason = f"too many commands before authentication ({self.listener.max_commands_before_auth})"
+                self._drop(replies.too_many_commands(self.hostname), reason)
+                return
+            await method(arg)
+
+        return run
+
+    def _identified(self) -> bool:
+        """True once the client is a tenant: by AUTH or by a bound loopback address."""
+        session = self.session
+        if not isinstance(session, SubmissionSession):
+            return False
+        handler: SubmissionHandler = self.event_handler
+        return session.authenticated or handler.tenant_for(session) is not None
+
+    def may_log_rejection(self) -> bool:
+        """False once this connection has logged its share of rejections (see LogGate)."""
+        write, _suppressed = self._rejection_log.admit(self.loop.time())
+        return write
 
     def submission_session(self) -> SubmissionSession:
         """The current session, with relayd's fields (always set while connected).
@@ -226,7 +356,10 @@ class SubmissionProtocol(SMTP):
         return session
 
     def _timeout_cb(self) -> None:
-        self.close_with(replies.timeout(self.hostname))
+        if self._in_data:
+            self._drop(replies.data_too_slow(self.hostname), "data timeout or too slow (message abandoned)")
+        else:
+            self._drop(replies.timeout(self.hostname), "command timeout")
 
     @property
     def in_transaction(self) -> bool:
@@ -235,12 +368,17 @@ class SubmissionProtocol(SMTP):
     # -- replies ----------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
+        if self._closing:
+            return  # a 421 has been sent: nothing more goes to this client
         line = status.encode("utf-8") if isinstance(status, str) else bytes(status)
         if not self._greeted:
             self._greeted = True  # the greeting carries no enhanced code
         else:
             line = _with_enhanced_code(line)
         await super().push(line)
+        if line[:1] in (b"4", b"5") and not line.startswith(b"421") and not self._budget.error(line):
+            reason = f"too many errors ({self.listener.hard_error_limit}; last reply {line[:3].decode('ascii', 'replace')})"
+            self._drop(replies.too_many_errors(self.hostname), reason)
 
     async def _push_lines(self, lines: list[str]) -> None:
         text = "".join(
@@ -251,9 +389,18 @@ class SubmissionProtocol(SMTP):
 
     # -- commands ---------------------------------------------------------------
 
+    async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and not _helo_name_ok(hostname):
+            await self.push(replies.bad_helo("HELO"))
+            return
+        await super().smtp_HELO(hostname)
+
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        if not _helo_name_ok(hostname):
+            await self.push(replies.bad_helo("EHLO"))  # never echoed: it may not even decode
             return
         self._set_rset_state()  # type: ignore[no-untyped-call]
         session = self.submission_session()
@@ -402,6 +549,8 @@ class SubmissionProtocol(SMTP):
         finally:
             self._in_data = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if reply.startswith("250"):
+            self._budget.message_accepted()
         await self.push(reply)
 
     async def _read_data(self, size_limit: int) -> bytes | None:
@@ -416,11 +565,17 @@ class SubmissionProtocol(SMTP):
         too_big = False
         ceiling = size_limit + size_limit // 8 + 65536  # room for dot-stuffing and CR
         reader = self._reader
+        deadline = DataDeadline(
+            started=self.loop.time(), line_timeout=self.listener.data_timeout,
+            min_rate=self.listener.min_data_rate, max_bytes=size_limit,
+        )
         while True:
-            self._reset_timeout(self.listener.data_timeout)
+            if not self._arm_data_deadline(deadline):
+                return None
             chunk = await reader.read(_READ_CHUNK)
             if not chunk:
                 return None
+            deadline.note(chunk, self.loop.time())
             buf += chunk
             end = buf.find(b"\r\n.\r\n", search_from)
             if end >= 0:
@@ -436,8 +591,19 @@ class SubmissionProtocol(SMTP):
                 del buf[:-4]
             search_from = max(0, len(buf) - 4)
 
+    def _arm_data_deadline(self, deadline: DataDeadline) -> bool:
+        """Time the next DATA read out at the nearest deadline; False if one has passed."""
+        left = deadline.seconds_left(self.loop.time())
+        if left <= 0:
+            self._timeout_cb()
+            return False
+        self._reset_timeout(left)
+        return True
+
 
 TOO_BIG = b"\x00TOO-BIG"
+_HANDSHAKE_TIMEOUT = 60.0  # asyncio's default; shorter when command_timeout is
+_REJECTIONS_LOGGED = 10  # per connection per minute; the rest are counted in one summary line
 _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(SubmissionProtocol) if name.startswith("smtp_")
 )
@@ -446,6 +612,23 @@ _SIMPLE_ANGLE_ADDR = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>(.*)\Z",
     re.DOTALL,
 )
+
+
+def _helo_name_ok(name: str) -> bool:
+    """Printable ASCII without spaces: a domain, an address literal, or a sloppy but harmless name.
+
+    Anything 8-bit or undecodable (aiosmtpd hands it over as surrogates) or a
+    control character is refused, so it is never echoed, logged or kept.
+    """
+    return len(name) <= 255 and all("!" <= ch <= "~" for ch in name)
+
+
+def connection_counter(listener: ListenerConfig) -> ConnectionCounter:
+    return ConnectionCounter(
+        max_total=listener.max_connections,
+        max_per_address=listener.max_connections_per_ip,
+        limit_loopback_per_address=listener.per_ip_limit_on_loopback,
+    )
 
 
 def _with_enhanced_code(line: bytes) -> bytes:
@@ -489,7 +672,8 @@ class SubmissionHandler:
         self, session: SubmissionSession, stage: str, reply: str, detail: str, address: str | None = None
     ) -> str:
         peer = session.peer[0] if session.peer else ""
-        self.services.log.rejected(client_ip=str(peer), stage=stage, reply=reply, detail=detail, address=address)
+        if session.may_log is None or session.may_log():
+            self.services.log.rejected(client_ip=str(peer), stage=stage, reply=reply, detail=detail, address=address)
         if self.services.metrics is not None:
             self.services.metrics.smtp_rejections.labels(reason=stage).inc()
         return reply
@@ -616,14 +800,17 @@ class SubmissionServer:
             implicit = listener.tls is TlsMode.IMPLICIT
             starttls_ctx = self.tls_context if listener.tls is TlsMode.STARTTLS else None
             handler = SubmissionHandler(listener, self.services)
+            counter = connection_counter(listener)
             server = await loop.create_server(
-                lambda listener=listener, implicit=implicit, ctx=starttls_ctx, handler=handler: SubmissionProtocol(
+                lambda listener=listener, implicit=implicit, ctx=starttls_ctx, handler=handler, counter=counter: SubmissionProtocol(
                     listener, self.services, handler=handler, hostname=self.services.config().hostname,
-                    tls_context=ctx, implicit_tls=implicit, sessions=self.sessions,
+                    tls_context=ctx, implicit_tls=implicit, sessions=self.sessions, connections=counter,
                 ),
                 host=listener.address,
                 port=listener.port,
                 ssl=self.tls_context if implicit else None,
+                # A handshake is not yet a counted connection: bound its time.
+                ssl_handshake_timeout=min(listener.command_timeout, _HANDSHAKE_TIMEOUT) if implicit else None,
                 reuse_address=True,
             )
             self._servers.append(server)

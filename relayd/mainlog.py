@@ -222,6 +222,26 @@ def format_auth_failed(
     return line
 
 
+def format_connection_refused(*, client_ip: str, reason: str, suppressed: int = 0) -> str:
+    """Exim's ``Connection from [ip] refused: too many connections``, plus what was not logged."""
+    line = f"Connection from [{sanitize(client_ip)}] refused: {sanitize(reason)}"
+    return line + _suppressed_tail(suppressed)
+
+
+def format_session_dropped(*, client_ip: str, reason: str) -> str:
+    """Exim's ``SMTP call from [ip] dropped: too many syntax or protocol errors``."""
+    return f"SMTP call from [{sanitize(client_ip)}] dropped: {sanitize(reason)}"
+
+
+def format_rejections_suppressed(*, client_ip: str, count: int) -> str:
+    """The summary of one connection's rejections that were counted but not logged."""
+    return f"H=[{sanitize(client_ip)}] {count} further rejection(s) not logged"
+
+
+def _suppressed_tail(suppressed: int) -> str:
+    return f" ({suppressed} similar line(s) not logged)" if suppressed else ""
+
+
 def format_daemon(text: str, *, level: str = "") -> str:
     """A daemon event (start, stop, reload, config error); `level` prefixes it."""
     return f"{level}: {sanitize(text)}" if level else sanitize(text)
@@ -399,6 +419,15 @@ class MainLog:
         self._write(
             format_auth_failed(client_ip=client_ip, login=login, helo=helo, mechanism=mechanism)
         )
+
+    def connection_refused(self, *, client_ip: str, reason: str, suppressed: int = 0) -> None:
+        self._write(format_connection_refused(client_ip=client_ip, reason=reason, suppressed=suppressed))
+
+    def session_dropped(self, *, client_ip: str, reason: str) -> None:
+        self._write(format_session_dropped(client_ip=client_ip, reason=reason))
+
+    def rejections_suppressed(self, *, client_ip: str, count: int) -> None:
+        self._write(format_rejections_suppressed(client_ip=client_ip, count=count))
 
     def info(self, text: str) -> None:
         self._write(format_daemon(text))

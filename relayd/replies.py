@@ -38,6 +38,15 @@ SPOOL_ERROR = "451 4.3.0 Temporary local problem while queueing the message; try
 INTERNAL_ERROR = "451 4.3.0 Temporary local problem; try again later"
 TIMEOUT = "421 4.4.2 {host} Timeout exceeded; closing connection"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down; try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 {host} Too many connections{scope}; try again later"
+EVICTED = "421 4.7.0 {host} Too many connections; closing this idle unauthenticated one"
+TOO_MANY_COMMANDS = "421 4.7.0 {host} Too many commands before authentication; closing connection"
+TOO_MANY_ERRORS = "421 4.7.0 {host} Too many errors; closing connection"
+DATA_TOO_SLOW = "421 4.4.2 {host} Message data arriving too slowly; closing connection"
+BAD_HELO = (
+    "501 5.5.2 Invalid {command} hostname: use a domain name or an address literal "
+    "in printable ASCII"
+)
 BAD_ADDRESS = "553 5.1.3 Malformed address: {address}"
 SMTPUTF8_NEEDED = "553 5.6.7 Address has non-ASCII characters; use SMTPUTF8"
 NO_ROUTE = (
@@ -80,3 +89,27 @@ def timeout(host: str) -> str:
 
 def shutting_down(host: str) -> str:
     return SHUTTING_DOWN.format(host=host)
+
+
+def too_many_connections(host: str, *, from_address: bool) -> str:
+    return TOO_MANY_CONNECTIONS.format(host=host, scope=" from your address" if from_address else "")
+
+
+def too_many_commands(host: str) -> str:
+    return TOO_MANY_COMMANDS.format(host=host)
+
+
+def too_many_errors(host: str) -> str:
+    return TOO_MANY_ERRORS.format(host=host)
+
+
+def data_too_slow(host: str) -> str:
+    return DATA_TOO_SLOW.format(host=host)
+
+
+def bad_helo(command: str) -> str:
+    return BAD_HELO.format(command=command)
+
+
+def evicted(host: str) -> str:
+    return EVICTED.format(host=host)

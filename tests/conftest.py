@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -9,6 +10,16 @@ import pytest
 import trustme
 
 from tests.relayenv import RelayFiles
+
+
+@pytest.fixture(scope="session", autouse=True)
+def production_event_loop() -> Iterator[None]:
+    """In-process relays and asyncio.run() use uvloop, the loop relayd ships with."""
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    yield
+    asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture(scope="session")
