@@ -90,12 +90,20 @@ def format_arrival(
     protocol: str,
     tls: str | None,
     auth: str | None,
+    user: str = "",
 ) -> str:
-    """``<id> <= sender H=(helo) [ip]:port P=.. X=.. A=.. S=.. id=.. for r1 r2``."""
+    """``<id> <= sender H=(helo) [ip]:port U=.. P=.. X=.. A=.. S=.. id=.. for r1 r2``.
+
+    A local submission (Unix socket) has no H= and names the local user as
+    ``U=uid/name``, as Exim's U= names the user who ran it.
+    """
     env = entry.envelope
     tokens = [sanitize(entry.id), "<=", _sender(env.sender)]
-    host = f"[{sanitize(client_ip)}]" + (f":{client_port}" if client_port else "")
-    tokens.append(f"H=({sanitize(helo)}) {host}" if helo else f"H={host}")
+    if client_ip:
+        host = f"[{sanitize(client_ip)}]" + (f":{client_port}" if client_port else "")
+        tokens.append(f"H=({sanitize(helo)}) {host}" if helo else f"H={host}")
+    if user:
+        tokens.append(f"U={sanitize(user)}")
     tokens.append(f"P={sanitize(protocol)}")
     if tls:
         tokens.append(f"X={sanitize(tls)}")
@@ -222,6 +230,18 @@ def format_auth_failed(
     return line
 
 
+def format_auth_throttled(*, client_ip: str, login: str, reason: str, retry_after: float) -> str:
+    """``H=[ip] AUTH refused (set_id=login): reason; retry in Ns: 421 4.7.0``.
+
+    The login attempted is shown (sanitised), never a password; the client
+    was told the same 421 whatever the reason and whether the login exists.
+    """
+    line = f"H=[{sanitize(client_ip)}] AUTH refused (set_id={sanitize(login, 128)}): {sanitize(reason)}"
+    if retry_after > 0:
+        line += f"; retry in {retry_after:.0f}s"
+    return line + ": 421 4.7.0 Too many failed authentication attempts"
+
+
 def format_daemon(text: str, *, level: str = "") -> str:
     """A daemon event (start, stop, reload, config error); `level` prefixes it."""
     return f"{level}: {sanitize(text)}" if level else sanitize(text)
@@ -334,6 +354,7 @@ class MainLog:
         protocol: str,
         tls: str | None,
         auth: str | None,
+        user: str = "",
     ) -> None:
         self._write(
             format_arrival(
@@ -344,6 +365,7 @@ class MainLog:
                 protocol=protocol,
                 tls=tls,
                 auth=auth,
+                user=user,
             )
         )
 
@@ -398,6 +420,11 @@ class MainLog:
     ) -> None:
         self._write(
             format_auth_failed(client_ip=client_ip, login=login, helo=helo, mechanism=mechanism)
+        )
+
+    def auth_throttled(self, *, client_ip: str, login: str, reason: str, retry_after: float) -> None:
+        self._write(
+            format_auth_throttled(client_ip=client_ip, login=login, reason=reason, retry_after=retry_after)
         )
 
     def info(self, text: str) -> None:
