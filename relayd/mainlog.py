@@ -207,7 +207,8 @@ def format_rejected(
     what = sanitize(stage)
     if address is not None:
         what += f" <{sanitize(address)}>"
-    line = f"H=[{sanitize(client_ip)}] rejected {what}: {sanitize(reply)}"
+    host = f"H=[{sanitize(client_ip)}] " if client_ip else ""  # none for a local (Unix socket) client
+    line = f"{host}rejected {what}: {sanitize(reply)}"
     if detail:
         line += f": {sanitize(detail)}"
     return line
