@@ -675,7 +675,8 @@ class SubmissionServer:
         self.tls_context = tls_context
         self.sessions: set[SubmissionProtocol] = set()
         self._servers: list[asyncio.base_events.Server] = []
-        self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port)
+        self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port); unix: (name, path, 0)
+        self._unix_paths: list[Path] = []
 
     async def start(self, listeners: tuple[ListenerConfig, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -717,11 +718,14 @@ class SubmissionServer:
             os.chown(path, -1, listener.unix_group)
         os.chmod(path, listener.unix_mode)
         self._servers.append(server)
+        self._unix_paths.append(path)
         self.bound.append((listener.name, str(path), 0))
 
     def stop_accepting(self) -> None:
         for server in self._servers:
             server.close()
+        for path in self._unix_paths:
+            path.unlink(missing_ok=True)  # a later relayd-sendmail fails at once (75), not after a timeout
 
     async def drain(self, grace: float) -> None:
         """Let sessions in the middle of DATA finish, then say 421 to everyone."""

@@ -137,3 +137,19 @@ def test_the_counts_kept_are_bounded() -> None:
     for n in range(1000):
         fail(guard, f"user{n}", f"198.51.100.{n % 250}")
     assert len(guard._logins) <= 100 and len(guard._sources) <= 100
+
+
+def test_each_listener_brings_its_own_limits_to_shared_counts() -> None:
+    from relayd.authguard import limits_of
+    from relayd.config import ListenerConfig
+
+    strict = limits_of(ListenerConfig(auth_failures_before_delay=1, auth_failures_before_disconnect=2,
+                                      auth_failures_per_source=50, auth_lockout=5.0, auth_lockout_max=10.0))
+    assert strict == ThrottleLimits(delay_after=1, lockout_after=2, source_budget=50, window=900.0,
+                                    lockout=5.0, lockout_max=10.0)
+    lenient = limits_of(ListenerConfig())
+    guard = AuthGuard(clock=Clock())
+    fail(guard, "acme", limits=lenient)  # on the 587 listener
+    fail(guard, "acme", limits=strict)  # on another listener: the same count
+    assert guard.is_refused("acme", "192.0.2.1", strict)
+    assert not guard.is_refused("acme", "192.0.2.1", lenient)
