@@ -144,9 +144,11 @@ def decide(login: LoginAttempts, source: SourceAttempts, limits: ThrottleLimits,
     pending = login.failures + login.in_flight
     if pending >= limits.lockout_after:
         until = login.last_failure + lockout_seconds(login.failures, limits)
-        if login.in_flight or now < until:
-            retry = max(until - now, 0.0) if not login.in_flight else lockout_seconds(pending, limits)
-            return Decision(Verdict.REFUSE, f"login locked after {login.failures} failures", retry)
+        if login.in_flight:  # the attempts in flight decide; if they fail, the lockout is this long
+            return Decision(Verdict.REFUSE, f"login locked after {pending} attempts",
+                            lockout_seconds(pending, limits))
+        if now < until:
+            return Decision(Verdict.REFUSE, f"login locked after {login.failures} failures", until - now)
     over_budget = len(source.failures) + source.in_flight >= limits.source_budget
     if over_budget and pending > 0:
         return Decision(
@@ -165,6 +167,16 @@ def failure_delay(login: LoginAttempts, source: SourceAttempts, limits: Throttle
     if excess <= 0:
         return 0.0
     return float(min(MAX_DELAY, FIRST_DELAY * 2.0 ** min(excess - 1, 16)))
+
+
+def with_source_failure(source: SourceAttempts, limits: ThrottleLimits, now: float) -> SourceAttempts:
+    """`source` after one of its attempts in flight failed now.
+
+    Only the latest `source_budget` failure times are kept: enough to tell
+    whether the budget is spent within the window, and bounded.
+    """
+    recent = source_now(source, limits, now).failures + (now,)
+    return SourceAttempts(recent[-limits.source_budget:], max(source.in_flight - 1, 0))
 
 
 def source_key(address: str) -> str:
@@ -249,9 +261,7 @@ class AuthGuard:
         limits = attempt.limits
         login = self._logins.get(attempt.login, LoginAttempts(in_flight=1))
         login = LoginAttempts(login.failures + 1, max(login.in_flight - 1, 0), now)
-        source = self._sources.get(attempt.source, SourceAttempts(in_flight=1))
-        recent = source_now(source, limits, now).failures[-(limits.source_budget - 1):] if limits.source_budget > 1 else ()
-        source = SourceAttempts(recent + (now,), max(source.in_flight - 1, 0))
+        source = with_source_failure(self._sources.get(attempt.source, SourceAttempts(in_flight=1)), limits, now)
         self._store(self._logins, attempt.login, login)
         self._store(self._sources, attempt.source, source)
         return failure_delay(login, source, limits)

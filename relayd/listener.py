@@ -1,6 +1,7 @@
 """Listener: the SMTP submission session (aiosmtpd), AUTH and submission policy.
 
-Takes: client connections on the configured listeners; a `ListenerServices`
+Takes: client connections on the configured listeners (TCP; or a Unix socket,
+where the peer's uid from SO_PEERCRED picks the tenant); a `ListenerServices`
 bundle (current config, password check, the queue's accept call, auth guard,
 log, metrics) handed in by the daemon.
 Emits: an `Envelope` plus checked body bytes to `services.accept`, and answers

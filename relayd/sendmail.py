@@ -775,24 +775,23 @@ def load_relay_config(path: Path) -> RelayConfig | None:
         raise Failure(Exit.CONFIG, str(exc).replace("\n", f"\n{PROG}: ")) from None
 
 
-def choose_target(options: Options, environ: Mapping[str, str]) -> Target | LocalTarget:
-    """Where to submit: a socket named on the command line or in the environment, else
-    what relay.yaml says (its unix listener, else a bind_addresses tenant), else the
-    default socket when relay.yaml is unreadable or absent."""
+def choose_target(options: Options, environ: Mapping[str, str]) -> tuple[Target | LocalTarget, RelayConfig | None]:
+    """Where to submit, and relay.yaml if it was read: a socket named on the command
+    line or in the environment, else what relay.yaml says (its unix listener, else a
+    bind_addresses tenant), else the default socket when relay.yaml is unreadable or absent."""
     named = options.socket or (Path(environ[SOCKET_ENV]) if environ.get(SOCKET_ENV) else None)
     if named is not None:
-        return LocalTarget(named, user=local_user())
+        return LocalTarget(named, user=local_user()), None
     path = config_path(options, environ)
     explicit = options.config is not None or bool(environ.get(CONFIG_ENV))
-    if not explicit and not path.exists():
-        return LocalTarget(DEFAULT_SOCKET, user=local_user())
-    config = load_relay_config(path)
+    config = load_relay_config(path) if explicit or path.exists() else None
     if config is None:
-        return LocalTarget(DEFAULT_SOCKET, user=local_user())
+        return LocalTarget(DEFAULT_SOCKET, user=local_user()), None
     for listener in config.listeners:
         if listener.unix_path is not None:
-            return LocalTarget(listener.unix_path, config.hostname, listener.max_message_size, local_user())
-    return find_target(config)
+            target = LocalTarget(listener.unix_path, config.hostname, listener.max_message_size, local_user())
+            return target, config
+    return find_target(config), config
 
 
 class UnixSMTP(smtplib.SMTP):
@@ -867,13 +866,12 @@ def submit_local(target: LocalTarget, options: Options, *, stdin: BinaryIO, verb
 
 
 def run(options: Options, *, stdin: BinaryIO, stderr: TextIO, environ: Mapping[str, str]) -> int:
-    target = choose_target(options, environ)
+    target, config = choose_target(options, environ)
     verbose = stderr if options.verbose else None
     if isinstance(target, LocalTarget):
         submit_local(target, options, stdin=stdin, verbose=verbose)
         return Exit.OK
-    config = load_relay_config(config_path(options, environ))
-    assert config is not None
+    assert config is not None  # a bind_addresses target comes from relay.yaml
     raw = read_message(stdin, dot_ends_input=options.dot_ends_input, limit=target.max_message_size)
     submission = build_submission(
         raw, options,

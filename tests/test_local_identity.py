@@ -40,7 +40,7 @@ def socket_dir() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_config(files: RelayFiles, socket_path: Path, *, mode: str = "0666", bind: bool = False) -> None:
+def write_config(files: RelayFiles, socket_path: Path | None, *, mode: str = "0666", bind: bool = False) -> None:
     tenants = [
         TenantSpec("cron", "unused", ["*@relay.test"], [(["*"], ["capture"])], extra="local_users: [root]"),
         TenantSpec("web", "unused", ["*@web.test"], [(["*"], ["capture"])], extra=f"local_users: [{NOBODY}]"),
@@ -49,7 +49,7 @@ def write_config(files: RelayFiles, socket_path: Path, *, mode: str = "0666", bi
         tenants.append(TenantSpec("legacy", "unused", ["*@legacy.test"], [(["*"], ["capture"])],
                                   bind_addresses=["127.0.0.2"]))
     files.write(upstreams=[], tenants=tenants, capture=True)
-    if socket_path.name:
+    if socket_path is not None:
         text = files.config.read_text().replace(
             "transports:\n",
             f"  - name: local\n    unix: {socket_path}\n    mode: \"{mode}\"\ntransports:\n", 1)
@@ -117,10 +117,8 @@ def test_the_socket_mode_decides_who_may_connect(relay_files: RelayFiles, socket
     assert f"{sock}: permission denied; the unix listener's mode and group".encode() in result.stderr
 
 
-def test_bind_by_address_still_works_when_the_tenant_trusts_every_local_user(
-    relay_files: RelayFiles, socket_dir: Path
-) -> None:
-    write_config(relay_files, Path(""), bind=True)  # no unix listener: relayd-sendmail uses the old way
+def test_bind_by_address_still_works_when_the_tenant_trusts_every_local_user(relay_files: RelayFiles) -> None:
+    write_config(relay_files, None, bind=True)  # no unix listener: relayd-sendmail uses the old way
     with RelaydProcess(relay_files):
         result = sendmail(["--config", str(relay_files.config), "-v", "ops@customer.test"],
                           b"From: cron@legacy.test\n\nold way\n")
@@ -132,7 +130,7 @@ def test_bind_by_address_still_works_when_the_tenant_trusts_every_local_user(
 
 
 def test_bind_addresses_without_the_trust_keep_relayd_from_starting(relay_files: RelayFiles) -> None:
-    write_config(relay_files, Path(""), bind=True)
+    write_config(relay_files, None, bind=True)
     text = relay_files.config.read_text().replace("    trust_every_local_user: true\n", "")
     relay_files.config.write_text(text)
     result = subprocess.run([sys.executable, "-m", "relayd.daemon", "--config", str(relay_files.config)],
