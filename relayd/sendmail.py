@@ -98,7 +98,8 @@ Reads one message from standard input and queues it in the running relayd.
   --config PATH   relay.yaml (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}); also -C PATH
 Accepted and ignored: -m -n -U -oem -oee -oep -oeq -oew -odb -odi -odq -odf -oQ... -om -oo -B TYPE -N DSN -R RET -V ENVID -h N -bm
 Exit status (sysexits): 0 queued, 64 usage, 65 bad message, 67 recipient refused, 69 refused,
-  75 relayd unreachable or busy (try again), 76 protocol, 77 sender not allowed, 78 configuration.
+  75 relayd unreachable or busy (try again), 76 protocol, 77 sender or local user not allowed,
+  78 configuration.
 """
 
 
