@@ -45,8 +45,10 @@ class ListenerConfig:
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # idle time allowed between DATA chunks
     max_line_length: int = 998  # RFC 5322 2.1.1, excluding CRLF
-    auth_failures_before_delay: int = 3
-    auth_failures_before_disconnect: int = 10  # per client address, within the window
+    # Login throttling (relayd.authguard): per login name attempted, plus a
+    # budget per source (loopback counts as one source).
+    auth_failures_before_delay: int = 3  # failures of one login before its 535s slow down
+    auth_failures_before_disconnect: int = 10  # failures of one login before it is locked out
     auth_failure_window: float = 900.0  # "back off 15-30 minutes"
     # Open connections on this listener: each holds a descriptor and memory.
     max_connections: int = 1000
@@ -58,6 +60,14 @@ class ListenerConfig:
     max_commands_before_auth: int = 30  # EHLO, STARTTLS, EHLO, AUTH need 4
     hard_error_limit: int = 20  # refused commands per connection (Postfix's default)
     min_data_rate: int = 500  # bytes/s averaged over DATA (Postfix's smtpd_min_data_rate)
+    auth_failures_per_source: int = 30  # failures from one source within the window
+    auth_lockout: float = 60.0  # first lockout of a login; doubles per further failure
+    auth_lockout_max: float = 900.0
+    # A Unix-socket listener (relayd-sendmail): the path, instead of address
+    # and port; the peer's uid (SO_PEERCRED) picks the tenant (local_users).
+    unix_path: Path | None = None
+    unix_mode: int = 0o666  # who may connect; relayd still refuses uids no tenant lists
+    unix_group: int | None = None  # gid to give the socket; None: relayd's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +132,12 @@ class TenantConfig:
     password_hash: str | None
     senders: tuple[str, ...]  # addresses or *@domain
     routes: tuple[RouteRule, ...]
-    # Loopback addresses whose connections count as this tenant without AUTH.
+    # Loopback addresses whose connections count as this tenant without AUTH;
+    # only with trust_every_local_user (any local program can use them).
     bind_addresses: tuple[str, ...] = ()
+    trust_every_local_user: bool = False
+    # Local uids whose submissions on a Unix-socket listener are this tenant.
+    local_uids: tuple[int, ...] = ()
     max_recipients: int | None = None
     max_message_size: int | None = None
     enabled: bool = True
@@ -184,6 +198,13 @@ class RelayConfig:
     pid_file: Path | None = None
     tenants_file: Path | None = None  # defaults to tenants.yaml next to the credential store
     audit_log: Path | None = None  # defaults to audit.log next to log_file (else the store)
+
+    def tenant_for_uid(self, uid: int) -> TenantConfig | None:
+        """The tenant a local user submits as on a Unix-socket listener (enabled or not)."""
+        for tenant in self.tenants.values():
+            if uid in tenant.local_uids:
+                return tenant
+        return None
 
     def retry_for(self, transport_name: str) -> RetrySchedule:
         t = self.transports.get(transport_name)

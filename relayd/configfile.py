@@ -28,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import grp
 import ipaddress
 import os
+import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,13 +374,16 @@ _LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max
                   "auth_failures_before_delay", "auth_failures_before_disconnect",
                   "auth_failure_window", "max_connections", "max_connections_per_ip",
                   "per_ip_limit_on_loopback", "max_commands_before_auth", "hard_error_limit",
-                  "min_data_rate")
+                  "min_data_rate", "auth_failures_per_source", "auth_lockout",
+                  "auth_lockout_max", "unix", "mode", "group")
+# What a Unix-socket listener cannot have: it has no address, and nothing crosses a wire.
+_NETWORK_ONLY_KEYS = ("address", "port", "tls", "allow_plaintext_auth")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region")
 _CAPTURE_KEYS = ("type", "maildir", "retry")
-_TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "max_recipients",
-                "max_message_size", "enabled", "routes")
+_TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
+                "local_users", "max_recipients", "max_message_size", "enabled", "routes")
 _ROUTE_KEYS = ("name", "domains", "via")
 
 # Bounds: (minimum, maximum). Each is repeated in the comments of config/relay.yaml.
@@ -393,6 +398,9 @@ _CLIENT_CONNECTIONS = (1, 100000)  # descriptors: see relayd.fdlimit
 _COMMANDS_BEFORE_AUTH = (4, 10000)  # EHLO, STARTTLS, EHLO, AUTH
 _ERROR_LIMIT = (1, 10000)
 _DATA_RATE = (1, 1024**3)  # bytes per second
+_AUTH_SOURCE_BUDGET = (1, 100000)
+_AUTH_LOCKOUT = (1.0, 86400.0)  # 1s-1d
+_UID = (0, 2**32 - 2)  # (uid_t)-1 means "no user"
 _PARALLEL = (1, 1000)
 _QUEUE_RUN = (1.0, 3600.0)
 _SHUTDOWN_GRACE = (0.0, 3600.0)
@@ -423,6 +431,7 @@ class _Reader:
         self.transports_file = "relay.yaml"  # where the transports are, for the managed file
         self.problems: list[ConfigProblem] = []
         self._bind_owner: dict[str, str] = {} if bind_owner is None else bind_owner
+        self._uid_owner: dict[int, str] = {}
 
     def add(self, pos: _Pos, message: str) -> None:
         self.problems.append(ConfigProblem(self.file, pos.line, pos.col, message))
@@ -760,6 +769,7 @@ class _Reader:
             return MappingProxyType({})
         shown = shown_path(self.file, source, path)
         sub = _Reader(shown, path.parent, self.check_files, managed=True, bind_owner=self._bind_owner)
+        sub._uid_owner = self._uid_owner
         sub.transports_file = self.file
         try:
             tenants = sub.managed_file(_read_text(path, shown), transport_names, defined)
@@ -870,6 +880,10 @@ class _Reader:
             if lm is None:
                 continue
             listener = self.listener(lm, has_tls_files)
+            if listener.unix_path is not None and not result:
+                self.add(self.pos_of(lm, "unix"),
+                         "the first listener must be a network listener (address and port: "
+                         "relayctl uses it); list the unix listener after it")
             self.check_unique_listener(lm, listener, names, bound)
             result.append(listener)
         return tuple(result)
@@ -881,7 +895,8 @@ class _Reader:
         self.check_keys(lm, _LISTENER_KEYS, f"listener '{shown}'")
         name = self.get(lm, "name", self.name("listener"), d.name)
         address = self.get(lm, "address", self.ip_literal, d.address)
-        tls = self.get(lm, "tls", self.tls_mode, d.tls)
+        unix_path = self.get(lm, "unix", self.path, None)
+        tls = self.get(lm, "tls", self.tls_mode, d.tls) if unix_path is None else TlsMode.NONE
         plain = self.get(lm, "allow_plaintext_auth", self.boolean, d.allow_plaintext_auth)
         if plain and not _is_loopback(address) and _ip(address) is not None:
             self.add(self.pos_of(lm, "allow_plaintext_auth"),
@@ -899,6 +914,22 @@ class _Reader:
             self.add(self.pos_of(lm, "auth_failures_before_disconnect"),
                      f"auth_failures_before_disconnect ({drop}) must not be below "
                      f"auth_failures_before_delay ({delay})")
+        lockout = self.get(lm, "auth_lockout", self.duration(_AUTH_LOCKOUT), d.auth_lockout)
+        lockout_max = self.get(lm, "auth_lockout_max", self.duration(_AUTH_LOCKOUT), d.auth_lockout_max)
+        if lockout_max < lockout:
+            self.add(self.pos_of(lm, "auth_lockout_max"),
+                     f"auth_lockout_max ({_format_seconds(lockout_max)}) must not be below "
+                     f"auth_lockout ({_format_seconds(lockout)})")
+        if unix_path is not None:
+            for key in _NETWORK_ONLY_KEYS:
+                if lm.entry(key) is not None:
+                    self.add(self.pos_of(lm, key), f"{key} does not apply to a unix listener (it has a "
+                                                   "socket path instead of an address, and no TLS)")
+        else:
+            for key in ("mode", "group"):
+                if lm.entry(key) is not None:
+                    self.add(self.pos_of(lm, key), f"{key} only applies to a unix listener "
+                                                   "(unix: /run/relayd/submit.sock)")
         listener = ListenerConfig(
             name=name,
             address=address,
@@ -916,6 +947,13 @@ class _Reader:
             auth_failures_before_disconnect=drop,
             auth_failure_window=self.get(lm, "auth_failure_window", self.duration(_AUTH_WINDOW),
                                          d.auth_failure_window),
+            auth_failures_per_source=self.get(lm, "auth_failures_per_source",
+                                              self.integer(_AUTH_SOURCE_BUDGET), d.auth_failures_per_source),
+            auth_lockout=lockout,
+            auth_lockout_max=lockout_max,
+            unix_path=unix_path,
+            unix_mode=self.get(lm, "mode", self.file_mode, d.unix_mode),
+            unix_group=self.get(lm, "group", self.group, d.unix_group),
         )
         return self.listener_limits(lm, listener)
 
@@ -941,6 +979,29 @@ class _Reader:
             min_data_rate=self.get(lm, "min_data_rate", self.integer(_DATA_RATE), d.min_data_rate),
         )
 
+    def file_mode(self, node: _Node, key: str) -> int | None:
+        """Permission bits in octal, as chmod takes them ("0660"; YAML's own 0660 is fine too)."""
+        text = node.raw if isinstance(node, _Scalar) else ""
+        if re.fullmatch(r"0?[0-7]{3}", text.strip()) is None:
+            self.add(node.pos, f"{key} must be permission bits in octal such as \"0660\" "
+                               f"(owner, group, others), but this is {_kind(node)}")
+            return None
+        return int(text.strip(), 8)
+
+    def group(self, node: _Node, key: str) -> int | None:
+        v = node.value if isinstance(node, _Scalar) else None
+        if isinstance(v, int) and not isinstance(v, bool):
+            return self.integer(_UID)(node, key)
+        name = self.text(node, key)
+        if name is None:
+            return None
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            self.add(node.pos, f"{key}: there is no group named '{name}' on this machine "
+                               "(getent group); write an existing group or a gid number")
+            return None
+
     def check_unique_listener(self, lm: _Map, listener: ListenerConfig, names: dict[str, _Pos],
                               bound: list[tuple[str, int, _Pos]]) -> None:
         """Two listeners may share neither a name nor an address and port."""
@@ -949,6 +1010,8 @@ class _Reader:
                                               f"by the listener at line {names[listener.name].line}")
         else:
             names[listener.name] = lm.pos
+        if listener.unix_path is not None:
+            return
         for address, port, pos in bound:
             if port == listener.port and _addresses_overlap(address, listener.address):
                 also = f" on {address}" if address != listener.address else ""
@@ -1105,6 +1168,10 @@ class _Reader:
         self.check_keys(tm, _TENANT_KEYS, f"tenant '{name}'")
         binds = self.get(tm, "bind_addresses", self.text_list(self.loopback, "address"), ())
         self.check_bind_owners(name, tm, binds)
+        trusting = self.get(tm, "trust_every_local_user", self.boolean, False)
+        self.check_bind_trust(name, tm, binds, trusting)
+        uids = self.get(tm, "local_users", self.local_users, ())
+        self.check_uid_owners(name, tm, uids)
         return TenantConfig(
             name=name,
             password_hash=self.get(tm, "password_hash", self.password_hash, None),
@@ -1112,6 +1179,8 @@ class _Reader:
                               " (the From addresses this tenant may use, e.g. [\"*@acme.example\"])"),
             routes=self.routes(name, tm, transport_names),
             bind_addresses=binds,
+            trust_every_local_user=trusting,
+            local_uids=uids,
             max_recipients=self.get(tm, "max_recipients", self.integer(_RECIPIENTS), None),
             max_message_size=self.get(tm, "max_message_size", self.size(_MESSAGE_SIZE), None),
             enabled=self.get(tm, "enabled", self.boolean, True),
@@ -1128,6 +1197,55 @@ class _Reader:
             if owner != tenant and item is not None:
                 self.add(item.pos, f"{address} already stands for tenant '{owner}'; one address "
                                    "can only stand for one tenant")
+
+    def check_bind_trust(self, tenant: str, tm: _Map, binds: tuple[str, ...], trusting: bool) -> None:
+        """bind_addresses lets any local program be the tenant: only when the operator says so."""
+        if binds and not trusting:
+            self.add(self.pos_of(tm, "bind_addresses"),
+                     f"bind_addresses trusts every local user: any program on this machine can "
+                     f"connect from {binds[0]} and submit as tenant '{tenant}'. Prefer local_users "
+                     f"(the uids relayd-sendmail may submit as this tenant over a unix listener); "
+                     f"to keep bind_addresses, add `trust_every_local_user: true` to the tenant")
+        elif trusting and not binds:
+            self.add(self.pos_of(tm, "trust_every_local_user"),
+                     "trust_every_local_user only applies to bind_addresses, which this tenant "
+                     "does not have")
+
+    def check_uid_owners(self, tenant: str, tm: _Map, uids: tuple[int, ...]) -> None:
+        """A local user submits as one tenant only, or its mail would be a guess."""
+        node = tm.value("local_users")
+        nodes = node.items if isinstance(node, _Seq) else (node,)
+        for uid, item in zip(uids, nodes):
+            owner = self._uid_owner.setdefault(uid, tenant)
+            if owner != tenant and item is not None:
+                self.add(item.pos, f"local user {uid} already submits as tenant '{owner}'; a local "
+                                   "user can only stand for one tenant")
+
+    def local_users(self, node: _Node, key: str) -> tuple[int, ...] | None:
+        """User names (looked up now) or uid numbers."""
+        items = self.as_list(node, key) if not (isinstance(node, _Scalar) and isinstance(node.value, int)) else (node,)
+        if items is None:
+            return None
+        if not items:
+            self.add(node.pos, f"{key} must list at least one user name or uid")
+            return None
+        uids = [self.local_user(item, key) for item in items]
+        good = tuple(u for u in uids if u is not None)
+        return good if len(good) == len(uids) else None
+
+    def local_user(self, node: _Node, key: str) -> int | None:
+        v = node.value if isinstance(node, _Scalar) else None
+        if isinstance(v, int) and not isinstance(v, bool):
+            return self.integer(_UID)(node, key)
+        name = self.text(node, key)
+        if name is None:
+            return None
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            self.add(node.pos, f"{key}: there is no local user named '{name}' on this machine "
+                               "(getent passwd); write an existing user name or a uid number")
+            return None
 
     def routes(self, tenant: str, tm: _Map, transport_names: frozenset[str]) -> tuple[RouteRule, ...]:
         e = tm.entry("routes")
@@ -1283,6 +1401,7 @@ def parse_managed_tenants(
     """
     owners = {address: t.name for t in defined.values() for address in t.bind_addresses}
     reader = _Reader(file, base, False, managed=True, bind_owner=owners)
+    reader._uid_owner = {uid: t.name for t in defined.values() for uid in t.local_uids}
     reader.transports_file = config_file
     tenants = reader.managed_file(text, transport_names, defined)
     if reader.problems:

@@ -87,12 +87,7 @@ class Relay:
             ),
             hold_until=self.agent.hold_until,
         )
-        first = config.listeners[0]
-        self.guard = AuthGuard(
-            delay_after=first.auth_failures_before_delay,
-            disconnect_after=first.auth_failures_before_disconnect,
-            window=first.auth_failure_window,
-        )
+        self.guard = AuthGuard()  # one for every listener; each brings its own limits
         self.server = SubmissionServer(
             ListenerServices(
                 config=lambda: self.config,
@@ -166,7 +161,7 @@ class Relay:
         env = entry.envelope
         self.log.arrival(
             entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
-            protocol=env.protocol, tls=env.tls or None, auth=env.tenant,
+            protocol=env.protocol, tls=env.tls or None, auth=env.tenant, user=env.local_user,
         )
         self.metrics.messages_received.labels(tenant=env.tenant).inc()
         self.metrics.bytes_received.labels(tenant=env.tenant).inc(env.size)

@@ -1,6 +1,7 @@
 """Listener: the SMTP submission session (aiosmtpd), AUTH and submission policy.
 
-Takes: client connections on the configured listeners; a `ListenerServices`
+Takes: client connections on the configured listeners (TCP; or a Unix socket,
+where the peer's uid from SO_PEERCRED picks the tenant); a `ListenerServices`
 bundle (current config, password check, the queue's accept call, auth guard,
 log, metrics) handed in by the daemon.
 Emits: an `Envelope` plus checked body bytes to `services.accept`, and answers
@@ -24,16 +25,21 @@ import binascii
 import collections
 import functools
 import ipaddress
+import os
+import pwd
 import re
+import socket
 import ssl
+import struct
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, Session
 
 from relayd import policy, replies
-from relayd.authguard import AuthGuard
+from relayd.authguard import Attempt, AuthGuard, limits_of
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.sessionlimits import ConnectionCounter, DataDeadline, LogGate, SessionBudget, write_and_close
@@ -90,6 +96,29 @@ class SubmissionSession(Session):
         self.auth_mechanism: str | None = None
         # The connection's rejection-log budget (it outlives the session at STARTTLS).
         self.may_log: Callable[[], bool] | None = None
+        self.local_uid: int | None = None  # the peer's uid, on a Unix-socket listener
+        self.local_user: str = ""  # "uid/name" for the log's U= field
+
+
+def peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def describe_uid(uid: int) -> str:
+    """``uid/name`` as the log shows a local user (the number alone if it has no name)."""
+    try:
+        return f"{uid}/{pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return str(uid)
 
 
 class SubmissionProtocol(SMTP):
@@ -190,6 +219,11 @@ class SubmissionProtocol(SMTP):
         if self._admitted is None and not self._admit(transport):
             return
         super().connection_made(transport)
+        if self.listener.unix_path is not None and self.session is not None:
+            session = self.submission_session()
+            session.local_uid = peer_uid(transport)
+            if session.local_uid is not None:
+                session.local_user = describe_uid(session.local_uid)
 
     def _admit(self, transport: asyncio.BaseTransport) -> bool:
         """Count a new connection, or refuse it with 421 before any other work.
@@ -283,6 +317,14 @@ class SubmissionProtocol(SMTP):
         return int(peer[1]) if peer and len(peer) > 1 else 0
 
     @property
+    def auth_source(self) -> str:
+        """Who is attempting a login, for throttling: the address, or the local uid."""
+        session = self.session
+        if self.listener.unix_path is not None and isinstance(session, SubmissionSession):
+            return f"uid:{session.local_uid}"
+        return self.client_ip
+
+    @property
     def is_encrypted(self) -> bool:
         return self._tls_protocol is not None or self.implicit_tls
 
@@ -293,8 +335,11 @@ class SubmissionProtocol(SMTP):
         return ssl_object.version() if ssl_object is not None else "TLS"
 
     def auth_offered(self) -> bool:
-        """AUTH needs TLS, unless plaintext AUTH is allowed on a loopback listener."""
-        if self.is_encrypted:
+        """AUTH needs TLS, unless plaintext AUTH is allowed on a loopback listener.
+
+        On a Unix socket nothing crosses a wire: AUTH is offered.
+        """
+        if self.is_encrypted or self.listener.unix_path is not None:
             return True
         return self.listener.allow_plaintext_auth and is_loopback(self.client_ip)
 
@@ -436,10 +481,6 @@ class SubmissionProtocol(SMTP):
         if not 1 <= len(args) <= 2:
             await self.push(replies.AUTH_SYNTAX)
             return
-        guard = self.services.guard
-        if guard.is_blocked(self.client_ip):
-            self.close_with(replies.AUTH_TOO_MANY)
-            return
         mechanism = args[0].upper()
         if mechanism == "PLAIN":
             credentials = await self._read_plain(args[1] if len(args) == 2 else None)
@@ -451,29 +492,39 @@ class SubmissionProtocol(SMTP):
         if credentials is None:
             return
         login, password = credentials
+        # Counted before the (slow) check starts, so parallel attempts are counted too.
+        attempt = self.services.guard.begin(login, self.auth_source, limits_of(self.listener))
+        if not isinstance(attempt, Attempt):
+            self.services.log.auth_throttled(
+                client_ip=self.client_ip or self.auth_source, login=login,
+                reason=attempt.reason, retry_after=attempt.retry_after,
+            )
+            await self._reply_and_close(replies.AUTH_TOO_MANY)
+            return
         tenant = await self.services.authenticate(login, password) if login else None
         if tenant is not None:
-            guard.record_success(self.client_ip)
+            self.services.guard.succeeded(attempt)
             session.authenticated = True
             session.tenant_name = tenant.name
             session.auth_mechanism = mechanism
             await self.push(replies.AUTH_OK)
             return
-        await self._auth_failed(login)
+        await self._auth_failed(login, attempt)
 
-    async def _auth_failed(self, login: str) -> None:
-        guard = self.services.guard
-        guard.record_failure(self.client_ip)
-        self.services.log.auth_failed(client_ip=self.client_ip, login=login)
+    async def _auth_failed(self, login: str, attempt: Attempt) -> None:
+        delay = self.services.guard.failed(attempt)
+        self.services.log.auth_failed(client_ip=self.client_ip or self.auth_source, login=login)
         if self.services.metrics is not None:
             self.services.metrics.auth_failures.inc()
-        delay = guard.delay_for(self.client_ip)
         if delay:
             await asyncio.sleep(delay)
-        if guard.is_blocked(self.client_ip):
-            self.close_with(replies.AUTH_TOO_MANY)
-        else:
-            await self.push(replies.AUTH_INVALID)
+        await self.push(replies.AUTH_INVALID)
+
+    async def _reply_and_close(self, reply: str) -> None:
+        """Say `reply` and hang up (a throttled login gets no second try on this connection)."""
+        await self.push(reply)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
 
     async def _decode_b64(self, text: str) -> bytes | None:
         if text == "=":
@@ -660,13 +711,26 @@ class SubmissionHandler:
         if session.authenticated and session.tenant_name:
             tenant = config.tenants.get(session.tenant_name)
             return tenant if tenant is not None and tenant.enabled else None
+        if self.listener.unix_path is not None:
+            if session.local_uid is None:
+                return None
+            tenant = config.tenant_for_uid(session.local_uid)
+            return tenant if tenant is not None and tenant.enabled else None
         peer = session.peer[0] if session.peer else ""
         if not is_loopback(str(peer)):
             return None
         for tenant in config.tenants.values():
-            if tenant.enabled and str(peer) in tenant.bind_addresses:
+            # configfile refuses bind_addresses without trust_every_local_user; checked again here.
+            if tenant.enabled and tenant.trust_every_local_user and str(peer) in tenant.bind_addresses:
                 return tenant
         return None
+
+    def _refusal_without_tenant(self, session: SubmissionSession) -> tuple[str, str]:
+        """The reply (and log detail) when a session has no tenant: AUTH, or an unlisted local user."""
+        if self.listener.unix_path is None or session.authenticated:
+            return replies.AUTH_REQUIRED, "no AUTH"
+        who = session.local_user or "unknown"
+        return replies.local_user_not_allowed(who), f"U={who} is in no tenant's local_users"
 
     def _refuse(
         self, session: SubmissionSession, stage: str, reply: str, detail: str, address: str | None = None
@@ -684,7 +748,8 @@ class SubmissionHandler:
     ) -> str:
         tenant = self.tenant_for(session)
         if tenant is None:
-            return self._refuse(session, "MAIL", replies.AUTH_REQUIRED, "no AUTH", address)
+            reply, detail = self._refusal_without_tenant(session)
+            return self._refuse(session, "MAIL", reply, detail, address)
         if not policy.address_is_valid(address):
             return self._refuse(session, "MAIL", replies.bad_address(address), "", address)
         if policy.needs_smtputf8(address) and "SMTPUTF8" not in mail_options:
@@ -748,6 +813,7 @@ class SubmissionHandler:
             size=len(verdict.body),
             client_ip=server.client_ip,
             client_port=server.client_port,
+            local_user=session.local_user,
             tls=server.tls_version() or "",
             client_helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8),
@@ -769,6 +835,8 @@ def _protocol_name(server: SubmissionProtocol) -> str:
     """Exim's P= values: esmtp, plus s for TLS and a for AUTH."""
     session = server.submission_session()
     name = "esmtp" if session.extended_smtp else "smtp"
+    if server.listener.unix_path is not None:
+        name = "local-" + name  # Exim's P=local-esmtp for SMTP from a local process
     if server.is_encrypted:
         name += "s"
     if session.authenticated:
@@ -792,11 +860,15 @@ class SubmissionServer:
         self.tls_context = tls_context
         self.sessions: set[SubmissionProtocol] = set()
         self._servers: list[asyncio.base_events.Server] = []
-        self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port)
+        self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port); unix: (name, path, 0)
+        self._unix_paths: list[Path] = []
 
     async def start(self, listeners: tuple[ListenerConfig, ...]) -> None:
         loop = asyncio.get_running_loop()
         for listener in listeners:
+            if listener.unix_path is not None:
+                await self._start_unix(listener)
+                continue
             implicit = listener.tls is TlsMode.IMPLICIT
             starttls_ctx = self.tls_context if listener.tls is TlsMode.STARTTLS else None
             handler = SubmissionHandler(listener, self.services)
@@ -817,9 +889,32 @@ class SubmissionServer:
             port = server.sockets[0].getsockname()[1]
             self.bound.append((listener.name, listener.address, port))
 
+    async def _start_unix(self, listener: ListenerConfig) -> None:
+        """A Unix-socket listener: who connects is the peer's uid, so the mode can be wide."""
+        assert listener.unix_path is not None
+        path = listener.unix_path
+        remove_stale_socket(path)
+        handler = SubmissionHandler(listener, self.services)
+        counter = connection_counter(listener)
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: SubmissionProtocol(
+                listener, self.services, handler=handler, hostname=self.services.config().hostname,
+                tls_context=None, implicit_tls=False, sessions=self.sessions, connections=counter,
+            ),
+            path=str(path),
+        )
+        if listener.unix_group is not None:
+            os.chown(path, -1, listener.unix_group)
+        os.chmod(path, listener.unix_mode)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        self.bound.append((listener.name, str(path), 0))
+
     def stop_accepting(self) -> None:
         for server in self._servers:
             server.close()
+        for path in self._unix_paths:
+            path.unlink(missing_ok=True)  # a later relayd-sendmail fails at once (75), not after a timeout
 
     async def drain(self, grace: float) -> None:
         """Let sessions in the middle of DATA finish, then say 421 to everyone."""
@@ -833,3 +928,23 @@ class SubmissionServer:
             session.close_with(replies.shutting_down(host))
         for server in self._servers:
             await server.wait_closed()
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a relayd that is gone; refuse to steal a live one."""
+    try:
+        is_socket = path.is_socket()
+    except OSError:
+        return
+    if not is_socket:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # nobody answers: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another process (another relayd?)")

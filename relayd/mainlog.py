@@ -90,12 +90,20 @@ def format_arrival(
     protocol: str,
     tls: str | None,
     auth: str | None,
+    user: str = "",
 ) -> str:
-    """``<id> <= sender H=(helo) [ip]:port P=.. X=.. A=.. S=.. id=.. for r1 r2``."""
+    """``<id> <= sender H=(helo) [ip]:port U=.. P=.. X=.. A=.. S=.. id=.. for r1 r2``.
+
+    A local submission (Unix socket) has no H= and names the local user as
+    ``U=uid/name``, as Exim's U= names the user who ran it.
+    """
     env = entry.envelope
     tokens = [sanitize(entry.id), "<=", _sender(env.sender)]
-    host = f"[{sanitize(client_ip)}]" + (f":{client_port}" if client_port else "")
-    tokens.append(f"H=({sanitize(helo)}) {host}" if helo else f"H={host}")
+    if client_ip:
+        host = f"[{sanitize(client_ip)}]" + (f":{client_port}" if client_port else "")
+        tokens.append(f"H=({sanitize(helo)}) {host}" if helo else f"H={host}")
+    if user:
+        tokens.append(f"U={sanitize(user)}")
     tokens.append(f"P={sanitize(protocol)}")
     if tls:
         tokens.append(f"X={sanitize(tls)}")
@@ -199,7 +207,8 @@ def format_rejected(
     what = sanitize(stage)
     if address is not None:
         what += f" <{sanitize(address)}>"
-    line = f"H=[{sanitize(client_ip)}] rejected {what}: {sanitize(reply)}"
+    host = f"H=[{sanitize(client_ip)}] " if client_ip else ""  # none for a local (Unix socket) client
+    line = f"{host}rejected {what}: {sanitize(reply)}"
     if detail:
         line += f": {sanitize(detail)}"
     return line
@@ -240,6 +249,18 @@ def format_rejections_suppressed(*, client_ip: str, count: int) -> str:
 
 def _suppressed_tail(suppressed: int) -> str:
     return f" ({suppressed} similar line(s) not logged)" if suppressed else ""
+
+
+def format_auth_throttled(*, client_ip: str, login: str, reason: str, retry_after: float) -> str:
+    """``H=[ip] AUTH refused (set_id=login): reason; retry in Ns: 421 4.7.0``.
+
+    The login attempted is shown (sanitised), never a password; the client
+    was told the same 421 whatever the reason and whether the login exists.
+    """
+    line = f"H=[{sanitize(client_ip)}] AUTH refused (set_id={sanitize(login, 128)}): {sanitize(reason)}"
+    if retry_after > 0:
+        line += f"; retry in {retry_after:.0f}s"
+    return line + ": 421 4.7.0 Too many failed authentication attempts"
 
 
 def format_daemon(text: str, *, level: str = "") -> str:
@@ -354,6 +375,7 @@ class MainLog:
         protocol: str,
         tls: str | None,
         auth: str | None,
+        user: str = "",
     ) -> None:
         self._write(
             format_arrival(
@@ -364,6 +386,7 @@ class MainLog:
                 protocol=protocol,
                 tls=tls,
                 auth=auth,
+                user=user,
             )
         )
 
@@ -428,6 +451,11 @@ class MainLog:
 
     def rejections_suppressed(self, *, client_ip: str, count: int) -> None:
         self._write(format_rejections_suppressed(client_ip=client_ip, count=count))
+
+    def auth_throttled(self, *, client_ip: str, login: str, reason: str, retry_after: float) -> None:
+        self._write(
+            format_auth_throttled(client_ip=client_ip, login=login, reason=reason, retry_after=retry_after)
+        )
 
     def info(self, text: str) -> None:
         self._write(format_daemon(text))

@@ -588,7 +588,8 @@ def status_lines(status: Mapping[str, Any], now: float) -> list[str]:
     lines = [
         f"relayd pid {status['pid']}, up {format_duration(status['uptime'])}, config {sanitize(str(status.get('config', '')))}",
         "listeners: " + ", ".join(
-            f"{sanitize(str(b['name']))} {sanitize(str(b['address']))}:{b['port']}" for b in status["listeners"]
+            f"{sanitize(str(b['name']))} {sanitize(str(b['address']))}" + (f":{b['port']}" if b["port"] else "")
+            for b in status["listeners"]  # port 0: a unix listener, named by its path
         ),
         f"queue: {queue['total']} message(s): {queue['active']} active, {queue['deferred']} deferred, "
         f"{queue['frozen']} frozen" + (f"; oldest {format_duration(oldest)}" if oldest is not None else ""),

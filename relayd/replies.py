@@ -79,6 +79,14 @@ def bad_address(address: str) -> str:
     return BAD_ADDRESS.format(address=address)
 
 
+def local_user_not_allowed(user: str) -> str:
+    """A Unix-socket submission from a uid that no tenant lists in local_users."""
+    return (
+        f"550 5.7.1 Local user {user} may not submit mail here: no tenant lists it in "
+        "local_users; ask the administrator"
+    )
+
+
 def queued(message_id: str) -> str:
     return f"250 2.0.0 OK id={message_id}"
 

@@ -1,13 +1,16 @@
 """relayd-sendmail: the `sendmail` command for cron, PHP mail() and shell scripts.
 
-Takes: sendmail-style arguments (-t, -i, -f, -F, recipients ...), one message
-on stdin, and relay.yaml (`--config`, else $RELAYD_CONFIG, else
-/etc/relayd/relay.yaml), from which it learns the first listener, that
-listener's certificate, and the tenant bound to a loopback address.
-Emits: the message, submitted over SMTP to the running relayd from that
-loopback address, so relayd knows the tenant without a password (none is
-needed and none is stored). Nothing on stdout; `-v` narrates on stderr; each
-problem is one `relayd-sendmail: ...` line on stderr.
+Takes: sendmail-style arguments (-t, -i, -f, -F, recipients ...) and one
+message on stdin. Where to submit: relayd's Unix socket (`--socket`, else
+$RELAYD_SUBMIT_SOCKET, else the `unix:` listener of relay.yaml when this user
+can read it, else /run/relayd/submit.sock). relayd reads the caller's uid from
+the kernel and submits as the tenant whose `local_users` lists it, so no
+password is needed, none is stored, and relay.yaml (which holds every tenant's
+password hash) need not be readable by the caller. Only when relay.yaml has no
+unix listener does it fall back to the older way: SMTP from the loopback
+address of a tenant with `bind_addresses` (which trusts every local user).
+Emits: the message, submitted over SMTP. Nothing on stdout; `-v` narrates on
+stderr; each problem is one `relayd-sendmail: ...` line on stderr.
 Untrusted input: the arguments and the message come from whoever runs the
 command; relayd applies its own sender, recipient and content policy.
 How it fails: with sendmail's exit codes (sysexits.h), never a traceback.
@@ -50,6 +53,8 @@ from relayd.policy import effective_limit
 PROG = "relayd-sendmail"
 DEFAULT_CONFIG = Path("/etc/relayd/relay.yaml")
 CONFIG_ENV = "RELAYD_CONFIG"
+DEFAULT_SOCKET = Path("/run/relayd/submit.sock")
+SOCKET_ENV = "RELAYD_SUBMIT_SOCKET"
 SMTP_TIMEOUT = 60.0  # seconds per SMTP step; relayd answers DATA once the spool has flushed
 MAX_ARGUMENT_RECIPIENTS = 10_000  # the largest recipient limit relay.yaml accepts
 
@@ -89,10 +94,12 @@ Reads one message from standard input and queues it in the running relayd.
   -f ADDR, -r ADDR  envelope sender (default: the From: address, else user@hostname)
   -F NAME         full name for the From: header added when the message has none
   -v              say on stderr what happens
+  --socket PATH   relayd's unix listener (default: ${SOCKET_ENV}, else the one in relay.yaml, else {DEFAULT_SOCKET})
   --config PATH   relay.yaml (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}); also -C PATH
 Accepted and ignored: -m -n -U -oem -oee -oep -oeq -oew -odb -odi -odq -odf -oQ... -om -oo -B TYPE -N DSN -R RET -V ENVID -h N -bm
 Exit status (sysexits): 0 queued, 64 usage, 65 bad message, 67 recipient refused, 69 refused,
-  75 relayd unreachable or busy (try again), 76 protocol, 77 sender not allowed, 78 configuration.
+  75 relayd unreachable or busy (try again), 76 protocol, 77 sender or local user not allowed,
+  78 configuration.
 """
 
 
@@ -109,6 +116,7 @@ class Options:
     full_name: str | None = None  # -F
     verbose: bool = False  # -v
     config: Path | None = None  # --config / -C
+    socket: Path | None = None  # --socket
     recipients: tuple[str, ...] = ()
     show_help: bool = False
 
@@ -173,13 +181,13 @@ def _long_option(arg: str, args: list[str], i: int, opts: dict[str, object]) -> 
     if name == "help":
         opts["show_help"] = True
         return i
-    if name != "config":
+    if name not in ("config", "socket"):
         raise usage_error(f"{arg}: unknown option (see --help)")
     if not eq:
         if i >= len(args):
-            raise usage_error("--config needs a path")
+            raise usage_error(f"--{name} needs a path")
         value, i = args[i], i + 1
-    opts["config"] = Path(value)
+    opts[name] = Path(value)
     return i
 
 
@@ -406,6 +414,28 @@ class Target:
     def where(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def label(self) -> str:
+        return f"tenant {self.tenant}"
+
+
+@dataclass(frozen=True)
+class LocalTarget:
+    """relayd's Unix-socket listener; relayd picks the tenant from our uid."""
+
+    path: Path
+    hostname: str | None = None  # from relay.yaml when readable, else from relayd's greeting
+    max_message_size: int | None = None  # likewise, else from EHLO SIZE
+    user: str = ""
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
+    def label(self) -> str:
+        return f"local user {self.user}" if self.user else "this local user"
+
 
 def _connect_host(listen_address: str) -> str:
     """A wildcard listener is reached on loopback."""
@@ -416,14 +446,15 @@ def _connect_host(listen_address: str) -> str:
 
 
 def find_target(config: RelayConfig) -> Target:
-    """The first listener and the first enabled tenant bound to a loopback address."""
+    """The first listener and the first enabled tenant bound to a loopback address
+    (the older way of local submission, which trusts every local user)."""
     bound = [t for t in config.tenants.values() if t.enabled and t.bind_addresses]
     if not bound:
         raise Failure(
             Exit.CONFIG,
-            f"no tenant in {config.source} is bound to a loopback address, so relayd cannot tell "
-            "who local mail is from; add `bind_addresses: [127.0.0.2]` to the local tenant "
-            "(e.g. the one for cron jobs) and reload relayd",
+            f"{config.source} has no unix listener, so relayd cannot tell who local mail is from; "
+            "add one (`- {name: local, unix: /run/relayd/submit.sock}` under listeners:) and list "
+            "the local users in the tenant's local_users, then restart relayd",
         )
     tenant = bound[0]
     listener = config.listeners[0]
@@ -491,10 +522,10 @@ def _reply_text(code: int, message: bytes | str) -> str:
     return f"{code} {' '.join(text.split())}"
 
 
-def _refusal(stage: Stage, code: int, message: bytes | str, what: str, target: Target) -> Failure:
+def _refusal(stage: Stage, code: int, message: bytes | str, what: str, target: Target | LocalTarget) -> Failure:
     reply = _reply_text(code, message)
     status = exit_for_reply(stage, code, reply[4:])
-    if status is Exit.CONFIG:
+    if status is Exit.CONFIG and isinstance(target, Target):
         return Failure(
             status,
             f"relayd did not take {target.source} as tenant {target.tenant} ({reply}); reload relayd "
@@ -565,7 +596,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _unreachable(target: Target, exc: BaseException) -> Failure:
+def _unreachable(target: Target | LocalTarget, exc: BaseException) -> Failure:
     return Failure(
         Exit.TEMPFAIL,
         f"cannot reach relayd at {target.where}: {_describe(exc)}; the message was not sent "
@@ -576,7 +607,8 @@ def _unreachable(target: Target, exc: BaseException) -> Failure:
 class Session:
     """One SMTP session with relayd, from the tenant's loopback address."""
 
-    def __init__(self, target: Target, *, verbose: TextIO | None, timeout: float = SMTP_TIMEOUT) -> None:
+    def __init__(self, target: Target | LocalTarget, *, verbose: TextIO | None,
+                 timeout: float = SMTP_TIMEOUT) -> None:
         self.target = target
         self.verbose = verbose
         self.timeout = timeout
@@ -587,6 +619,7 @@ class Session:
 
     def open(self) -> smtplib.SMTP:
         t = self.target
+        assert isinstance(t, Target)
         context = tls_context(t) if t.tls is TlsMode.IMPLICIT else None
         # local_hostname is given so smtplib never looks up this machine's name;
         # the host is given to the constructor, which connects and reads the greeting.
@@ -613,6 +646,7 @@ class Session:
 
     def hello(self, client: smtplib.SMTP) -> None:
         t = self.target
+        assert isinstance(t, Target)
         code, message = client.ehlo()
         if code != 250:
             raise _refusal(Stage.EHLO, code, message, "EHLO", t)
@@ -638,7 +672,7 @@ class Session:
         options = _mail_options(client, submission)
         code, message = client.mail(submission.sender, options)
         if code != 250:
-            raise _refusal(Stage.MAIL, code, message, f"the sender <{submission.sender}> (tenant {t.tenant})", t)
+            raise _refusal(Stage.MAIL, code, message, f"the sender <{submission.sender}> ({t.label})", t)
         refused: list[tuple[str, int, bytes]] = []
         for recipient in submission.recipients:
             code, message = client.rcpt(recipient)
@@ -667,7 +701,7 @@ def _mail_options(client: smtplib.SMTP, submission: Submission) -> list[str]:
     return options
 
 
-def _refused_recipients(refused: Sequence[tuple[str, int, bytes]], target: Target) -> Failure:
+def _refused_recipients(refused: Sequence[tuple[str, int, bytes]], target: Target | LocalTarget) -> Failure:
     permanent = [r for r in refused if r[1] >= 500]
     first = (permanent or list(refused))[0]
     shown = "; ".join(f"<{a}>: {_reply_text(c, m)}" for a, c, m in refused)
@@ -725,22 +759,15 @@ def local_user() -> str:
         return f"uid{os.getuid()}"
 
 
-def load_relay_config(path: Path) -> RelayConfig:
+def load_relay_config(path: Path) -> RelayConfig | None:
+    """relay.yaml, or None when this user may not read it (the socket needs no config)."""
     from relayd.configfile import ConfigError, load_config
 
     try:
         with open(path, "rb"):
             pass
     except PermissionError:
-        user = local_user()
-        folder = path.parent
-        raise Failure(
-            Exit.CONFIG,
-            f"cannot read {path}: permission denied; {PROG} reads it to find relayd's listener and "
-            f"local tenant. Run it as root, or let {user} read the file and the listener certificate "
-            f"(for example: setfacl -m u:{user}:x {folder} {folder}/tls && "
-            f"setfacl -m u:{user}:r {path} {folder}/tls/cert.pem)",
-        ) from None
+        return None
     except OSError:
         pass  # load_config names the problem with the file
     try:
@@ -749,9 +776,103 @@ def load_relay_config(path: Path) -> RelayConfig:
         raise Failure(Exit.CONFIG, str(exc).replace("\n", f"\n{PROG}: ")) from None
 
 
+def choose_target(options: Options, environ: Mapping[str, str]) -> tuple[Target | LocalTarget, RelayConfig | None]:
+    """Where to submit, and relay.yaml if it was read: a socket named on the command
+    line or in the environment, else what relay.yaml says (its unix listener, else a
+    bind_addresses tenant), else the default socket when relay.yaml is unreadable or absent."""
+    named = options.socket or (Path(environ[SOCKET_ENV]) if environ.get(SOCKET_ENV) else None)
+    if named is not None:
+        return LocalTarget(named, user=local_user()), None
+    path = config_path(options, environ)
+    explicit = options.config is not None or bool(environ.get(CONFIG_ENV))
+    config = load_relay_config(path) if explicit or path.exists() else None
+    if config is None:
+        return LocalTarget(DEFAULT_SOCKET, user=local_user()), None
+    for listener in config.listeners:
+        if listener.unix_path is not None:
+            target = LocalTarget(listener.unix_path, config.hostname, listener.max_message_size, local_user())
+            return target, config
+    return find_target(config), config
+
+
+class UnixSMTP(smtplib.SMTP):
+    """smtplib over relayd's Unix socket (smtplib only knows TCP, and LMTP's socket speaks LHLO)."""
+
+    def __init__(self, path: Path, *, local_hostname: str, timeout: float) -> None:
+        self.socket_path = path
+        super().__init__(local_hostname=local_hostname, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+def open_local(target: LocalTarget, session: Session) -> tuple[smtplib.SMTP, str]:
+    """Connect to the socket and say EHLO; the client and relayd's host name."""
+    client = UnixSMTP(target.path, local_hostname=target.hostname or "localhost", timeout=session.timeout)
+    try:
+        code, greeting = client.connect()
+    except PermissionError:
+        client.close()
+        raise Failure(Exit.NOPERM, f"{target.path}: permission denied; the unix listener's mode and group "
+                                   "in relay.yaml decide who may connect; the message was not sent") from None
+    except (OSError, smtplib.SMTPServerDisconnected) as exc:
+        client.close()
+        raise _unreachable(target, exc) from None
+    if code != 220:
+        client.close()
+        raise _refusal(Stage.GREETING, code, greeting, "the connection", target)
+    hostname = target.hostname or (greeting.split() or [b"localhost"])[0].decode("ascii", "replace")
+    session.say(f"connected to {target.path} as {target.label}")
+    code, message = client.ehlo()
+    if code != 250:
+        client.close()
+        raise _refusal(Stage.EHLO, code, message, "EHLO", target)
+    return client, hostname
+
+
+def submit_local(target: LocalTarget, options: Options, *, stdin: BinaryIO, verbose: TextIO | None) -> str:
+    """The whole submission over the Unix socket; relayd's 250 reply, or `Failure`."""
+    session = Session(target, verbose=verbose)
+    client, hostname = open_local(target, session)
+    try:
+        announced = client.esmtp_features.get("size", "")
+        limit = int(announced) if announced.isdigit() else target.max_message_size or 25 * 1024 * 1024
+        raw = read_message(stdin, dot_ends_input=options.dot_ends_input, limit=limit)
+        submission = build_submission(
+            raw, options, local_sender=f"{local_user()}@{hostname}", hostname=hostname, now=time.time(),
+            message_id=email.utils.make_msgid(domain=hostname),
+        )
+        if len(submission.message) > limit:
+            raise Failure(Exit.DATAERR, f"the message is {len(submission.message)} bytes; relayd accepts at "
+                                        f"most {limit}; nothing was sent")
+        reply = session.transaction(client, submission)
+    except smtplib.SMTPServerDisconnected as exc:
+        raise Failure(Exit.TEMPFAIL, f"relayd at {target.where} closed the connection ({exc}); the message "
+                                     "was not sent (exit 75: cron/PHP will retry or report)") from None
+    except smtplib.SMTPResponseException as exc:
+        raise _refusal(Stage.MAIL, exc.smtp_code, exc.smtp_error, "the session", target) from None
+    except OSError as exc:
+        raise _unreachable(target, exc) from None
+    finally:
+        _quit(client)
+    session.say(f"queued: {reply}")
+    return reply
+
+
 def run(options: Options, *, stdin: BinaryIO, stderr: TextIO, environ: Mapping[str, str]) -> int:
-    config = load_relay_config(config_path(options, environ))
-    target = find_target(config)
+    target, config = choose_target(options, environ)
+    verbose = stderr if options.verbose else None
+    if isinstance(target, LocalTarget):
+        submit_local(target, options, stdin=stdin, verbose=verbose)
+        return Exit.OK
+    assert config is not None  # a bind_addresses target comes from relay.yaml
     raw = read_message(stdin, dot_ends_input=options.dot_ends_input, limit=target.max_message_size)
     submission = build_submission(
         raw, options,
@@ -763,7 +884,7 @@ def run(options: Options, *, stdin: BinaryIO, stderr: TextIO, environ: Mapping[s
     if len(submission.message) > target.max_message_size:
         raise Failure(Exit.DATAERR, f"the message is {len(submission.message)} bytes; relayd accepts at most "
                                     f"{target.max_message_size} for tenant {target.tenant}; nothing was sent")
-    submit(target, submission, verbose=stderr if options.verbose else None)
+    submit(target, submission, verbose=verbose)
     return Exit.OK
 
 

@@ -86,7 +86,9 @@ class ConnectionCounter:
         """Count a new connection, or say why it is refused ("total" or "address")."""
         if self.total >= self.max_total:
             return "total"
-        per_address = self.limit_loopback_per_address or not is_loopback(address)
+        # "" is a Unix-socket peer: local users there are told apart by uid, not
+        # address, so only the total applies to them.
+        per_address = bool(address) and (self.limit_loopback_per_address or not is_loopback(address))
         if per_address and self.by_address[address] >= self.max_per_address:
             return "address"
         self.total += 1

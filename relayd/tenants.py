@@ -64,6 +64,10 @@ def tenant_fields(tenant: TenantConfig) -> dict[str, object]:
     fields["senders"] = list(tenant.senders)
     if tenant.bind_addresses:
         fields["bind_addresses"] = list(tenant.bind_addresses)
+    if tenant.trust_every_local_user:
+        fields["trust_every_local_user"] = True
+    if tenant.local_uids:
+        fields["local_users"] = list(tenant.local_uids)
     if tenant.max_recipients is not None:
         fields["max_recipients"] = tenant.max_recipients
     if tenant.max_message_size is not None:

@@ -71,6 +71,7 @@ class Envelope:
     client_ip: str = ""
     client_port: int = 0
     client_helo: str = ""
+    local_user: str = ""  # "uid/name" of a local submitter on a Unix-socket listener
     tls: str = ""  # protocol version the client used, e.g. "TLSv1.3"; "" for none
     smtputf8: bool = False
     bounce_of: str | None = None

@@ -159,6 +159,7 @@ class RelayFiles:
             ]
             if t.bind_addresses:
                 lines.append("    bind_addresses: [" + ", ".join(t.bind_addresses) + "]")
+                lines.append("    trust_every_local_user: true")
             lines += [f"    {line}" for line in t.extra.splitlines() if line.strip()]
             lines.append("    routes:")
             for domains, via in t.routes:

@@ -8,6 +8,7 @@ readable diff.
 from __future__ import annotations
 
 import dataclasses
+import pwd
 import textwrap
 from pathlib import Path
 
@@ -68,14 +69,17 @@ def test_example_production_config_loads(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config.hostname == "relay.example.com"
     assert [t for t in config.tenants] == ["acme", "globex", "ops"]
     assert config.tenants["acme"].routes[0].transports == ("gmail_acme", "sendgrid", "mailgun")
-    assert config.tenants["ops"].bind_addresses == ("127.0.0.2",)
+    assert config.tenants["ops"].bind_addresses == ()
+    assert config.tenants["ops"].local_uids == (0, pwd.getpwnam("www-data").pw_uid)
+    local = config.listeners[-1]
+    assert local.unix_path == Path("/run/relayd/submit.sock") and local.unix_mode == 0o666
     sendgrid = config.transports["sendgrid"]
     assert isinstance(sendgrid, SmtpTransportConfig)
     assert (sendgrid.host, sendgrid.port) == ("smtp.sendgrid.net", 2525)
     ses = config.transports["ses_ops"]
     assert isinstance(ses, SmtpTransportConfig)
     assert ses.host == "email-smtp.eu-west-1.amazonaws.com"
-    assert {(lst.port, lst.tls) for lst in config.listeners} == {
+    assert {(lst.port, lst.tls) for lst in config.listeners if lst.unix_path is None} == {
         (587, TlsMode.STARTTLS), (465, TlsMode.IMPLICIT)}
 
 
@@ -245,13 +249,15 @@ def test_a_password_written_as_hash_or_credential_is_not_repeated(tmp_path: Path
 
 
 def test_one_bind_address_cannot_stand_for_two_tenants(tmp_path: Path) -> None:
-    text = MINIMAL.replace("    routes:", "    bind_addresses: [127.0.0.2]\n    routes:") + (
+    text = MINIMAL.replace("    routes:", "    bind_addresses: [127.0.0.2]\n    trust_every_local_user: true\n"
+                                          "    routes:") + (
         "  globex:\n"
         "    senders: ['*@globex.example']\n"
         "    bind_addresses: 127.0.0.2\n"
+        "    trust_every_local_user: true\n"
         "    routes: [{domains: ['*'], via: [sink]}]\n")
     assert problems_of(write(tmp_path, text)) == (
-        "relay.yaml:18:21: 127.0.0.2 already stands for tenant 'acme'; one address can only "
+        "relay.yaml:19:21: 127.0.0.2 already stands for tenant 'acme'; one address can only "
         "stand for one tenant"
     ).replace("relay.yaml", str(tmp_path / "relay.yaml"))
 
@@ -348,3 +354,87 @@ def test_every_preset_resolves_and_ses_needs_a_region() -> None:
         resolve_preset("ses", "Paris")
     with pytest.raises(PresetError, match="known presets are gmail, google_workspace"):
         resolve_preset("hotmail")
+
+
+# --------------------------------------------------------------------------- local identity
+
+
+def test_bind_addresses_without_the_explicit_trust_is_an_error_naming_both_fixes(tmp_path: Path) -> None:
+    text = MINIMAL.replace("    routes:", "    bind_addresses: [127.0.0.2]\n    routes:")
+    assert problems_of(write(tmp_path, text)) == (
+        f"{tmp_path / 'relay.yaml'}:13:21: bind_addresses trusts every local user: any program on this "
+        "machine can connect from 127.0.0.2 and submit as tenant 'acme'. Prefer local_users (the uids "
+        "relayd-sendmail may submit as this tenant over a unix listener); to keep bind_addresses, add "
+        "`trust_every_local_user: true` to the tenant"
+    )
+    trusted = MINIMAL.replace("    routes:", "    bind_addresses: [127.0.0.2]\n    trust_every_local_user: true\n"
+                                           "    routes:")
+    tenant = load_config(write(tmp_path, trusted), check_files=False).tenants["acme"]
+    assert tenant.bind_addresses == ("127.0.0.2",) and tenant.trust_every_local_user
+
+
+def test_local_users_take_names_and_numbers_once_each(tmp_path: Path) -> None:
+    unknown = MINIMAL.replace("    routes:", "    local_users: [root, 4242, no-such-user-here]\n    routes:")
+    path = write(tmp_path, unknown)
+    assert problems_of(path) == (
+        f"{path}:13:31: local_users: there is no local user named 'no-such-user-here' on this machine "
+        "(getent passwd); write an existing user name or a uid number"
+    )
+    twice = MINIMAL.replace("    routes:", "    local_users: [root, 4242]\n    routes:") + (
+        "  globex:\n"
+        "    senders: ['*@globex.example']\n"
+        "    local_users: [4242]\n"
+        "    routes: [{domains: ['*'], via: [sink]}]\n")
+    path = write(tmp_path, twice)
+    assert problems_of(path) == (
+        f"{path}:18:19: local user 4242 already submits as tenant 'acme'; a local user can only stand "
+        "for one tenant"
+    )
+    good = MINIMAL.replace("    routes:", "    local_users: [root, 4242]\n    routes:")
+    config = load_config(write(tmp_path, good), check_files=False)
+    assert config.tenants["acme"].local_uids == (0, 4242)
+    assert config.tenant_for_uid(4242) is config.tenants["acme"] and config.tenant_for_uid(4243) is None
+
+
+def test_unix_listener_has_a_path_mode_and_group_but_no_address_or_tls(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "  - {name: local, port: 2525, tls: none}\n",
+        "  - {name: local, port: 2525, tls: none}\n"
+        "  - {name: sock, unix: run/submit.sock, mode: \"0660\", group: root, max_recipients: 5}\n",
+    )
+    config = load_config(write(tmp_path, text), check_files=False)
+    sock = config.listeners[1]
+    assert (sock.unix_path, sock.unix_mode, sock.unix_group) == (tmp_path / "run/submit.sock", 0o660, 0)
+    assert sock.tls is TlsMode.NONE and sock.max_recipients == 5
+    bad = MINIMAL.replace(
+        "  - {name: local, port: 2525, tls: none}\n",
+        "  - {name: sock, unix: /run/x.sock, port: 25, mode: \"u+rw\"}\n"
+        "  - {name: local, port: 2525, tls: none, mode: \"0600\"}\n",
+    )
+    path = write(tmp_path, bad)
+    assert problems_of(path) == "\n".join([
+        f"{path}:6:24: the first listener must be a network listener (address and port: relayctl uses "
+        "it); list the unix listener after it",
+        f"{path}:6:43: port does not apply to a unix listener (it has a socket path instead of an "
+        "address, and no TLS)",
+        f"{path}:6:53: mode must be permission bits in octal such as \"0660\" (owner, group, others), "
+        "but this is text",
+        f"{path}:7:48: mode only applies to a unix listener (unix: /run/relayd/submit.sock)",
+    ])
+
+
+def test_login_throttling_settings_have_bounds_and_an_order(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "  - {name: local, port: 2525, tls: none}\n",
+        "  - {name: local, port: 2525, tls: none, auth_failures_per_source: 0, auth_lockout: 10m,\n"
+        "     auth_lockout_max: 2m}\n",
+    )
+    path = write(tmp_path, text)
+    assert problems_of(path) == "\n".join([
+        f"{path}:6:68: auth_failures_per_source must be from 1 to 100000; 0 is out of range",
+        f"{path}:7:24: auth_lockout_max (2m) must not be below auth_lockout (10m)",
+    ])
+    good = MINIMAL.replace("port: 2525, tls: none}", "port: 2525, tls: none, auth_failures_per_source: 50, "
+                                                     "auth_lockout: 30s}")
+    listener = load_config(write(tmp_path, good), check_files=False).listeners[0]
+    assert (listener.auth_failures_per_source, listener.auth_lockout, listener.auth_lockout_max) == (50, 30.0, 900.0)

@@ -162,22 +162,25 @@ def auth_plain(client: smtplib.SMTP, login: str, password: str) -> tuple[int, by
         return -1, b""
 
 
-def test_repeated_auth_failures_are_throttled_then_disconnected(relay_files: RelayFiles) -> None:
+def test_repeated_auth_failures_slow_then_lock_out_that_login_only(relay_files: RelayFiles) -> None:
     capture_files(relay_files, listener_extra="auth_failures_before_delay: 1\nauth_failures_before_disconnect: 3")
     with RelayThread(relay_files.config):
         with connect(relay_files) as client:
             first = auth_plain(client, "acme", "guess-1")
             started = time.monotonic()
-            second = auth_plain(client, "nosuchtenant", "guess-2")
+            second = auth_plain(client, "acme", "guess-2")
             delayed = time.monotonic() - started
             third = auth_plain(client, "acme", "guess-3")
-        assert first[0] == 535 and second[0] == 535
+        assert first[0] == 535 and second[0] == 535 and third[0] == 535
         assert delayed >= 0.4  # the second failure is already slowed down
-        assert third[0] == 421 and third[1].startswith(b"4.7.0")
-        # even the right password is refused from this address for a while
+        # the login is now locked out, even with the right password, and the connection closed
         with connect(relay_files) as client:
-            code, _ = auth_plain(client, *ACME)
-        assert code == 421
+            code, text = auth_plain(client, *ACME)
+        assert code == 421 and text.startswith(b"4.7.0")
+        # another tenant on the same address is not affected
+        with connect(relay_files) as client:
+            code, _ = auth_plain(client, "globex", "globex-password")
+        assert code == 235
 
 
 def test_nul_bytes_are_refused_with_a_clear_error(relay: RelayFiles) -> None:
@@ -327,7 +330,7 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
         reference = SMTP(object(), hostname="relay.test")
         services = ListenerServices(
             config=lambda: None, authenticate=None, accept=None, new_id=None,  # type: ignore[arg-type]
-            guard=AuthGuard(delay_after=1, disconnect_after=2, window=1), log=None,
+            guard=AuthGuard(), log=None,
         )
         listener = ListenerConfig()
         ours = SubmissionProtocol(

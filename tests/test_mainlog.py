@@ -311,3 +311,12 @@ def test_write_error_is_counted_not_raised() -> None:
     log = MainLog(None, clock=fixed_clock, stream=BrokenStream(), utc=True)
     log.completed(QID)
     assert log.write_errors == 1
+
+
+def test_a_throttled_login_is_logged_sanitised_and_without_a_password() -> None:
+    from relayd.mainlog import format_auth_throttled
+
+    line = format_auth_throttled(client_ip="127.0.0.1", login="acme\r\n2026-01-01 fake line",
+                                 reason="login locked after 10 failures", retry_after=60.4)
+    assert line == ("H=[127.0.0.1] AUTH refused (set_id=acme\\r\\n2026-01-01 fake line): login locked after "
+                    "10 failures; retry in 60s: 421 4.7.0 Too many failed authentication attempts")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from relayd import policy
-from relayd.authguard import AuthGuard
 from relayd.config import RouteRule, TenantConfig
 from relayd.router import domain_matches, group_by_route, route
 from relayd.values import Route
@@ -87,16 +86,3 @@ def test_nul_and_long_lines_are_refused() -> None:
     assert refusal is not None and "Line 2" in refusal
 
 
-def test_auth_guard_delays_then_blocks_then_forgets() -> None:
-    now = [0.0]
-    guard = AuthGuard(delay_after=2, disconnect_after=4, window=60, clock=lambda: now[0])
-    delays = []
-    for _ in range(3):
-        guard.record_failure("192.0.2.1")
-        delays.append(guard.delay_for("192.0.2.1"))
-    assert delays == [0.0, 0.0, 0.5]
-    assert not guard.is_blocked("192.0.2.1")
-    guard.record_failure("192.0.2.1")
-    assert guard.is_blocked("192.0.2.1") and not guard.is_blocked("192.0.2.2")
-    now[0] = 61.0
-    assert not guard.is_blocked("192.0.2.1")

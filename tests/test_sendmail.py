@@ -210,12 +210,13 @@ def test_unreachable_relayd_exits_75_with_one_clear_line(relay_files: RelayFiles
     )
 
 
-def test_no_tenant_bound_to_loopback_exits_78_naming_bind_addresses(relay_files: RelayFiles) -> None:
+def test_no_unix_listener_and_no_bound_tenant_exits_78_naming_the_unix_listener(relay_files: RelayFiles) -> None:
     tenant = TenantSpec(name="app", password="x", senders=["*@relay.test"], routes=[(["*"], ["capture"])])
     relay_files.write(upstreams=[], tenants=[tenant], capture=True)
     result = sendmail(relay_files, ["to@customer.test"], b"x\n")
     assert result.returncode == 78
-    assert b"add `bind_addresses: [127.0.0.2]` to the local tenant" in result.stderr
+    assert b"has no unix listener, so relayd cannot tell who local mail is from" in result.stderr
+    assert b"local_users" in result.stderr
 
 
 def test_plain_listener_is_used_without_tls(relay_files: RelayFiles) -> None:
@@ -293,7 +294,8 @@ def test_implicit_tls_listener_is_used_with_the_pinned_certificate(relay_files: 
         assert captured(relay_files)[0].endswith(b"\r\nimplicit\r\n")
 
 
-def test_a_user_who_cannot_read_relay_yaml_is_told_how_to_fix_it(relay_files: RelayFiles) -> None:
+def test_a_user_who_cannot_read_relay_yaml_uses_the_default_socket(relay_files: RelayFiles) -> None:
+    """relay.yaml holds every tenant's password hash: local users submit over the socket instead."""
     relay_files.write(upstreams=[], tenants=[CRON], capture=True)
     os.chmod(relay_files.config, 0o600)
     command = [str(SENDMAIL), "--config", str(relay_files.config), "to@customer.test"]
@@ -304,8 +306,9 @@ def test_a_user_who_cannot_read_relay_yaml_is_told_how_to_fix_it(relay_files: Re
     else:
         os.chmod(relay_files.config, 0o000)
     result = subprocess.run(command, input=b"x\n", capture_output=True, timeout=30)
-    assert result.returncode == 78
-    assert b"permission denied" in result.stderr and b"setfacl -m u:" in result.stderr
+    assert result.returncode == 75, result.stderr
+    assert b"cannot reach relayd at /run/relayd/submit.sock" in result.stderr
+    assert b"setfacl" not in result.stderr
 
 
 def test_port_nobody_listens_on_is_reported_even_with_tls_none(relay_files: RelayFiles) -> None:

@@ -229,3 +229,17 @@ def test_root_keeps_the_owner_of_the_state_directory(relay_yaml: Path) -> None:
     managed.update(lambda tenants: tenants.update(shop=shop()))
     st = managed.path.stat()
     assert (st.st_uid, st.st_gid) == (4242, 4343)
+
+
+def test_local_users_and_the_bind_trust_survive_a_rewrite_of_the_managed_file(tmp_path: Path) -> None:
+    from relayd.configfile import parse_managed_tenants
+
+    tenant = TenantConfig(
+        name="cron", password_hash=None, senders=("*@relay.test",),
+        routes=(RouteRule("cron-1", ("*",), ("sink",)),), bind_addresses=("127.0.0.3",),
+        trust_every_local_user=True, local_uids=(0, 4242),
+    )
+    text = render_tenants_file([tenant])
+    (back,) = parse_managed_tenants(text, file="tenants.yaml", base=tmp_path, transport_names=frozenset({"sink"}),
+                                    defined={}).values()
+    assert (back.bind_addresses, back.trust_every_local_user, back.local_uids) == (("127.0.0.3",), True, (0, 4242))

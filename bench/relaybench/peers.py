@@ -255,6 +255,7 @@ class RelaydPeer(Peer):
             f'    password_hash: "{hash_password(self.password)}"',
             '    senders: ["*@bench.example"]',
             "    bind_addresses: [127.0.0.1]",
+            "    trust_every_local_user: true",
             "    routes:",
             '      - domains: ["*"]',
             "        via: [sink]",
