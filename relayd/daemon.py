@@ -34,6 +34,7 @@ from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
 from relayd.scheduler import Scheduler, UpstreamHealth
 from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
@@ -63,7 +64,14 @@ class Relay:
         self.metrics = RelayMetrics()
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
-        self.spool = Spool(config.spool_dir, io=spool_io)
+        self.room = SpoolRoom(
+            config.spool_dir,
+            lambda: self.config.spool_limits,
+            lambda: max(listener.max_message_size for listener in self.config.listeners),
+            state_failure=lambda: self.agent.state_write_failure(),
+            log=self.log.warning,
+        )
+        self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
         self.transports: dict[str, Transport] = self._build_transports(config)
         self.agent = DeliveryAgent(
@@ -98,6 +106,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
+                admit=self.room.refusal,
                 guard=self.guard,
                 log=self.log,
                 metrics=self.metrics,
@@ -115,6 +124,7 @@ class Relay:
                 log=self.log,
                 reload=self.reload_report,
                 listeners=lambda: self.server.bound,
+                spool_room=self.room.status,
             ).handlers(),
             log_error=self.log.error,
             ready=self.wait_index_loaded,
@@ -157,6 +167,7 @@ class Relay:
         except SpoolWriteError as error:
             self.log.error(f"spool write failed, message refused: {error}")
             raise SubmissionRefused(replies.SPOOL_ERROR) from None
+        self.room.track(entry)
         self._note_arrival(entry)
         self.scheduler.add(entry)
         return entry.id
@@ -182,6 +193,7 @@ class Relay:
             protocol="local",
         )
         entry = await self.spool.accept(bounce, dsn)
+        self.room.track(entry)
         self.log.bounce_created(original.id, bounce_id=entry.id, sender=original.sender, size=len(dsn))
         self.scheduler.add(entry)
 
@@ -233,6 +245,8 @@ class Relay:
         loaded = await asyncio.to_thread(self.spool.load)
         for problem in loaded.problems:
             self.log.warning(f"spool: {problem}")
+        for entry in loaded.entries:
+            self.room.track(entry)
         added = self.scheduler.add_loaded(loaded.entries)
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.

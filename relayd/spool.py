@@ -415,6 +415,7 @@ class Spool:
         flush_mode: str = "syncfs",
         io: SpoolIO | None = None,
         clock: Callable[[], float] = time.time,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         if flush_mode not in _FLUSH_MODES:
             raise ValueError(f"flush_mode must be one of {', '.join(_FLUSH_MODES)}")
@@ -434,6 +435,7 @@ class Spool:
         self._root_fd: int | None = None
         self._writers: ThreadPoolExecutor | None = None
         self.flush_failures = 0  # fire-and-forget flushes that failed (for metrics)
+        self._on_removed = on_removed  # told the id of every message that leaves queue/
 
     # -- names ---------------------------------------------------------------
 
@@ -547,6 +549,8 @@ class Spool:
         finally:
             os.close(fd)
         self._request_flush(_FlushRequest(None, (path.parent,)))
+        if self._on_removed is not None:
+            self._on_removed(id)
         return True
 
     def remove(self, id: str) -> bool:
@@ -560,9 +564,12 @@ class Spool:
         if fd is None:
             return None
         try:
-            return self._move_to_corrupt(path, reason)
+            moved = self._move_to_corrupt(path, reason)
         finally:
             os.close(fd)
+        if self._on_removed is not None:
+            self._on_removed(id)
+        return moved
 
     # -- reading -------------------------------------------------------------
 
