@@ -245,6 +245,8 @@ class Relay:
         loaded = await asyncio.to_thread(self.spool.load)
         for problem in loaded.problems:
             self.log.warning(f"spool: {problem}")
+        for message_id in loaded.discarded:
+            self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
         for entry in loaded.entries:
             self.room.track(entry)
         added = self.scheduler.add_loaded(loaded.entries)
