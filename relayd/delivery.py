@@ -105,7 +105,7 @@ class _Progress:
 
     def __init__(self, entry: QueueEntry) -> None:
         self.known = self.recorded = entry
-        self.unbounced = []
+        self.unbounced: list[DeliveryReport] = []
         self.first_delivered = True
 
 

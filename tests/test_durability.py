@@ -334,28 +334,31 @@ def test_repeated_kill_9_under_load_leaves_corrupt_empty_and_loses_no_acknowledg
     lock = threading.Lock()
     stop = threading.Event()
 
+    # Large bodies keep each file open for a while, so kills land mid-write.
+    filler = ("x" * 998 + "\n") * 256
+
     def client(n: int) -> None:
         i = 0
         while not stop.is_set():
-            i += 1
-            token = f"soak-{n}-{i}"
             try:
                 with connect(relay_files, login=ACME, timeout=5) as smtp:
-                    smtp.sendmail("billing@acme.example", ["x@customer.test"],
-                                  make_message("billing@acme.example", ["x@customer.test"], subject=token))
+                    while not stop.is_set():
+                        i += 1
+                        token = f"soak-{n}-{i}"
+                        message = make_message("billing@acme.example", ["x@customer.test"], subject=token, body=filler)
+                        smtp.sendmail("billing@acme.example", ["x@customer.test"], message)
+                        with lock:
+                            acknowledged.append(token)
             except Exception:
                 time.sleep(0.05)  # relayd is down or was killed mid-session: nothing was acknowledged
-                continue
-            with lock:
-                acknowledged.append(token)
 
-    workers = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(6)]
+    workers = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(8)]
     relayd = RelaydProcess(relay_files)
     for w in workers:
         w.start()
     try:
         for kill in range(10):
-            time.sleep(0.6 + 0.15 * (kill % 4))
+            time.sleep(1.0 + 0.2 * (kill % 4))
             relayd.kill()
             relayd = RelaydProcess(relay_files)
     finally:
@@ -364,7 +367,7 @@ def test_repeated_kill_9_under_load_leaves_corrupt_empty_and_loses_no_acknowledg
             w.join(15)
     try:
         tokens = set(acknowledged)
-        assert len(tokens) >= 50, f"only {len(tokens)} messages acknowledged under load"
+        assert len(tokens) >= 30, f"only {len(tokens)} messages acknowledged under load"
 
         def delivered() -> set[str]:
             return {_subject(m.data) for m in up_a.messages}
