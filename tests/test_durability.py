@@ -168,6 +168,41 @@ def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answer
     assert after
 
 
+class BrokenStateWrites(SpoolIO):
+    """A disk whose writes of delivery state fail with EIO while `broken` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = threading.Event()
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if self.broken.is_set() and bytes(data[:6]) == b'{"at":':
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().write(fd, data)
+
+
+def test_an_io_error_recording_state_holds_the_message_without_resending_then_resumes(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    up_a, up_b = two_routes(relay_files, upstreams)
+    up_b.reply_to("RCPT", "451 4.3.0 Try later", times=1)
+    io = BrokenStateWrites()
+    io.broken.set()
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+        message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "second@elsewhere.test"])
+        relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
+        assert "Input/output error" in relay_files.mainlog()
+        assert mail_from_reply(relay_files, GLOBEX, "news@globex.example")[0] == 452
+        time.sleep(6)  # past the retry interval and B's retry time: still nothing goes out
+        assert copies(up_a, "first@customer.test") == 1 and up_b.messages == []
+        io.broken.clear()
+        relay_files.wait_for_log(f"{message_id} delivery state recorded", timeout=10)
+        wait_until(lambda: copies(up_b, "second@elsewhere.test") == 1, 10, "B delivered once the state is on disk")
+        relay_files.wait_for_log(f"{message_id} Completed", timeout=5)
+        assert mail_from_reply(relay_files, GLOBEX, "news@globex.example")[0] == 250
+    assert copies(up_a, "first@customer.test") == 1 and copies(up_b, "second@elsewhere.test") == 1
+
+
 def test_under_the_free_space_reserve_mail_from_and_data_get_452_and_other_work_goes_on(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
