@@ -7,13 +7,20 @@ matching mainlog lines and metrics, the new recipient states in the spool,
 and an RFC 3464 bounce to the sender for every permanent failure.
 Untrusted input: upstream replies (only logged, sanitised by the log).
 How it fails: a spool file whose body no longer checks out is set aside and
-reported, never delivered half; anything else propagates to the scheduler,
-which retries the message later.
+reported, never delivered half; an outcome the spool cannot write (ENOSPC,
+EIO) is held in memory (see below); anything else propagates to the
+scheduler, which retries the message later.
 
 The failover policy itself (which error means "next transport", "defer" or
 "fail") is `relayd.failover.classify`, applied inside the transports. Here:
 * recipients are grouped by matching route rule, one upstream transaction per
-  group and transport;
+  group and transport; each group's verdicts are logged and made durable as
+  soon as the group is done, so a later group that hangs (or a kill -9) cannot
+  make an earlier recipient go out twice;
+* when that write fails, the pass stops and the outcome is kept in memory
+  (`unrecorded`): the message is delivered no further, every other delivery
+  waits (`hold_until`), new mail is refused (`state_write_failure`), and the
+  write is tried again every `state_retry_interval` until it works;
 * a transport in its retry wait (`UpstreamHealth`) is skipped without a
   connection attempt;
 * a recipient left over after the whole chain is deferred, except when every
