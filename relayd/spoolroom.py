@@ -25,6 +25,7 @@ lookup and two comparisons otherwise.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ class SpoolRoom:
         self._log = log
         self._room: DiskRoom | None = None
         self._room_at = float("-inf")
+        # Removals are reported from the spool's worker threads, arrivals on the loop.
+        self._lock = threading.Lock()
         self._sizes: dict[str, tuple[str, int]] = {}  # message id -> (tenant, bytes)
         self._usage: dict[str, TenantUsage] = {}
         self._state_failure = state_failure
@@ -110,28 +113,31 @@ class SpoolRoom:
 
     def track(self, entry: QueueEntry) -> None:
         """Count a queued message against its tenant (idempotent)."""
-        if entry.id in self._sizes:
-            return
         env = entry.envelope
-        self._sizes[entry.id] = (env.tenant, env.size)
-        old = self._usage.get(env.tenant, TenantUsage())
-        self._usage[env.tenant] = TenantUsage(old.messages + 1, old.bytes + env.size)
+        with self._lock:
+            if entry.id in self._sizes:
+                return
+            self._sizes[entry.id] = (env.tenant, env.size)
+            old = self._usage.get(env.tenant, TenantUsage())
+            self._usage[env.tenant] = TenantUsage(old.messages + 1, old.bytes + env.size)
 
     def forget(self, message_id: str) -> None:
         """A message left the queue (delivered, removed, set aside)."""
-        found = self._sizes.pop(message_id, None)
-        if found is None:
-            return
-        tenant, size = found
-        old = self._usage.get(tenant, TenantUsage())
-        left = TenantUsage(max(0, old.messages - 1), max(0, old.bytes - size))
-        if left.messages == 0:
-            self._usage.pop(tenant, None)
-        else:
-            self._usage[tenant] = left
+        with self._lock:
+            found = self._sizes.pop(message_id, None)
+            if found is None:
+                return
+            tenant, size = found
+            old = self._usage.get(tenant, TenantUsage())
+            left = TenantUsage(max(0, old.messages - 1), max(0, old.bytes - size))
+            if left.messages == 0:
+                self._usage.pop(tenant, None)
+            else:
+                self._usage[tenant] = left
 
     def usage(self, tenant: str) -> TenantUsage:
-        return self._usage.get(tenant, TenantUsage())
+        with self._lock:
+            return self._usage.get(tenant, TenantUsage())
 
     # -- admission ---------------------------------------------------------------
 
