@@ -152,6 +152,17 @@ def _daemon_chunks(config: RelayConfig) -> Iterator[list[Any]]:
             yield rows
         elif message.get("done") and not message.get("ok"):
             raise CliError(str(message.get("error", "relayd refused the request")))
+        elif message.get("done"):
+            _warn_unrecorded(message.get("unrecorded"))
+
+
+def _warn_unrecorded(held: object) -> None:
+    """On stderr, below the listing: messages whose outcome the spool could not record."""
+    if not isinstance(held, dict) or not held:
+        return
+    for message_id, reason in sorted(held.items()):
+        print(f"{PROG}: {sanitize(str(message_id))} held: cannot record delivery state "
+              f"({sanitize(str(reason), limit=300)})", file=sys.stderr)
 
 
 def _wire_chunks(config: RelayConfig) -> Iterator[list[Any]]:

@@ -571,7 +571,7 @@ class QueueControl:
                 parts.append(cached[2])
             await request.emit_raw(b'{"rows":[' + b",".join(parts) + b"]}\n")
         self._row_cache = fresh
-        return {"count": len(entries), "now": self._clock()}
+        return {"count": len(entries), "now": self._clock(), "unrecorded": self._agent.unrecorded()}
 
     async def queue_count(self, request: Request) -> dict[str, Any]:
         return queue_counts(

@@ -264,6 +264,11 @@ class Relay:
         await self.control.stop()
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
+        for message_id, reason in self.agent.unrecorded().items():
+            self.log.error(
+                f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
+                "recipients it delivered may be sent again after the restart"
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import uvloop
 
+from relayd.cli_queue import mailq_main
 from relayd.control import ControlClient
 from relayd.queueview import status_lines
 from relayd.spool import Spool, SpoolIO
@@ -120,7 +121,7 @@ def copies(upstream: Any, address: str) -> int:
 
 
 def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answers_452_until_space_returns(
-    relay_files: RelayFiles, upstreams: Callable[..., Any]
+    relay_files: RelayFiles, upstreams: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     spool_dir = relay_files.root / "spool"
     with tmpfs(spool_dir, "4m"):
@@ -147,6 +148,11 @@ def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answer
             assert any("cannot record delivery state" in line for line in status_lines(status, time.time()))
             shown = control.request("queue.show", id=message_id)
             assert "No space left" in shown["cannot_record"]
+            capsys.readouterr()
+            assert mailq_main(["--config", str(relay_files.config)]) == 0
+            listed = capsys.readouterr()
+            assert message_id in listed.out
+            assert f"{message_id} held: cannot record delivery state" in listed.err
             # Several retry intervals and queue runs go by: nothing is sent again.
             time.sleep(7)
             assert copies(up_a, "first@customer.test") == 1 and len(up_b.messages) == 1
