@@ -254,6 +254,11 @@ class DeliveryAgent:
             except SpoolEntryMissing:
                 self.forget(entry.id)
                 return None
+            except SpoolCorruptError as error:
+                self.forget(entry.id)
+                self._spool.set_aside(entry.id, str(error))
+                self._log.error(f"{entry.id} spool file set aside: {error}")
+                return None
             except SpoolError as error:
                 return self._hold(self._unrecorded.get(entry.id, held), error)
             if recorded is None:
