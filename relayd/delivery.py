@@ -74,6 +74,7 @@ CANCELLED_REPLY = SmtpReply(550, f"5.0.0 {CANCELLED}")
 # Seconds between attempts to record an outcome the spool refused (full or
 # failing disk); every delivery waits meanwhile.
 STATE_RETRY_INTERVAL = 5.0
+_AFTER_RETRY = 0.2  # seconds other deliveries wait past a held message's next try
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,10 +411,13 @@ class DeliveryAgent:
         if self._unrecorded:
             # While the spool cannot record outcomes nothing new goes out: one
             # held message per interval tries the write again.
+            now = self._clock()
             held = self._unrecorded.get(entry.id)
-            if held is None:
-                return self._clock() + self._state_retry_interval
-            return held.retry_at if held.retry_at > self._clock() else None
+            if held is not None:
+                return held.retry_at if held.retry_at > now else None
+            # Others look again right after the next try (soon, if one runs now).
+            next_try = min(h.retry_at for h in self._unrecorded.values())
+            return next_try + _AFTER_RETRY if next_try > now else now + _AFTER_RETRY
         config = self._config()
         tenant = config.tenants.get(entry.envelope.tenant)
         if tenant is None:

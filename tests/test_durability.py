@@ -209,6 +209,42 @@ def test_an_io_error_recording_state_holds_the_message_without_resending_then_re
     assert copies(up_a, "first@customer.test") == 1 and copies(up_b, "second@elsewhere.test") == 1
 
 
+class NoRoomForNewFiles(SpoolIO):
+    """A disk that takes appends but has no room for a new message file (a bounce) while `full` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = threading.Event()
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        if self.full.is_set() and flags & os.O_EXCL:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().open(path, flags, mode)
+
+
+def test_a_bounce_that_cannot_be_queued_holds_the_message_and_nothing_is_sent_twice(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    up_a, up_b = two_routes(relay_files, upstreams)
+    up_b.reply_to("RCPT", "550 5.1.1 No such user", for_address="gone@elsewhere.test", delay=1.0)
+    io = NoRoomForNewFiles()
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+        message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "gone@elsewhere.test"])
+        io.full.set()
+        relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
+        time.sleep(6)  # retry interval and queue runs go by
+        log = relay_files.mainlog()
+        assert log.count("** gone@elsewhere.test") == 1 and copies(up_a, "first@customer.test") == 1
+        assert up_b.messages == []  # no bounce yet: it could not be queued
+        io.full.clear()
+        relay_files.wait_for_log(f"{message_id} delivery state recorded", timeout=10)
+        relay_files.wait_for_log(f"{message_id} Completed", timeout=5)
+        (bounce,) = up_b.wait_for_messages(1)
+    assert bounce.mail_from == "" and bounce.rcpt_tos == ["billing@acme.example"]
+    assert relay_files.mainlog().count("** gone@elsewhere.test") == 1
+    assert copies(up_a, "first@customer.test") == 1
+
+
 def test_under_the_free_space_reserve_mail_from_and_data_get_452_and_other_work_goes_on(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
