@@ -152,6 +152,17 @@ def _daemon_chunks(config: RelayConfig) -> Iterator[list[Any]]:
             yield rows
         elif message.get("done") and not message.get("ok"):
             raise CliError(str(message.get("error", "relayd refused the request")))
+        elif message.get("done"):
+            _warn_unrecorded(message.get("unrecorded"))
+
+
+def _warn_unrecorded(held: object) -> None:
+    """On stderr, below the listing: messages whose outcome the spool could not record."""
+    if not isinstance(held, dict) or not held:
+        return
+    for message_id, reason in sorted(held.items()):
+        print(f"{PROG}: {sanitize(str(message_id))} held: cannot record delivery state "
+              f"({sanitize(str(reason), limit=300)})", file=sys.stderr)
 
 
 def _wire_chunks(config: RelayConfig) -> Iterator[list[Any]]:
@@ -372,7 +383,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
@@ -386,7 +397,7 @@ def _print_history(message_id: str, entry: QueueEntry | None, data: dict[str, An
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))))
     return EXIT_OK
 
 

@@ -169,6 +169,17 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolLimits:
+    """How much of the spool's disk new mail may use (relayd.spoolroom)."""
+
+    # Free space under which new mail is refused (452 4.3.1), so outcomes and
+    # bounces can always be recorded. None: 4 x the largest max_message_size + 64 MiB.
+    min_free: int | None = None
+    tenant_max_bytes: int | None = None  # one tenant's queued bytes; None: half the file system
+    tenant_max_messages: int = 50_000  # one tenant's queued messages
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     address: str = "127.0.0.1"
     port: int | None = None  # None: no HTTP exporter
@@ -193,6 +204,7 @@ class RelayConfig:
     tls: TlsFiles | None = None
     retry: RetrySchedule = field(default_factory=lambda: parse_retry_schedule(DEFAULT_RETRY))
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    spool_limits: SpoolLimits = field(default_factory=SpoolLimits)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control_socket: Path | None = None  # defaults to <spool_dir>/control.sock
     pid_file: Path | None = None

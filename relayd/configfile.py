@@ -49,6 +49,7 @@ from relayd.config import (
     RelayConfig,
     RouteRule,
     SmtpTransportConfig,
+    SpoolLimits,
     TenantConfig,
     TlsFiles,
     TlsMode,
@@ -363,12 +364,13 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
              "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
-             "tenants_file", "audit_log")
+             "tenants_file", "audit_log", "spool_limits")
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _TLS_KEYS = ("cert", "key")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
 _DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
 _METRICS_KEYS = ("address", "port")
+_SPOOL_LIMITS_KEYS = ("min_free", "tenant_max_bytes", "tenant_max_messages")
 _LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max_message_size",
                   "max_recipients", "command_timeout", "data_timeout", "max_line_length",
                   "auth_failures_before_delay", "auth_failures_before_disconnect",
@@ -407,6 +409,8 @@ _SHUTDOWN_GRACE = (0.0, 3600.0)
 _CONNECTIONS = (1, 1000)
 _MESSAGES_PER_CONNECTION = (1, 100000)
 _IDLE = (0.0, 3600.0)  # 0: close the upstream connection after each message
+_SPOOL_BYTES = (0, 1024**4)  # 0-1024G
+_TENANT_MESSAGES = (1, 10_000_000)
 
 Conv = Callable[[_Node, str], T | None]
 
@@ -754,6 +758,7 @@ class _Reader:
             tls=tls,
             retry=self.get(m, "retry", self.schedule, parse_retry_schedule(DEFAULT_RETRY)),
             delivery=self.delivery(m),
+            spool_limits=self.spool_limits(m),
             metrics=self.metrics(m),
             control_socket=self.get(m, "control_socket", self.path, None),
             pid_file=self.get(m, "pid_file", self.path, None),
@@ -848,6 +853,20 @@ class _Reader:
                                         d.queue_run_interval),
             shutdown_grace=self.get(s, "shutdown_grace", self.duration(_SHUTDOWN_GRACE),
                                     d.shutdown_grace),
+        )
+
+    def spool_limits(self, m: _Map) -> SpoolLimits:
+        d = SpoolLimits()
+        node = m.value("spool_limits")
+        s = self.as_map(node, "spool_limits") if node is not None else None
+        if s is None:
+            return d
+        self.check_keys(s, _SPOOL_LIMITS_KEYS, "spool_limits")
+        return SpoolLimits(
+            min_free=self.get(s, "min_free", self.size(_SPOOL_BYTES), d.min_free),
+            tenant_max_bytes=self.get(s, "tenant_max_bytes", self.size(_SPOOL_BYTES), d.tenant_max_bytes),
+            tenant_max_messages=self.get(s, "tenant_max_messages", self.integer(_TENANT_MESSAGES),
+                                         d.tenant_max_messages),
         )
 
     def metrics(self, m: _Map) -> MetricsConfig:

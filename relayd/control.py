@@ -471,6 +471,7 @@ class QueueControl:
         reload: Callable[[], Awaitable[list[str]]],
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
+        spool_room: Callable[[], dict[str, object]] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -481,6 +482,7 @@ class QueueControl:
         self._reload = reload
         self._listeners = listeners
         self._clock = clock
+        self._spool_room = spool_room
         self._started = clock()
         self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
 
@@ -531,7 +533,14 @@ class QueueControl:
                 self._scheduler.entries(), self._scheduler.in_flight_ids(), now, self._scheduler.waiting()
             ),
             "transports": self._health_table(),
+            "spool": self._spool_status(),
         }
+
+    def _spool_status(self) -> dict[str, Any]:
+        """Free space, the reserve, and messages whose outcome the spool could not record."""
+        status: dict[str, Any] = dict(self._spool_room()) if self._spool_room is not None else {}
+        status["unrecorded"] = self._agent.unrecorded()
+        return status
 
     async def reload(self, request: Request) -> dict[str, Any]:
         problems = await self._reload()
@@ -562,7 +571,7 @@ class QueueControl:
                 parts.append(cached[2])
             await request.emit_raw(b'{"rows":[' + b",".join(parts) + b"]}\n")
         self._row_cache = fresh
-        return {"count": len(entries), "now": self._clock()}
+        return {"count": len(entries), "now": self._clock(), "unrecorded": self._agent.unrecorded()}
 
     async def queue_count(self, request: Request) -> dict[str, Any]:
         return queue_counts(
@@ -584,6 +593,7 @@ class QueueControl:
         answer["message"] = entry_to_json(entry)
         answer["in_flight"] = self._scheduler.in_flight(message_id)
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
+        answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
             from relayd.spool import SpoolCorruptError, SpoolEntryMissing
 
@@ -678,6 +688,7 @@ class QueueControl:
         async def remove_one(message_id: str, entry: QueueEntry) -> str:
             gone = await asyncio.to_thread(self._spool.remove, message_id)
             self._scheduler.forget(message_id)
+            self._agent.forget(message_id)
             if not gone:
                 return "not in queue"
             self._log.info(f"{message_id} removed by {request.user}")

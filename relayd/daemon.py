@@ -35,6 +35,7 @@ from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
 from relayd.scheduler import Scheduler, UpstreamHealth
 from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
@@ -64,7 +65,14 @@ class Relay:
         self.metrics = RelayMetrics()
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
-        self.spool = Spool(config.spool_dir, io=spool_io)
+        self.room = SpoolRoom(
+            config.spool_dir,
+            lambda: self.config.spool_limits,
+            lambda: max(listener.max_message_size for listener in self.config.listeners),
+            state_failure=lambda: self.agent.state_write_failure(),
+            log=self.log.warning,
+        )
+        self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
         self.transports: dict[str, Transport] = self._build_transports(config)
         self.agent = DeliveryAgent(
@@ -94,6 +102,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
+                admit=self.room.refusal,
                 guard=self.guard,
                 log=self.log,
                 metrics=self.metrics,
@@ -111,6 +120,7 @@ class Relay:
                 log=self.log,
                 reload=self.reload_report,
                 listeners=lambda: self.server.bound,
+                spool_room=self.room.status,
             ).handlers(),
             log_error=self.log.error,
             ready=self.wait_index_loaded,
@@ -153,6 +163,7 @@ class Relay:
         except SpoolWriteError as error:
             self.log.error(f"spool write failed, message refused: {error}")
             raise SubmissionRefused(replies.SPOOL_ERROR) from None
+        self.room.track(entry)
         self._note_arrival(entry)
         self.scheduler.add(entry)
         return entry.id
@@ -178,6 +189,7 @@ class Relay:
             protocol="local",
         )
         entry = await self.spool.accept(bounce, dsn)
+        self.room.track(entry)
         self.log.bounce_created(original.id, bounce_id=entry.id, sender=original.sender, size=len(dsn))
         self.scheduler.add(entry)
 
@@ -229,6 +241,10 @@ class Relay:
         loaded = await asyncio.to_thread(self.spool.load)
         for problem in loaded.problems:
             self.log.warning(f"spool: {problem}")
+        for message_id in loaded.discarded:
+            self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
+        for entry in loaded.entries:
+            self.room.track(entry)
         added = self.scheduler.add_loaded(loaded.entries)
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
@@ -244,6 +260,11 @@ class Relay:
         await self.control.stop()
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
+        for message_id, reason in self.agent.unrecorded().items():
+            self.log.error(
+                f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
+                "recipients it delivered may be sent again after the restart"
+            )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

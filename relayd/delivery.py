@@ -7,13 +7,20 @@ matching mainlog lines and metrics, the new recipient states in the spool,
 and an RFC 3464 bounce to the sender for every permanent failure.
 Untrusted input: upstream replies (only logged, sanitised by the log).
 How it fails: a spool file whose body no longer checks out is set aside and
-reported, never delivered half; anything else propagates to the scheduler,
-which retries the message later.
+reported, never delivered half; an outcome the spool cannot write (ENOSPC,
+EIO) is held in memory (see below); anything else propagates to the
+scheduler, which retries the message later.
 
 The failover policy itself (which error means "next transport", "defer" or
 "fail") is `relayd.failover.classify`, applied inside the transports. Here:
 * recipients are grouped by matching route rule, one upstream transaction per
-  group and transport;
+  group and transport; each group's verdicts are logged and made durable as
+  soon as the group is done, so a later group that hangs (or a kill -9) cannot
+  make an earlier recipient go out twice;
+* when that write fails, the pass stops and the outcome is kept in memory
+  (`unrecorded`): the message is delivered no further, every other delivery
+  waits (`hold_until`), new mail is refused (`state_write_failure`), and the
+  write is tried again every `state_retry_interval` until it works;
 * a transport in its retry wait (`UpstreamHealth`) is skipped without a
   connection attempt;
 * a recipient left over after the whole chain is deferred, except when every
@@ -64,6 +71,10 @@ CANCELLED = "delivery cancelled by administrator"
 # A local, permanent decision carries a synthetic 5xx so the DSN reads as a
 # failure, not as an expired delivery.
 CANCELLED_REPLY = SmtpReply(550, f"5.0.0 {CANCELLED}")
+# Seconds between attempts to record an outcome the spool refused (full or
+# failing disk); every delivery waits meanwhile.
+STATE_RETRY_INTERVAL = 5.0
+_AFTER_RETRY = 0.2  # seconds other deliveries wait past a held message's next try
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +84,49 @@ class Outcome:
     entry: QueueEntry
     reports: tuple[DeliveryReport, ...]
     newly_failed: tuple[DeliveryReport, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecorded:
+    """A message whose outcome is known in memory but could not be written to the spool.
+
+    `entry` is the truth (what went out is final there); `on_disk` the last
+    state that was written; `unbounced` failures whose bounce is not queued
+    yet (their recipients are recorded as failed only after it is).
+    """
+
+    entry: QueueEntry
+    unbounced: tuple[DeliveryReport, ...]
+    on_disk: QueueEntry
+    reason: str
+    retry_at: float
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+
+class _Progress:
+    """One pass as it goes: the state known so far and the state last made durable."""
+
+    __slots__ = ("known", "recorded", "unbounced", "first_delivered")
+
+    def __init__(self, entry: QueueEntry) -> None:
+        self.known = self.recorded = entry
+        self.unbounced: list[DeliveryReport] = []
+        self.first_delivered = True
+
+
+def without_unbounced(known: QueueEntry, before: QueueEntry, unbounced: Sequence[DeliveryReport]) -> QueueEntry:
+    """`known` with the recipients whose bounce is not queued yet as they were in `before`."""
+    if not unbounced:
+        return known
+    waiting = {r.address for r in unbounced}
+    earlier = {r.address: r for r in before.recipients}
+    return replace(
+        known,
+        recipients=tuple(earlier.get(r.address, r) if r.address in waiting else r for r in known.recipients),
+    )
 
 
 def due_recipients(entry: QueueEntry, now: float, *, forced: bool) -> list[str]:
@@ -167,6 +221,7 @@ class DeliveryAgent:
         build_dsn: Callable[..., bytes],
         is_forced: Callable[[str], bool] = lambda _id: False,
         clock: Callable[[], float] = time.time,
+        state_retry_interval: float = STATE_RETRY_INTERVAL,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -178,11 +233,38 @@ class DeliveryAgent:
         self._build_dsn = build_dsn
         self._is_forced = is_forced
         self._clock = clock
+        self._state_retry_interval = state_retry_interval
+        self._unrecorded: dict[str, Unrecorded] = {}
 
     async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
-        """One pass over the message's due recipients. None: the message left the queue."""
-        from relayd.spool import SpoolCorruptError, SpoolEntryMissing
+        """One pass over the message's due recipients. None: the message left the queue.
 
+        Each route group's outcome is made durable as soon as the group is
+        done, so a later group that hangs (or a kill -9 meanwhile) cannot make
+        the earlier recipients go out twice. When that write fails the pass
+        stops: the outcome is kept in memory (`unrecorded`), nothing more of
+        the message is delivered, and the write is tried again every
+        `state_retry_interval` until the spool can take it.
+        """
+        from relayd.spool import SpoolCorruptError, SpoolEntryMissing, SpoolError
+
+        held = self._unrecorded.get(entry.id)
+        if held is not None:
+            try:
+                recorded = await self._record_held(held)
+            except SpoolEntryMissing:
+                self.forget(entry.id)
+                return None
+            except SpoolCorruptError as error:
+                self.forget(entry.id)
+                self._spool.set_aside(entry.id, str(error))
+                self._log.error(f"{entry.id} spool file set aside: {error}")
+                return None
+            except SpoolError as error:
+                return self._hold(self._unrecorded.get(entry.id, held), error)
+            if recorded is None:
+                return None
+            entry = recorded
         try:
             body = self._spool.read_body(entry.id)
         except SpoolEntryMissing:
@@ -196,22 +278,96 @@ class DeliveryAgent:
         addresses = due_recipients(entry, now, forced=self._is_forced(entry.id))
         if not addresses:
             return entry
-        reports = await self._route_and_send(entry, body, addresses, config)
-        outcome = apply_reports(entry, reports, now=self._clock(), config=config)
-        self._log_outcome(entry, outcome)
-        if outcome.newly_failed:
-            await self._bounce(entry, body, outcome.newly_failed, config)
-        if outcome.entry.is_complete:
-            # Unlinking frees the file's blocks, which the kernel does in the
-            # caller's time: keep that off the event loop.
-            await asyncio.to_thread(self._spool.complete, entry.id)
-            self._log.completed(entry.id)
-            return None
+        progress = _Progress(entry)
         try:
-            await self._spool.update(outcome.entry, durable=True)
+            return await self._pass(progress, body, addresses, config)
         except SpoolEntryMissing:
             return None  # removed by an operator during the attempt
-        return outcome.entry
+        except SpoolError as error:
+            return self._hold(
+                Unrecorded(progress.known, tuple(progress.unbounced), progress.recorded, "", 0.0), error
+            )
+
+    async def _pass(
+        self, progress: "_Progress", body: bytes, addresses: list[str], config: RelayConfig
+    ) -> QueueEntry | None:
+        entry = progress.recorded
+        immediate, groups = self._plan(entry, addresses, config)
+        if immediate:
+            await self._commit(progress, immediate, config)
+        for route_, group in groups:
+            reports = await self.walk_chain(entry, body, route_, group, config)
+            await self._commit(progress, reports, config)
+        if progress.unbounced:
+            # The bounce is queued durably before the failures are recorded:
+            # a crash in between can only duplicate a bounce, never lose one.
+            await self._bounce(entry, body, progress.unbounced, config)
+            progress.unbounced.clear()
+        return await self._record_final(progress.known)
+
+    async def _commit(self, progress: "_Progress", reports: Sequence[DeliveryReport], config: RelayConfig) -> None:
+        """Log one route group's verdicts and make them durable at once (failures wait for their bounce)."""
+        if not reports:
+            return
+        outcome = apply_reports(progress.known, reports, now=self._clock(), config=config)
+        progress.first_delivered = self._log_outcome(progress.known, outcome, first=progress.first_delivered)
+        progress.known = outcome.entry
+        progress.unbounced.extend(outcome.newly_failed)
+        view = without_unbounced(progress.known, progress.recorded, progress.unbounced)
+        if view != progress.recorded and not view.is_complete:
+            await self._spool.update(view, durable=True)
+            progress.recorded = view
+
+    async def _record_final(self, known: QueueEntry) -> QueueEntry | None:
+        if known.is_complete:
+            # Unlinking frees the file's blocks, which the kernel does in the
+            # caller's time: keep that off the event loop.
+            await asyncio.to_thread(self._spool.complete, known.id)
+            self._log.completed(known.id)
+            return None
+        await self._spool.update(known, durable=True)
+        return known
+
+    # -- outcomes the spool could not take ----------------------------------------
+
+    def _hold(self, held: "Unrecorded", error: BaseException) -> QueueEntry:
+        """Keep an outcome the spool refused in memory; stop delivering the message."""
+        now = self._clock()
+        first = held.id not in self._unrecorded
+        held = replace(held, reason=str(error), retry_at=now + self._state_retry_interval)
+        self._unrecorded[held.id] = held
+        if first:
+            self._log.error(
+                f"{held.id} cannot record delivery state, delivery held until the spool can write: {error}"
+            )
+        view = without_unbounced(held.entry, held.on_disk, held.unbounced)
+        # The scheduler forgets a complete entry; this one must stay until recorded.
+        return held.on_disk if view.is_complete else view
+
+    async def _record_held(self, held: "Unrecorded") -> QueueEntry | None:
+        """Write what a held message's earlier pass found; raises SpoolError if it still cannot."""
+        if held.unbounced:
+            body = self._spool.read_body(held.id)
+            await self._bounce(held.entry, body, held.unbounced, self._config())
+            self._unrecorded[held.id] = replace(held, unbounced=())
+        recorded = await self._record_final(held.entry)
+        self._unrecorded.pop(held.id, None)
+        self._log.info(f"{held.id} delivery state recorded; the spool can write again")
+        return recorded
+
+    def forget(self, message_id: str) -> None:
+        """The message left the queue by other means (operator): drop any held outcome."""
+        self._unrecorded.pop(message_id, None)
+
+    def unrecorded(self) -> dict[str, str]:
+        """Messages whose outcome is known but not on disk, with the reason."""
+        return {mid: held.reason for mid, held in self._unrecorded.items()}
+
+    def state_write_failure(self) -> str | None:
+        """Why delivery state cannot be recorded now (None: it can); new mail is refused meanwhile."""
+        for held in self._unrecorded.values():
+            return held.reason
+        return None
 
     async def give_up(self, entry: QueueEntry) -> bool:
         """Fail every open recipient now and bounce to the sender (Exim -Mg).
@@ -241,6 +397,7 @@ class DeliveryAgent:
         if outcome.newly_failed:
             await self._bounce(entry, body, outcome.newly_failed, config)
         await asyncio.to_thread(self._spool.complete, entry.id)
+        self.forget(entry.id)
         self._log.completed(entry.id)
         return True
 
@@ -251,6 +408,16 @@ class DeliveryAgent:
         retry wait (then: the earliest end of those waits). A recipient past
         its schedule's maximum age is never held, so it can still time out.
         """
+        if self._unrecorded:
+            # While the spool cannot record outcomes nothing new goes out: one
+            # held message per interval tries the write again.
+            now = self._clock()
+            held = self._unrecorded.get(entry.id)
+            if held is not None:
+                return held.retry_at if held.retry_at > now else None
+            # Others look again right after the next try (soon, if one runs now).
+            next_try = min(h.retry_at for h in self._unrecorded.values())
+            return next_try + _AFTER_RETRY if next_try > now else now + _AFTER_RETRY
         config = self._config()
         tenant = config.tenants.get(entry.envelope.tenant)
         if tenant is None:
@@ -284,13 +451,14 @@ class DeliveryAgent:
             ends.append(state.next_try)
         return min(ends)
 
-    async def _route_and_send(
-        self, entry: QueueEntry, body: bytes, addresses: list[str], config: RelayConfig
-    ) -> list[DeliveryReport]:
+    def _plan(
+        self, entry: QueueEntry, addresses: list[str], config: RelayConfig
+    ) -> tuple[list[DeliveryReport], list[tuple[Route, list[str]]]]:
+        """Verdicts known without an attempt, and the route groups to walk (each committed on its own)."""
         tenant = config.tenants.get(entry.envelope.tenant)
         if tenant is None:
             reason = f"tenant {entry.envelope.tenant} is no longer configured"
-            return [DeliveryReport(a, AttemptOutcome.DEFER, "", reason=reason) for a in addresses]
+            return [DeliveryReport(a, AttemptOutcome.DEFER, "", reason=reason) for a in addresses], []
         groups, unrouted = group_by_route(tenant, addresses)
         # A rule removed by a reload after the message was accepted: the address
         # is unroutable now, a permanent local failure (Exim: "Unrouteable address").
@@ -299,9 +467,7 @@ class DeliveryAgent:
             DeliveryReport(a, AttemptOutcome.FAIL, "", reply=unroutable, reason="Unrouteable address")
             for a in unrouted
         ]
-        for route, group in groups.items():
-            reports.extend(await self.walk_chain(entry, body, route, group, config))
-        return reports
+        return reports, list(groups.items())
 
     async def walk_chain(
         self, entry: QueueEntry, body: bytes, route: Route, addresses: list[str], config: RelayConfig
@@ -371,8 +537,9 @@ class DeliveryAgent:
                 self._metrics.upstream_up.labels(transport=transport.name).set(1)
         return result
 
-    def _log_outcome(self, entry: QueueEntry, outcome: Outcome) -> None:
-        first_delivered = True
+    def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
+        """One log line per verdict; returns whether the next delivery is still the first (=> vs ->)."""
+        first_delivered = first
         tenant = entry.envelope.tenant
         for report in outcome.reports:
             if report.outcome is AttemptOutcome.DELIVERED:
@@ -391,6 +558,7 @@ class DeliveryAgent:
                 result = "deferred"
             if self._metrics is not None:
                 self._metrics.deliveries.labels(tenant=tenant, transport=report.transport or "none", result=result).inc()
+        return first_delivered
 
     async def _bounce(
         self, entry: QueueEntry, body: bytes, failed: Sequence[DeliveryReport], config: RelayConfig

@@ -78,6 +78,9 @@ class ListenerServices:
     log: Any  # relayd.mainlog.MainLog
     metrics: Any = None  # relayd.metrics.RelayMetrics | None
     clock: Callable[[], float] = time.time
+    # Room on the spool for a tenant's new message of a declared size: a 452
+    # reply, or None (relayd.spoolroom.SpoolRoom.refusal).
+    admit: Callable[[str, int], Optional[str]] = lambda _tenant, _size: None
 
 
 def is_loopback(address: str) -> bool:
@@ -590,6 +593,10 @@ class SubmissionProtocol(SMTP):
             await self.push(replies.AUTH_REQUIRED)
             return
         size_limit = policy.effective_limit(self.listener.max_message_size, tenant.max_message_size)
+        refusal = handler.room_refusal(self.submission_session(), tenant, self.envelope.mail_options)
+        if refusal is not None:
+            await self.push(refusal)
+            return
         await self.push(replies.START_DATA)
         self._in_data = True
         try:
@@ -761,9 +768,19 @@ class SubmissionHandler:
         limit = policy.effective_limit(self.listener.max_message_size, tenant.max_message_size)
         if size is not None and size > limit:
             return self._refuse(session, "MAIL", replies.message_too_big(limit), f"SIZE={size}", address)
+        refusal = self.services.admit(tenant.name, size or 0)
+        if refusal is not None:
+            return self._refuse(session, "MAIL", refusal, f"A={tenant.name} spool", address)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
+
+    def room_refusal(self, session: SubmissionSession, tenant: TenantConfig, mail_options: list[str]) -> str | None:
+        """Room on the spool, checked again right before DATA (the disk may have filled since MAIL)."""
+        refusal = self.services.admit(tenant.name, _size_option(mail_options) or 0)
+        if refusal is None:
+            return None
+        return self._refuse(session, "DATA", refusal, f"A={tenant.name} spool")
 
     async def handle_RCPT(
         self, server: SubmissionProtocol, session: SubmissionSession,

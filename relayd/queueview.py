@@ -530,18 +530,22 @@ def printable_block(data: bytes) -> str:
 
 
 def show_lines(
-    entry: QueueEntry, *, in_flight: bool, now: float, waiting_until: float | None = None
+    entry: QueueEntry, *, in_flight: bool, now: float, waiting_until: float | None = None,
+    cannot_record: str | None = None,
 ) -> list[str]:
     """Envelope, state and one line per recipient with its delivery state.
 
     `waiting_until`: the message is due but every transport is in its retry
-    wait until then.
+    wait until then. `cannot_record`: why the outcome of its last attempt is
+    held in memory only (the spool could not write it); delivery waits.
     """
     env = entry.envelope
     row = row_from_entry(entry, in_flight)
     state = message_state(row, now)
     if state == "active" and waiting_until is not None and waiting_until > now:
         state = f"deferred (every transport is in its retry wait until {format_time(waiting_until)})"
+    if cannot_record:
+        state = f"held: cannot record delivery state ({sanitize(cannot_record, limit=300)})"
     client = f"[{sanitize(env.client_ip)}]:{env.client_port}" if env.client_ip else "local"
     if env.client_helo:
         client += f" ({sanitize(env.client_helo)})"
@@ -595,7 +599,25 @@ def status_lines(status: Mapping[str, Any], now: float) -> list[str]:
         f"{queue['frozen']} frozen" + (f"; oldest {format_duration(oldest)}" if oldest is not None else ""),
         "",
     ]
+    lines[-1:-1] = spool_lines(status.get("spool") or {})
     lines.extend(transport_table(status["transports"], now))
+    return lines
+
+
+def spool_lines(spool: Mapping[str, Any]) -> list[str]:
+    """Free space against the reserve, and messages whose outcome could not be recorded."""
+    lines: list[str] = []
+    free, reserve = spool.get("free_bytes"), spool.get("reserve_bytes")
+    if isinstance(free, int) and isinstance(reserve, int):
+        state = "new mail refused (452 4.3.1)" if free < reserve else "ok"
+        lines.append(f"spool: {format_size(free)} free, reserve {format_size(reserve)}: {state}")
+    failure = spool.get("state_write_failure")
+    held = spool.get("unrecorded") or {}
+    if failure:
+        lines.append(f"spool: cannot record delivery state ({sanitize(str(failure), limit=300)}); "
+                     "new mail refused (452 4.3.1)")
+    for mid in sorted(held)[:20]:
+        lines.append(f"  {sanitize(str(mid))} held: cannot record delivery state")
     return lines
 
 

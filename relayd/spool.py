@@ -7,8 +7,11 @@ the queue from disk and reports anything it had to set aside.
 Untrusted input: every envelope field comes from an SMTP client; it is stored
 as one JSON line (ASCII-escaped, so no client byte can break the line
 structure) and the body is stored as counted bytes, never parsed. Files on
-disk are treated as untrusted at load: anything that does not read back
-exactly is moved to ``corrupt/`` with a reason, never deleted.
+disk are treated as untrusted at load: a file a stopped receiver left
+without its end marker was never acknowledged and is removed (reported in
+`SpoolLoad.discarded`); anything else that does not read back exactly is
+moved to ``corrupt/`` with a reason, never deleted. The scan never touches a
+file this process is still receiving, nor one whose writer holds its lock.
 Fails: ENOSPC/EDQUOT -> `SpoolFullError` (452 4.3.1); any other OS error ->
 `SpoolWriteError` (451 4.3.0). A message that could not be made durable is
 removed again, so a restart never delivers mail that was not acknowledged.
@@ -95,7 +98,6 @@ _SHARD_INDEX = 5  # last digit of the receive second in TTTTTT-NNNNNN-PP
 _FIRST_READ = 4096  # one page covers header and state of a typical message
 _MAX_HEADER = 16 * 1024 * 1024  # an envelope line longer than this is not ours
 _ID_ATTEMPTS = 10  # O_EXCL collisions are rare; ten in a row means something else is wrong
-_RACE_RETRY_DELAY = 0.02  # seconds: lets a writer that just created a file take its lock
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _FLUSH_MODES = ("syncfs", "fsync")
@@ -396,6 +398,7 @@ class SpoolLoad:
     problems: list[str]
     completed: list[str] = field(default_factory=list)
     corrupt_files: int = 0  # files in corrupt/ after the load, old and new
+    discarded: list[str] = field(default_factory=list)  # incomplete files of stopped receivers, removed
 
 
 @dataclass(slots=True)
@@ -415,6 +418,7 @@ class Spool:
         flush_mode: str = "syncfs",
         io: SpoolIO | None = None,
         clock: Callable[[], float] = time.time,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         if flush_mode not in _FLUSH_MODES:
             raise ValueError(f"flush_mode must be one of {', '.join(_FLUSH_MODES)}")
@@ -434,6 +438,13 @@ class Spool:
         self._root_fd: int | None = None
         self._writers: ThreadPoolExecutor | None = None
         self.flush_failures = 0  # fire-and-forget flushes that failed (for metrics)
+        self._on_removed = on_removed  # told the id of every message that leaves queue/
+        # Ids whose file this process is creating and has not yet acknowledged
+        # or given up: the scan leaves them to their writer.
+        self._receiving: set[str] = set()
+        self._receiving_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._discarded: list[str] = []
 
     # -- names ---------------------------------------------------------------
 
@@ -507,6 +518,8 @@ class Spool:
             if isinstance(exc, OSError):
                 raise _spool_error(exc, "flushing the message to disk") from exc
             raise
+        finally:
+            self._stop_receiving(envelope.id)
         return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
 
     async def update(self, entry: QueueEntry, *, durable: bool = False) -> None:
@@ -547,6 +560,8 @@ class Spool:
         finally:
             os.close(fd)
         self._request_flush(_FlushRequest(None, (path.parent,)))
+        if self._on_removed is not None:
+            self._on_removed(id)
         return True
 
     def remove(self, id: str) -> bool:
@@ -560,9 +575,12 @@ class Spool:
         if fd is None:
             return None
         try:
-            return self._move_to_corrupt(path, reason)
+            moved = self._move_to_corrupt(path, reason)
         finally:
             os.close(fd)
+        if self._on_removed is not None:
+            self._on_removed(id)
+        return moved
 
     # -- reading -------------------------------------------------------------
 
@@ -606,10 +624,15 @@ class Spool:
         Unreadable files go to corrupt/ and are reported; messages whose
         recipients are all final are completed (removed).
         """
+        with self._load_lock:
+            return self._load_all()
+
+    def _load_all(self) -> SpoolLoad:
         self._ensure_layout()
         entries: list[QueueEntry] = []
         problems: list[str] = []
         completed: list[str] = []
+        self._discarded = []
         for name in sorted(os.listdir(self._queue)):
             if len(name) != 1 or name not in ALPHABET:
                 problems.append(f"queue/{name}: unexpected entry in queue directory, left alone")
@@ -622,7 +645,9 @@ class Spool:
             if was_enabled:
                 gc.enable()
         entries.sort(key=lambda e: e.id)
-        return SpoolLoad(entries, problems, completed, self._count(self._corrupt, ".reason"))
+        return SpoolLoad(
+            entries, problems, completed, self._count(self._corrupt, ".reason"), self._discarded
+        )
 
     def count_files(self) -> int:
         """How many message files are queued (cheap: directory listings only)."""
@@ -656,44 +681,96 @@ class Spool:
     def _load_one(
         self, dir_fd: int, directory: Path, name: str, problems: list[str]
     ) -> QueueEntry | None:
-        """Index one file, setting it aside (and reporting) if it cannot be read.
+        """Index one file; discard it if a stopped receiver left it incomplete; set it aside if damaged.
 
         Opens relative to the shard directory's fd, which keeps start-up fast.
         A file removed by another process right after it was opened is still
-        indexed; the delivery side then finds it missing and drops it.
+        indexed; the delivery side then finds it missing and drops it. A file
+        this process is still receiving is not touched: its writer indexes it
+        once it is acknowledged. Every other writer is gone (the daemon lock
+        keeps a second relayd out), so what they left is judged: a file that
+        ends before its end marker was never acknowledged and is removed; one
+        with its end marker that does not read back is damaged and set aside.
         """
         if not is_message_id(name):
             self._report_aside(directory / name, "file name is not a message id", problems)
             return None
         if name[_SHARD_INDEX] != directory.name:
             return self._rehome(directory / name, problems)
-        reason = ""
-        for attempt in range(2):
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
-            except FileNotFoundError:
-                return None  # removed meanwhile by another process
-            except OSError as exc:
-                problems.append(f"{name}: cannot open ({exc.strerror}); left in place")
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-                entry, notes = _index_fd(fd, name)
-            except _Unreadable as exc:
-                reason = str(exc)
-            except OSError as exc:
-                reason = f"read error ({exc.strerror})"
-            else:
-                problems.extend(f"{name}: {n}" for n in notes)
-                return entry
-            finally:
-                os.close(fd)
-            if attempt == 0:
-                # A writer in another process may have created the file and not
-                # yet taken its lock; look once more before calling it damaged.
-                time.sleep(_RACE_RETRY_DELAY)
-        self._report_aside(directory / name, reason, problems)
+        if self.is_receiving(name):
+            return None
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None  # removed meanwhile by another process
+        except OSError as exc:
+            problems.append(f"{name}: cannot open ({exc.strerror}); left in place")
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            entry, notes = _index_fd(fd, name)
+        except _Unreadable as exc:
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"read error ({exc.strerror})"
+        else:
+            problems.extend(f"{name}: {n}" for n in notes)
+            return entry
+        finally:
+            os.close(fd)
+        self._judge_unreadable(directory / name, reason, problems)
         return None
+
+    def _judge_unreadable(self, path: Path, reason: str, problems: list[str]) -> None:
+        """Remove an incomplete file of a stopped receiver; set a damaged one aside."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            problems.append(f"{path.name}: cannot open ({exc.strerror}); left in place")
+            return
+        try:
+            try:
+                # Not blocking: a receiver that holds its file's lock is alive.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            if self.is_receiving(path.name) or not _same_file(path, fd):
+                return
+            try:
+                incomplete = _is_incomplete(fd)
+            except OSError:
+                incomplete = False
+            if not incomplete:
+                self._report_aside(path, reason, problems)
+                return
+            try:
+                self._io.unlink(path)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                problems.append(f"{path.name}: incomplete and cannot be removed ({exc.strerror}); left in place")
+                return
+            self._discarded.append(path.name)
+            self._request_flush(_FlushRequest(None, (path.parent,)))
+        finally:
+            os.close(fd)
+
+    # -- ids being received ----------------------------------------------------
+
+    def is_receiving(self, id: str) -> bool:
+        """True while this process creates `id`'s file and has not acknowledged or dropped it."""
+        with self._receiving_lock:
+            return id in self._receiving
+
+    def _start_receiving(self, id: str) -> None:
+        with self._receiving_lock:
+            self._receiving.add(id)
+
+    def _stop_receiving(self, id: str) -> None:
+        with self._receiving_lock:
+            self._receiving.discard(id)
 
     def _report_aside(self, path: Path, reason: str, problems: list[str]) -> None:
         where = f"queue/{path.parent.name}/{path.name}"
@@ -826,15 +903,17 @@ class Spool:
         except BaseException as exc:
             self._close_quietly(fd)
             self._discard(path)
+            self._stop_receiving(envelope.id)
             if isinstance(exc, OSError):
                 raise _spool_error(exc, "writing the message") from exc
             raise
         return envelope, path, fd
 
     def _abandon_new(self, written: tuple[Envelope, Path, int]) -> None:
-        _envelope, path, fd = written
+        envelope, path, fd = written
         self._close_quietly(fd)
         self._discard(path)
+        self._stop_receiving(envelope.id)
 
     def _append_record(self, id: str, record: bytes) -> int:
         """Append one state record under an exclusive lock; the fd stays open for the flush."""
@@ -862,11 +941,17 @@ class Spool:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         for _ in range(_ID_ATTEMPTS):
             path = self.path_for(envelope.id)
+            # Marked before the file exists, so a scan never sees it unmarked
+            # while it is being written; the caller unmarks it once the
+            # message is acknowledged or dropped.
+            self._start_receiving(envelope.id)
             try:
                 return envelope, path, self._io.open(path, flags, _FILE_MODE)
             except FileExistsError:
+                self._stop_receiving(envelope.id)
                 envelope = replace(envelope, id=self.new_id())
             except OSError as exc:
+                self._stop_receiving(envelope.id)
                 raise _spool_error(exc, "creating the message file") from exc
         raise SpoolWriteError(f"no free message id after {_ID_ATTEMPTS} attempts")
 
@@ -1103,3 +1188,58 @@ def _index_fd(fd: int, expected_id: str) -> tuple[QueueEntry, list[str]]:
     parse_trailer(tail)
     recipients, frozen, notes = replay_state(tail[TRAILER_LEN:], header.envelope)
     return QueueEntry(header.envelope, recipients, frozen), notes
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (not renamed or replaced meanwhile)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _is_incomplete(fd: int) -> bool:
+    """True when the file ends before its end marker: a receiver stopped while writing it.
+
+    Such a file was never acknowledged (250 comes only after the marker is
+    written and flushed). A file whose marker is there, or whose complete
+    header lines do not parse, is damage instead.
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return True
+    try:
+        data, eof = _read_head(fd)
+    except _Unreadable:
+        return False
+    nl1 = data.find(b"\n")
+    if nl1 < 0:
+        return eof and MAGIC.startswith(data)
+    if data[: nl1 + 1] != MAGIC:
+        return False
+    if data.find(b"\n", nl1 + 1) < 0:
+        return eof
+    try:
+        header = parse_header(data)
+    except _Unreadable:
+        return False
+    if size >= header.body_start + header.body_size + TRAILER_LEN:
+        return False
+    return not _has_end_marker(fd, header.body_start)
+
+
+def _has_end_marker(fd: int, offset: int) -> bool:
+    """Whether an end-marker line appears anywhere from `offset` on (then the file is not merely short)."""
+    overlap = TRAILER_LEN
+    tail = b""
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return False
+        window = tail + chunk
+        if _TRAILER_RE.search(window) is not None:
+            return True
+        tail = window[-overlap:]
+        offset += len(chunk)

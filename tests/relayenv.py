@@ -227,13 +227,16 @@ def submit(
 class RelayThread:
     """relayd's `Relay` running in a background thread with its own event loop."""
 
-    def __init__(self, config_path: Path, environ: dict[str, str] | None = None, spool_io: Any = None) -> None:
+    def __init__(
+        self, config_path: Path, environ: dict[str, str] | None = None, spool_io: Any = None,
+        loop_factory: Any = None,
+    ) -> None:
         from relayd.configfile import load_config
 
         self.config = load_config(config_path)
         self.environ = environ
         self.spool_io = spool_io
-        self.loop = asyncio.new_event_loop()
+        self.loop = (loop_factory or asyncio.new_event_loop)()
         self.relay: Any = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

@@ -304,7 +304,7 @@ def test_update_of_a_removed_message_says_it_is_missing(tmp_path: Path) -> None:
 # --- damaged files -----------------------------------------------------------
 
 
-def test_truncated_message_file_is_set_aside_and_reported_not_deleted(tmp_path: Path) -> None:
+def test_message_file_cut_before_its_end_marker_is_discarded_as_never_acknowledged(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     spool = Spool(root)
     good = run(lambda: accept_one(spool, b"fine\r\n"))
@@ -315,19 +315,50 @@ def test_truncated_message_file_is_set_aside_and_reported_not_deleted(tmp_path: 
 
     loaded = Spool(root).load()
     assert [e.id for e in loaded.entries] == [good.id]
-    assert len(loaded.problems) == 1 and bad.id in loaded.problems[0]
-    assert "trailer" in loaded.problems[0]
+    assert loaded.discarded == [bad.id]
+    assert loaded.problems == []
     assert not path.exists()
-    kept = root / "corrupt" / bad.id
-    assert kept.read_bytes() == original[:-30]
-    assert "trailer" in (root / "corrupt" / f"{bad.id}.reason").read_text()
+    assert loaded.corrupt_files == 0 and list((root / "corrupt").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [0, 3, len(b"relayd-spool 1\n") + 5, -1],
+    ids=["empty", "inside-format-line", "inside-envelope-line", "last-byte-of-marker"],
+)
+def test_every_incomplete_file_of_a_stopped_receiver_is_discarded(tmp_path: Path, cut: int) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    entry = run(lambda: accept_one(spool, b"body\r\n"))
+    path = spool.path_for(entry.id)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut])
+    loaded = Spool(root).load()
+    assert loaded.entries == [] and loaded.discarded == [entry.id] and loaded.problems == []
+    assert not path.exists() and loaded.corrupt_files == 0
+
+
+def test_complete_file_with_a_damaged_end_marker_is_set_aside_not_discarded(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(root)
+    entry = run(lambda: accept_one(spool, b"a body\r\n" * 10))
+    path = spool.path_for(entry.id)
+    original = path.read_bytes()
+    damaged = original.replace(b"\nrelayd-end ", b"\nrelayd-XXX ")
+    path.write_bytes(damaged)
+
+    loaded = Spool(root).load()
+    assert loaded.entries == [] and loaded.discarded == []
+    assert len(loaded.problems) == 1 and entry.id in loaded.problems[0]
+    assert "trailer" in loaded.problems[0]
+    assert (root / "corrupt" / entry.id).read_bytes() == damaged
+    assert "trailer" in (root / "corrupt" / f"{entry.id}.reason").read_text()
     assert loaded.corrupt_files == 1
 
 
 @pytest.mark.parametrize(
     "content, reason",
     [
-        (b"", "empty"),
         (b"relayd-spool 2\n{}\n", "unsupported spool format"),
         (b"relayd-spool 1\n{not json\n", "not valid JSON"),
         (b"relayd-spool 1\n{\"id\":\"x\"}\n", "missing"),
