@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from relayd.config import RelayConfig
+from relayd.dsn import auto_submitted_keyword
 from relayd.router import group_by_route, route
 from relayd.scheduler import UpstreamHealth
 from relayd.values import (
@@ -397,6 +398,8 @@ class DeliveryAgent:
     ) -> None:
         if entry.envelope.is_bounce:
             return  # a bounce is never bounced; already logged as dropped
+        if self._bounce_would_loop(entry, body):
+            return
         dsn = self._build_dsn(
             original=entry.envelope,
             original_body=body,
@@ -408,6 +411,23 @@ class DeliveryAgent:
         await self._enqueue_bounce(entry.envelope, dsn)
         if self._metrics is not None:
             self._metrics.bounces.labels(tenant=entry.envelope.tenant).inc()
+
+
+    def _bounce_would_loop(self, entry: QueueEntry, body: bytes) -> bool:
+        """An automatically sent message (RFC 3834 Auto-Submitted) gets no bounce.
+
+        Its sender is a robot (vacation responder, ticket system, alert
+        script) that may answer our bounce with another message: the failure
+        stays recorded (the ``**`` line) and the log says why nobody was told.
+        """
+        keyword = auto_submitted_keyword(body)
+        if keyword is None:
+            return False
+        self._log.bounce_suppressed(
+            entry.id, sender=entry.envelope.sender,
+            reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
+        )
+        return True
 
 
 def _reason_label(report: DeliveryReport) -> str:
