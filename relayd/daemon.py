@@ -38,6 +38,9 @@ from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
 
+_INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
+
+
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
@@ -85,6 +88,8 @@ class Relay:
                 f"{message_id} delivery error: {type(error).__name__}: {error}"
             ),
             hold_until=self.agent.hold_until,
+            lane_of=self.agent.lane_of,
+            transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
         first = config.listeners[0]
         self.guard = AuthGuard(
@@ -233,7 +238,12 @@ class Relay:
         loaded = await asyncio.to_thread(self.spool.load)
         for problem in loaded.problems:
             self.log.warning(f"spool: {problem}")
-        added = self.scheduler.add_loaded(loaded.entries)
+        added = 0
+        # Indexing routes every message to its lane: in batches, so the
+        # listeners keep answering while 100,000 queued messages are indexed.
+        for start in range(0, len(loaded.entries), _INDEX_BATCH):
+            added += self.scheduler.add_loaded(loaded.entries[start : start + _INDEX_BATCH])
+            await asyncio.sleep(0)
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
         gc.freeze()

@@ -43,7 +43,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from relayd.config import RelayConfig
 from relayd.dsn import auto_submitted_keyword
-from relayd.router import group_by_route, route
+from relayd.fairness import Lane
+from relayd.router import domain_of, group_by_route, route
 from relayd.scheduler import UpstreamHealth
 from relayd.values import (
     AttemptOutcome,
@@ -61,6 +62,9 @@ from relayd.values import (
 )
 
 RETRY_TIMEOUT = "retry timeout exceeded"
+# Route chains remembered for lane_of; a queue to more distinct domains than
+# this simply starts the cache again (bounded memory, a few routes re-done).
+_CHAIN_CACHE_SIZE = 10_000
 CANCELLED = "delivery cancelled by administrator"
 # A local, permanent decision carries a synthetic 5xx so the DSN reads as a
 # failure, not as an expired delivery.
@@ -179,6 +183,9 @@ class DeliveryAgent:
         self._build_dsn = build_dsn
         self._is_forced = is_forced
         self._clock = clock
+        # Route chains per (tenant, domain) for lane_of, valid for one config object.
+        self._chains_of: RelayConfig | None = None
+        self._chains: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
         """One pass over the message's due recipients. None: the message left the queue."""
@@ -273,6 +280,31 @@ class DeliveryAgent:
                 return None
             earliest = wait if earliest is None else min(earliest, wait)
         return earliest
+
+    def lane_of(self, entry: QueueEntry) -> Lane:
+        """The scheduler's lane of a message: its tenant and the transports it will try first.
+
+        For each open recipient, the first transport of its chain that is not
+        in its retry wait (the one a delivery would really use), or the
+        chain's first when all are waiting.
+        """
+        config = self._config()
+        if config is not self._chains_of or len(self._chains) > _CHAIN_CACHE_SIZE:
+            self._chains_of, self._chains = config, {}
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            return Lane(entry.envelope.tenant)
+        firsts: set[str] = set()
+        for recipient in entry.undelivered:
+            key = (tenant.name, domain_of(recipient.address))
+            chain = self._chains.get(key)
+            if chain is None:
+                found = route(tenant, recipient.address)
+                chain = self._chains[key] = found.transports if found is not None else ()
+            if chain:
+                usable = (t for t in chain if self._health.is_skipped(t) is None)
+                firsts.add(next(usable, chain[0]))
+        return Lane(entry.envelope.tenant, tuple(sorted(firsts)))
 
     def _chain_wait(self, chain: Sequence[str]) -> float | None:
         """The earliest end of the chain's retry waits; None if a transport is usable now."""
