@@ -31,7 +31,12 @@ The failover policy itself (which error means "next transport", "defer" or
   put back quietly instead of logging and recording one more deferral;
 * `give_up` is the operator's "cancel delivery" (Exim -Mg): every open
   recipient fails with "delivery cancelled by administrator" and the sender
-  gets a bounce, exactly as for a permanent failure.
+  gets a bounce, exactly as for a permanent failure;
+* a message that was itself sent automatically (Auto-Submitted other than
+  "no", RFC 3834) gets no bounce, only a log line, so two robots cannot
+  answer each other in a loop;
+* `lane_of` tells the scheduler which tenant and first transports a message
+  competes for (`relayd.fairness`).
 """
 
 from __future__ import annotations

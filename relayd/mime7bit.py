@@ -26,6 +26,8 @@ import re
 CRLF = b"\r\n"
 MAX_DEPTH = 20  # MIME nesting followed; deeper structure is encoded whole
 
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+_BLANK_LINE = re.compile(rb"\r\n\r\n")
 _CTE_FIELD = re.compile(rb"^content-transfer-encoding[ \t]*:", re.IGNORECASE)
 _PARAM = re.compile(rb';\s*([A-Za-z0-9_.*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))')
 
@@ -48,19 +50,29 @@ def to_7bit(message: bytes) -> bytes:
     """The message with its 8-bit parts encoded; raises NeedsSmtpUtf8 (see the module doc)."""
     if message.isascii():
         return message
-    out: list[bytes] = []
-    _entity(message, out, depth=0, top=True)
-    return b"".join(out)  # chunks joined once: no whole-message copy per level
+    out: list[Chunk] = []
+    # Parts are memoryview slices of the one message and the result is joined
+    # once: the only large copies are the encoded parts and the result.
+    _entity(memoryview(message), out, depth=0, top=True)
+    return b"".join(out)
 
 
-def _split(entity: bytes) -> tuple[bytes, bytes, bytes]:
+Chunk = bytes | memoryview
+
+
+def _is_ascii(data: Chunk) -> bool:
+    return _NON_ASCII.search(data) is None
+
+
+def _split(entity: memoryview) -> tuple[bytes, bytes, memoryview]:
     """(header block incl. its last CRLF, the empty line, body); no empty line: all header."""
-    if entity.startswith(CRLF):
+    if entity[:2] == CRLF:
         return b"", CRLF, entity[2:]
-    end = entity.find(b"\r\n\r\n")
-    if end < 0:
-        return entity, b"", b""
-    return entity[: end + 2], CRLF, entity[end + 4 :]
+    found = _BLANK_LINE.search(entity)
+    if found is None:
+        return bytes(entity), b"", entity[len(entity) :]
+    end = found.start()
+    return bytes(entity[: end + 2]), CRLF, entity[end + 4 :]
 
 
 def _fields(head: bytes) -> dict[bytes, bytes]:
@@ -89,12 +101,12 @@ def _content_type(fields: dict[bytes, bytes], top: bool) -> tuple[bytes, dict[by
     return kind, params
 
 
-def _entity(entity: bytes, out: list[bytes], *, depth: int, top: bool = False) -> None:
+def _entity(entity: memoryview, out: list[Chunk], *, depth: int, top: bool = False) -> None:
     """Append the converted entity (header block, empty line, body) to `out`."""
     head, blank, body = _split(entity)
     if not head.isascii():
         raise NeedsSmtpUtf8("8-bit bytes in a header block")
-    if body.isascii():
+    if _is_ascii(body):
         out.append(entity)
         return
     fields = _fields(head)
@@ -112,7 +124,7 @@ def _entity(entity: bytes, out: list[bytes], *, depth: int, top: bool = False) -
     _leaf(head, body, kind, out, top=top, has_mime_version=b"mime-version" in fields)
 
 
-def _leaf(head: bytes, body: bytes, kind: bytes, out: list[bytes], *, top: bool, has_mime_version: bool) -> None:
+def _leaf(head: bytes, body: memoryview, kind: bytes, out: list[Chunk], *, top: bool, has_mime_version: bool) -> None:
     if kind.startswith(b"text/"):
         encoded, name = _quoted_printable(body), b"quoted-printable"
     else:
@@ -136,18 +148,18 @@ def _without_cte(head: bytes) -> bytes:
     return b"".join(line + CRLF for line in kept)
 
 
-def _quoted_printable(body: bytes) -> bytes:
+def _quoted_printable(body: memoryview) -> bytes:
     """RFC 2045 6.7 with CRLF hard line breaks and soft breaks at 76 characters."""
     return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False)
 
 
-def _base64(body: bytes) -> bytes:
+def _base64(body: memoryview) -> bytes:
     """RFC 2045 6.8: 76-character lines, CRLF; no line end after the last, as the body had none."""
     encoded = base64.encodebytes(body).replace(b"\n", CRLF)
-    return encoded if body.endswith(CRLF) else encoded[:-2]
+    return encoded if body[-2:] == CRLF else encoded[:-2]
 
 
-def _multipart(body: bytes, boundary: bytes, out: list[bytes], depth: int) -> None:
+def _multipart(body: memoryview, boundary: bytes, out: list[Chunk], depth: int) -> None:
     """Convert each body part between the boundary lines; preamble and epilogue go 7-bit as text.
 
     Delimiters are found with one regular-expression scan, so a 25 MB part is
@@ -166,18 +178,18 @@ def _multipart(body: bytes, boundary: bytes, out: list[bytes], depth: int) -> No
     _segment(body[pos:], inside, out, depth)  # the epilogue, or a last part never closed
 
 
-def _segment(segment: bytes, inside: bool, out: list[bytes], depth: int) -> None:
+def _segment(segment: memoryview, inside: bool, out: list[Chunk], depth: int) -> None:
     """One stretch between delimiter lines; the CRLFs next to a delimiter belong to it (RFC 2046 5.1.1)."""
     if not inside:
         out.append(_ascii_only(segment))
         return
-    lead = 2 if segment.startswith(CRLF) else 0
-    trail = 2 if segment.endswith(CRLF) and len(segment) >= lead + 2 else 0
+    lead = 2 if segment[:2] == CRLF else 0
+    trail = 2 if segment[-2:] == CRLF and len(segment) >= lead + 2 else 0
     out.append(segment[:lead])
     _entity(segment[lead : len(segment) - trail], out, depth=depth + 1)
     out.append(segment[len(segment) - trail :])
 
 
-def _ascii_only(text: bytes) -> bytes:
+def _ascii_only(text: memoryview) -> Chunk:
     """Preamble and epilogue are not shown by mail readers; 8-bit bytes there become '?'."""
-    return text if text.isascii() else bytes(b if b < 0x80 else 0x3F for b in text)
+    return text if _is_ascii(text) else _NON_ASCII.sub(b"?", text)
