@@ -361,19 +361,30 @@ class Scheduler:
             )
             if lane is None:
                 return None
-            _due, _, message_id = heapq.heappop(self._lanes[lane])
-            entry = self._entries[message_id]
-            if message_id not in self._forced and self._hold_until is not None:
-                until = self._hold_until(entry)
-                if until is not None and until > now:
-                    self._waiting[message_id] = until
-                    self._push(message_id, until)
-                    postponed += 1
-                    if postponed >= _POSTPONE_BATCH:
-                        self._sweep_unfinished = True
-                        return None  # run() comes straight back after yielding
+            # Stay in the picked lane while its due messages are only put
+            # back: a put-back starts nothing, so it needs no new pick, and
+            # 100,000 messages behind a down upstream cost no lane scans.
+            heap = self._lanes[lane]
+            while heap and heap[0][0] <= now:
+                due, _, message_id = heapq.heappop(heap)
+                if not self._startable(message_id, due, lane):
                     continue
-            return message_id
+                until = self._held_until(message_id, now)
+                if until is None:
+                    return message_id
+                self._waiting[message_id] = until
+                self._push(message_id, until)
+                postponed += 1
+                if postponed >= _POSTPONE_BATCH:
+                    self._sweep_unfinished = True
+                    return None  # run() comes straight back after yielding
+
+    def _held_until(self, message_id: str, now: float) -> float | None:
+        """Until when a due message has nothing to try (every transport waiting); None: start it."""
+        if message_id in self._forced or self._hold_until is None:
+            return None
+        until = self._hold_until(self._entries[message_id])
+        return until if until is not None and until > now else None
 
     def _seconds_to_next(self) -> float | None:
         """Until the earliest lane item not yet due (due ones wait for a slot: a finish wakes us)."""

@@ -115,3 +115,35 @@ def test_scheduler_starts_another_tenants_message_while_a_slow_backlog_holds_its
     assert waited < 0.5
     assert by_transport == {"slow": 10}  # the slow upstream holds only its own share
     assert by_tenant == {"acme": 10}
+
+
+def test_messages_behind_a_down_upstream_are_put_back_without_holding_up_another_lane() -> None:
+    async def scenario() -> tuple[list[str], int]:
+        started: list[str] = []
+        now = time.time()
+
+        async def deliver(entry: QueueEntry) -> QueueEntry | None:
+            started.append(entry.id)
+            return None
+
+        def hold_until(entry: QueueEntry) -> float | None:
+            return now + 3600 if entry.recipients[0].address.endswith("@slow.test") else None
+
+        scheduler = Scheduler(deliver, max_parallel=20, lane_of=lane_by_domain, hold_until=hold_until,
+                              transport_limit=lambda name: 10)
+        # 3,000 held messages: more than one put-back batch, so the sweep must resume by itself.
+        scheduler.add_all(queued(f"acme-{i:04d}", "acme", "slow.test", now - 100) for i in range(3000))
+        scheduler.add(queued("globex-000", "globex", "fast.test", now))
+        runner = asyncio.get_running_loop().create_task(scheduler.run())
+        for _ in range(200):
+            if started and len(scheduler.waiting()) == 3000:
+                break
+            await asyncio.sleep(0.01)
+        waiting = len(scheduler.waiting())
+        await scheduler.stop(1.0)
+        runner.cancel()
+        return started, waiting
+
+    started, waiting = uvloop.run(scenario())
+    assert started == ["globex-000"]
+    assert waiting == 3000
