@@ -240,7 +240,17 @@ def cmd_secret_rotate_key(args: argparse.Namespace) -> int:
         )
     new_id = rotate_key(target.store, found.path, current_keys=found.keys)
     print(f"re-encrypted {target.store} with new master key {new_id}; {found.path} holds only it")
+    print(_RUNNING_DAEMON_NOTE)
     return EXIT_OK
+
+
+# relayd reads its master key only at start (systemd copies a LoadCredential=
+# file once, and the environment variable is removed after reading).
+_RUNNING_DAEMON_NOTE = (
+    "a running relayd keeps the old key until it restarts: reloads go on with the credentials "
+    "it already holds; restart it (systemctl restart relayd) to use the new key and any "
+    "credential changed from now on"
+)
 
 
 def _rotate_to_new_file(store: Path, found: MasterKeys, new_key_file: Path) -> int:
@@ -249,6 +259,7 @@ def _rotate_to_new_file(store: Path, found: MasterKeys, new_key_file: Path) -> i
     new_id = rotate_key(store, new_key_file, current_keys=found.keys)
     print(f"re-encrypted {store} with new master key {new_id}, written to {new_key_file}")
     print(f"replace the key at {found.describe()} with it, then restart relayd")
+    print(_RUNNING_DAEMON_NOTE)
     return EXIT_OK
 
 

@@ -97,6 +97,10 @@ class SmtpTransportConfig:
     max_messages_per_connection: int = 100
     idle_timeout: float = 10.0  # keep an idle upstream connection this long for reuse
     provider: str | None = None  # preset name (gmail, sendgrid, ...), for error hints
+    # Deliveries the scheduler starts at once on this transport (None: see
+    # RelayConfig.transport_max_parallel), so one slow provider cannot take
+    # every delivery slot.
+    max_parallel: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,7 @@ class CaptureTransportConfig:
     name: str
     maildir: Path
     retry: RetrySchedule | None = None
+    max_parallel: int | None = None  # as SmtpTransportConfig.max_parallel
 
 
 TransportConfig = Union[SmtpTransportConfig, CaptureTransportConfig]
@@ -221,6 +226,22 @@ class RelayConfig:
     def retry_for(self, transport_name: str) -> RetrySchedule:
         t = self.transports.get(transport_name)
         return (t.retry if t is not None and t.retry is not None else self.retry)
+
+    def transport_max_parallel(self, transport_name: str) -> int:
+        """How many deliveries may start on one transport at once.
+
+        Default: half of `delivery.max_parallel` (at least 1), and for SMTP no
+        more than the transport's `max_connections` (more would only wait for
+        a connection while holding a delivery slot). So a slow upstream holds
+        at most half the slots and every other upstream keeps the rest.
+        """
+        t = self.transports.get(transport_name)
+        if t is not None and t.max_parallel is not None:
+            return t.max_parallel
+        limit = max(1, self.delivery.max_parallel // 2)
+        if isinstance(t, SmtpTransportConfig):
+            limit = min(limit, t.max_connections)
+        return limit
 
     @property
     def control_path(self) -> Path:

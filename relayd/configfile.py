@@ -382,8 +382,9 @@ _LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max
 _NETWORK_ONLY_KEYS = ("address", "port", "tls", "allow_plaintext_auth")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
-              "max_connections", "max_messages_per_connection", "idle_timeout", "region")
-_CAPTURE_KEYS = ("type", "maildir", "retry")
+              "max_connections", "max_messages_per_connection", "idle_timeout", "region",
+              "max_parallel")
+_CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
                 "local_users", "max_recipients", "max_message_size", "enabled", "routes")
 _ROUTE_KEYS = ("name", "domains", "via")
@@ -1093,6 +1094,7 @@ class _Reader:
             name=name,
             maildir=self.need(tm, "maildir", self.path, Path(".")),
             retry=self.get(tm, "retry", self.schedule, None),
+            max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
         )
 
     def smtp_transport(self, name: str, tm: _Map) -> SmtpTransportConfig:
@@ -1138,6 +1140,7 @@ class _Reader:
                 d.max_messages_per_connection),
             idle_timeout=self.get(tm, "idle_timeout", self.duration(_IDLE), d.idle_timeout),
             provider=preset.name if preset else None,
+            max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
         )
 
     def check_transport_safety(self, tm: _Map, host: str, tls: TlsMode, credential: str | None,

@@ -75,6 +75,14 @@ class CredentialStoreError(CredentialError):
     """The store cannot be read, decrypted, or does not hold what it should."""
 
 
+class StoreKeyMismatch(CredentialStoreError):
+    """The store is sealed under a key the caller does not have (e.g. after rotate-key)."""
+
+    def __init__(self, message: str, *, store_key_id: str) -> None:
+        super().__init__(message)
+        self.store_key_id = store_key_id
+
+
 class Secret:
     """A string that does not show itself: repr, str, format and pickle are redacted.
 
@@ -470,10 +478,10 @@ class CredentialStore:
         by_id = {key_id(k): k for k in keys}
         key = by_id.get(str(header["key_id"]))
         if key is None:
-            _fail(
-                path,
-                "cannot decrypt: the master key does not match this store "
+            raise StoreKeyMismatch(
+                f"{path}: cannot decrypt: the master key does not match this store "
                 f"(key id {header['key_id']})",
+                store_key_id=str(header["key_id"]),
             )
         try:
             plaintext = AESGCM(key).decrypt(nonce, ciphertext, _associated_data(header))

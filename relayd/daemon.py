@@ -20,13 +20,20 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from relayd import replies, sdnotify
+from relayd import hardening, replies, sdnotify
 from relayd.authcheck import PasswordChecker
 from relayd.authguard import AuthGuard
-from relayd.config import RelayConfig, TenantConfig
+from relayd.config import RelayConfig, SmtpTransportConfig, TenantConfig
 from relayd.configfile import ConfigError, load_config
 from relayd.control import ControlServer, QueueControl, SpoolInUse, SpoolLock, lock_path
-from relayd.credentials import CredentialError, CredentialStore, UpstreamCredential, load_master_keys
+from relayd.credentials import (
+    MASTER_KEY_ENV,
+    CredentialError,
+    CredentialStore,
+    StoreKeyMismatch,
+    UpstreamCredential,
+    load_master_keys,
+)
 from relayd.delivery import DeliveryAgent
 from relayd.dsn import build_dsn
 from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
@@ -38,6 +45,9 @@ from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
+
+
+_INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
 
 
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -94,6 +104,8 @@ class Relay:
                 f"{message_id} delivery error: {type(error).__name__}: {error}"
             ),
             hold_until=self.agent.hold_until,
+            lane_of=self.agent.lane_of,
+            transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
         self.guard = AuthGuard()  # one for every listener; each brings its own limits
         self.server = SubmissionServer(
@@ -245,7 +257,12 @@ class Relay:
             self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
         for entry in loaded.entries:
             self.room.track(entry)
-        added = self.scheduler.add_loaded(loaded.entries)
+        added = 0
+        # Indexing routes every message to its lane: in batches, so the
+        # listeners keep answering while 100,000 queued messages are indexed.
+        for start in range(0, len(loaded.entries), _INDEX_BATCH):
+            added += self.scheduler.add_loaded(loaded.entries[start : start + _INDEX_BATCH])
+            await asyncio.sleep(0)
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
         gc.freeze()
@@ -294,7 +311,7 @@ class Relay:
         """
         try:
             new = load_config(self.config.source)
-            credentials = self._open_credentials(new)
+            credentials = self._reopen_credentials(new)
         except ConfigError as error:
             problems = str(error).splitlines()
         except CredentialError as error:
@@ -322,8 +339,49 @@ class Relay:
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []
 
+    def _reopen_credentials(self, new: RelayConfig) -> CredentialStore | None:
+        """The store for a reload; after a key rotation, the credentials already held.
+
+        `relayctl secret rotate-key` re-encrypts the store under a new master
+        key, but relayd got its key at start (systemd hands LoadCredential=
+        files over only then, and $RELAYD_MASTER_KEY is gone from the
+        environment): it cannot open the new store until restarted. The
+        credentials it decrypted before are still the same logins, so a
+        reload keeps them, unless the new configuration needs one it does
+        not have; the log and the error say to restart relayd.
+        """
+        try:
+            return self._open_credentials(new)
+        except StoreKeyMismatch as error:
+            held = self.credentials
+            if held is None or new.credentials.store != self.config.credentials.store:
+                raise
+            restart = (
+                f"the store was re-encrypted with master key {error.store_key_id} "
+                "(relayctl secret rotate-key), which relayd only reads at start: restart relayd "
+                "(systemctl restart relayd)"
+            )
+            missing = sorted(_credential_names(new) - set(held.names()))
+            if missing:
+                raise StoreKeyMismatch(
+                    f"{error}; credential(s) {', '.join(missing)} are not among those relayd holds "
+                    f"and {restart} to load them", store_key_id=error.store_key_id,
+                ) from None
+            self.log.warning(
+                f"{new.credentials.store}: {restart} to use the new key; until then the "
+                f"{len(held.names())} credential(s) loaded before stay in use"
+            )
+            return held
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _credential_names(config: RelayConfig) -> set[str]:
+    return {
+        t.credential for t in config.transports.values()
+        if isinstance(t, SmtpTransportConfig) and t.credential is not None
+    }
 
 
 def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
@@ -342,11 +400,12 @@ def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
     loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
 
 
-async def serve(config: RelayConfig) -> int:
-    relay = Relay(config)
+async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -> int:
+    relay = Relay(config, environ=environ)
     loop = asyncio.get_running_loop()
     _install_signals(relay, loop)
     await relay.start()
+    relay.log.info(hardening.describe())
     if config.pid_file is not None:
         config.pid_file.write_text(f"{os.getpid()}\n")
     try:
@@ -399,7 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _harden_process() -> dict[str, str]:
+    """No core dumps; the master key out of the environment. Returns the environment to use.
+
+    The key stays only in the returned mapping (the daemon needs it again
+    for a reload), not in os.environ, not in libc's environ and not in
+    /proc/PID/environ.
+    """
+    key_text = hardening.take_from_environment(MASTER_KEY_ENV)
+    hardening.disable_core_dumps()
+    environ = dict(os.environ)
+    if key_text is not None:
+        environ[MASTER_KEY_ENV] = key_text
+    return environ
+
+
 def main(argv: list[str] | None = None) -> int:
+    environ = _harden_process()
     args = build_parser().parse_args(argv)
     _fix_malloc_mmap_threshold()
     if args.command == "dev":
@@ -422,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relayd: {error}", file=sys.stderr)
         return 78
     try:
-        return _run(serve(config))
+        return _run(serve(config, environ))
     except CredentialError as error:
         print(f"relayd: {error}", file=sys.stderr)
         return 78

@@ -38,7 +38,12 @@ The failover policy itself (which error means "next transport", "defer" or
   put back quietly instead of logging and recording one more deferral;
 * `give_up` is the operator's "cancel delivery" (Exim -Mg): every open
   recipient fails with "delivery cancelled by administrator" and the sender
-  gets a bounce, exactly as for a permanent failure.
+  gets a bounce, exactly as for a permanent failure;
+* a message that was itself sent automatically (Auto-Submitted other than
+  "no", RFC 3834) gets no bounce, only a log line, so two robots cannot
+  answer each other in a loop;
+* `lane_of` tells the scheduler which tenant and first transports a message
+  competes for (`relayd.fairness`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from relayd.config import RelayConfig
-from relayd.router import group_by_route, route
+from relayd.dsn import auto_submitted_keyword
+from relayd.fairness import Lane
+from relayd.router import domain_of, group_by_route, route
 from relayd.scheduler import UpstreamHealth
 from relayd.values import (
     AttemptOutcome,
@@ -67,6 +74,9 @@ from relayd.values import (
 )
 
 RETRY_TIMEOUT = "retry timeout exceeded"
+# Route chains remembered for lane_of; a queue to more distinct domains than
+# this simply starts the cache again (bounded memory, a few routes re-done).
+_CHAIN_CACHE_SIZE = 10_000
 CANCELLED = "delivery cancelled by administrator"
 # A local, permanent decision carries a synthetic 5xx so the DSN reads as a
 # failure, not as an expired delivery.
@@ -235,6 +245,9 @@ class DeliveryAgent:
         self._clock = clock
         self._state_retry_interval = state_retry_interval
         self._unrecorded: dict[str, Unrecorded] = {}
+        # Route chains per (tenant, domain) for lane_of, valid for one config object.
+        self._chains_of: RelayConfig | None = None
+        self._chains: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
         """One pass over the message's due recipients. None: the message left the queue.
@@ -440,6 +453,31 @@ class DeliveryAgent:
             earliest = wait if earliest is None else min(earliest, wait)
         return earliest
 
+    def lane_of(self, entry: QueueEntry) -> Lane:
+        """The scheduler's lane of a message: its tenant and the transports it will try first.
+
+        For each open recipient, the first transport of its chain that is not
+        in its retry wait (the one a delivery would really use), or the
+        chain's first when all are waiting.
+        """
+        config = self._config()
+        if config is not self._chains_of or len(self._chains) > _CHAIN_CACHE_SIZE:
+            self._chains_of, self._chains = config, {}
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            return Lane(entry.envelope.tenant)
+        firsts: set[str] = set()
+        for recipient in entry.undelivered:
+            key = (tenant.name, domain_of(recipient.address))
+            chain = self._chains.get(key)
+            if chain is None:
+                found = route(tenant, recipient.address)
+                chain = self._chains[key] = found.transports if found is not None else ()
+            if chain:
+                usable = (t for t in chain if self._health.is_skipped(t) is None)
+                firsts.add(next(usable, chain[0]))
+        return Lane(entry.envelope.tenant, tuple(sorted(firsts)))
+
     def _chain_wait(self, chain: Sequence[str]) -> float | None:
         """The earliest end of the chain's retry waits; None if a transport is usable now."""
         transports = self._transports()
@@ -565,6 +603,8 @@ class DeliveryAgent:
     ) -> None:
         if entry.envelope.is_bounce:
             return  # a bounce is never bounced; already logged as dropped
+        if self._bounce_would_loop(entry, body):
+            return
         dsn = self._build_dsn(
             original=entry.envelope,
             original_body=body,
@@ -576,6 +616,23 @@ class DeliveryAgent:
         await self._enqueue_bounce(entry.envelope, dsn)
         if self._metrics is not None:
             self._metrics.bounces.labels(tenant=entry.envelope.tenant).inc()
+
+
+    def _bounce_would_loop(self, entry: QueueEntry, body: bytes) -> bool:
+        """An automatically sent message (RFC 3834 Auto-Submitted) gets no bounce.
+
+        Its sender is a robot (vacation responder, ticket system, alert
+        script) that may answer our bounce with another message: the failure
+        stays recorded (the ``**`` line) and the log says why nobody was told.
+        """
+        keyword = auto_submitted_keyword(body)
+        if keyword is None:
+            return False
+        self._log.bounce_suppressed(
+            entry.id, sender=entry.envelope.sender,
+            reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
+        )
+        return True
 
 
 def _reason_label(report: DeliveryReport) -> str:

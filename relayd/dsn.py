@@ -101,12 +101,24 @@ def is_auto_submitted(headers: bytes) -> bool:
     RFC 3834 section 5: such messages must not be answered automatically, so
     callers use this to avoid bouncing auto-replies in a loop.
     """
-    block = _BLANK_LINE.split(headers, maxsplit=1)[0]
+    return auto_submitted_keyword(headers) is not None
+
+
+def auto_submitted_keyword(message: bytes) -> str | None:
+    """The Auto-Submitted keyword ("auto-replied", ...) of a message; None if absent or "no".
+
+    Only the header block is looked at (up to the first empty line), so a
+    25 MB body costs a search, not a copy.
+    """
+    end = message.find(b"\r\n\r\n")
+    block = _BLANK_LINE.split(message if end < 0 else message[: end + 2], maxsplit=1)[0]
     for name, value in _fields(block):
         if name.lower() == b"auto-submitted":
             keyword = value.split(b";", 1)[0].strip().lower()
-            return keyword != b"no"
-    return False
+            if keyword == b"no":
+                return None
+            return _printable(keyword.decode("ascii", "replace"))[:64] or "yes"
+    return None
 
 
 def describe_failure(report: DeliveryReport) -> FailedRecipient:

@@ -196,6 +196,15 @@ def format_bounce_dropped(queue_id: str, report: DeliveryReport) -> str:
     return f"{sanitize(queue_id)} ** {_failure_tail(report)} (null sender: bounce discarded)"
 
 
+def format_bounce_suppressed(queue_id: str, *, sender: str, reason: str) -> str:
+    """``<id> no bounce sent to <sender>: reason``: the failure is recorded, the DSN is not sent.
+
+    Used for a message that was itself sent automatically (RFC 3834
+    Auto-Submitted): answering it could start a mail loop between two robots.
+    """
+    return f"{sanitize(queue_id)} no bounce sent to {_sender(sender)}: {sanitize(reason)}"
+
+
 def format_rejected(
     *, client_ip: str, stage: str, reply: str, detail: str = "", address: str | None = None
 ) -> str:
@@ -420,6 +429,9 @@ class MainLog:
 
     def bounce_dropped(self, queue_id: str, report: DeliveryReport) -> None:
         self._write(format_bounce_dropped(queue_id, report))
+
+    def bounce_suppressed(self, queue_id: str, *, sender: str, reason: str) -> None:
+        self._write(format_bounce_suppressed(queue_id, sender=sender, reason=reason))
 
     def rejected(
         self,

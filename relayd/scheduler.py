@@ -10,9 +10,14 @@ How it fails: an exception from `deliver` is logged and the message is tried
 again after `error_backoff`; the scheduler itself never stops on one message.
 
 The index is memory only; the spool is the truth and the index is rebuilt
-from it at start. Picking the next due message is a heap pop, so a large
-queue does not make each pick slower. Stale heap entries (a message whose due
-time changed) are skipped lazily on pop.
+from it at start. Due times sit in one heap per lane (a tenant and the first
+transports its message will try, `relayd.fairness.Lane`); which lane starts
+next is `relayd.fairness.pick_lane`: the tenant with the fewest deliveries in
+flight first, and never more than a transport's `max_parallel` deliveries
+starting on one transport. So a large queue does not make each pick slower,
+one tenant's backlog does not delay another tenant's message, and one slow
+upstream cannot take every slot. Stale heap entries (a message whose due time
+or lane changed) are skipped lazily on pop.
 
 Also here: `UpstreamHealth`, Exim's host retry state. A transport whose
 connection failed is skipped by every other message until its own retry
@@ -38,11 +43,19 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
+from relayd.fairness import DueLane, Lane, TransportLimit, pick_lane
 from relayd.retry import RetrySchedule
 from relayd.values import QueueEntry
 
 Deliver = Callable[[QueueEntry], Awaitable[QueueEntry | None]]
 HoldUntil = Callable[[QueueEntry], "float | None"]
+LaneOf = Callable[[QueueEntry], Lane]
+HeapItem = tuple[float, int, str]
+
+
+def tenant_lane(entry: QueueEntry) -> Lane:
+    """The lane when nothing knows the routes: the tenant alone."""
+    return Lane(entry.envelope.tenant)
 
 # How many due-but-waiting messages one pass over the heap puts back before it
 # yields to the event loop: start-up with 100,000 queued messages behind a
@@ -133,8 +146,12 @@ class Scheduler:
         on_error: Callable[[str, BaseException], None] | None = None,
         hold_until: HoldUntil | None = None,
         sweep_interval: float = 60.0,
+        lane_of: LaneOf = tenant_lane,
+        transport_limit: TransportLimit | None = None,
     ) -> None:
         self._deliver = deliver
+        self._lane_of = lane_of
+        self._transport_limit: TransportLimit = transport_limit or (lambda _name: max_parallel)
         # The heap says when the next message is due, but the wall clock can
         # jump (NTP, a suspended VM): never sleep longer than this between looks.
         self._sweep_interval = sweep_interval
@@ -144,7 +161,12 @@ class Scheduler:
         self._error_backoff = error_backoff
         self._on_error = on_error
         self._entries: dict[str, QueueEntry] = {}
-        self._heap: list[tuple[float, int, str]] = []
+        self._lanes: dict[Lane, list[HeapItem]] = {}  # due-time heap per lane
+        self._lane_by_id: dict[str, Lane] = {}
+        self._flight_lanes: dict[str, Lane] = {}
+        self._tenant_in_flight: dict[str, int] = {}
+        self._transport_in_flight: dict[str, int] = {}
+        self._sweep_unfinished = False  # a put-back batch ended early: look again at once
         self._seq = itertools.count()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
@@ -163,13 +185,27 @@ class Scheduler:
         if entry.is_complete:
             self._entries.pop(entry.id, None)
             self._waiting.pop(entry.id, None)
+            self._lane_by_id.pop(entry.id, None)
             return
         self._entries[entry.id] = entry
+        self._lane_by_id[entry.id] = self._lane_for(entry)
         due = entry.next_due()
         if due is not None and not entry.frozen:
-            heapq.heappush(self._heap, (due, next(self._seq), entry.id))
+            self._push(entry.id, due)
             if due <= self._clock():
                 self._wakeup.set()
+
+    def _lane_for(self, entry: QueueEntry) -> Lane:
+        try:
+            return self._lane_of(entry)
+        except Exception:  # a lane is only an ordering hint: never lose the message over it
+            return tenant_lane(entry)
+
+    def _push(self, message_id: str, due: float) -> None:
+        lane = self._lane_by_id.get(message_id)
+        if lane is None:
+            return
+        heapq.heappush(self._lanes.setdefault(lane, []), (due, next(self._seq), message_id))
 
     def add_all(self, entries: Iterable[QueueEntry]) -> None:
         for entry in entries:
@@ -194,6 +230,7 @@ class Scheduler:
 
     def forget(self, message_id: str) -> None:
         self._entries.pop(message_id, None)
+        self._lane_by_id.pop(message_id, None)
         self._waiting.pop(message_id, None)
         self._attempt_ended(message_id)  # nobody waits for an attempt that cannot come
 
@@ -214,7 +251,7 @@ class Scheduler:
                 self._force_after.add(message_id)  # the running attempt may not have been forced
             elif message_id in self._entries:
                 self._forced.add(message_id)
-                heapq.heappush(self._heap, (now, next(self._seq), message_id))
+                self._push(message_id, now)
         self._wakeup.set()
 
     def is_forced(self, message_id: str) -> bool:
@@ -288,34 +325,74 @@ class Scheduler:
 
     # -- loop ----------------------------------------------------------------
 
+    def _startable(self, message_id: str, due: float, lane: Lane) -> bool:
+        """False for a heap item that no longer stands for a delivery to start now."""
+        entry = self._entries.get(message_id)
+        if entry is None or entry.frozen or message_id in self._in_flight or message_id in self._held:
+            return False
+        if self._lane_by_id.get(message_id) != lane:
+            return False  # re-indexed into another lane, which has its own item
+        current = entry.next_due()
+        return current is not None and (current <= due or message_id in self._forced)
+
+    def _due_lanes(self, now: float) -> list[DueLane]:
+        """Every lane whose first live item is due, dropping stale items and empty lanes."""
+        due: list[DueLane] = []
+        for lane in list(self._lanes):
+            heap = self._lanes[lane]
+            while heap and heap[0][0] <= now and not self._startable(heap[0][2], heap[0][0], lane):
+                heapq.heappop(heap)
+            if not heap:
+                del self._lanes[lane]
+            elif heap[0][0] <= now:
+                due.append(DueLane(lane, heap[0][0]))
+        return due
+
     def _pop_due(self) -> str | None:
         now = self._clock()
         postponed = 0
-        while self._heap and self._heap[0][0] <= now:
-            due, _, message_id = heapq.heappop(self._heap)
-            entry = self._entries.get(message_id)
-            if entry is None or entry.frozen or message_id in self._in_flight or message_id in self._held:
-                continue
-            current = entry.next_due()
-            forced = message_id in self._forced
-            if current is None or (current > due and not forced):
-                continue  # stale: a newer heap item exists for this message
-            if not forced and self._hold_until is not None:
-                until = self._hold_until(entry)
-                if until is not None and until > now:
-                    self._waiting[message_id] = until
-                    heapq.heappush(self._heap, (until, next(self._seq), message_id))
-                    postponed += 1
-                    if postponed >= _POSTPONE_BATCH:
-                        return None  # run() comes straight back after yielding
+        self._sweep_unfinished = False
+        while True:
+            lane = pick_lane(
+                self._due_lanes(now),
+                tenant_in_flight=self._tenant_in_flight,
+                transport_in_flight=self._transport_in_flight,
+                transport_limit=self._transport_limit,
+            )
+            if lane is None:
+                return None
+            # Stay in the picked lane while its due messages are only put
+            # back: a put-back starts nothing, so it needs no new pick, and
+            # 100,000 messages behind a down upstream cost no lane scans.
+            heap = self._lanes[lane]
+            while heap and heap[0][0] <= now:
+                due, _, message_id = heapq.heappop(heap)
+                if not self._startable(message_id, due, lane):
                     continue
-            return message_id
-        return None
+                until = self._held_until(message_id, now)
+                if until is None:
+                    return message_id
+                self._waiting[message_id] = until
+                self._push(message_id, until)
+                postponed += 1
+                if postponed >= _POSTPONE_BATCH:
+                    self._sweep_unfinished = True
+                    return None  # run() comes straight back after yielding
+
+    def _held_until(self, message_id: str, now: float) -> float | None:
+        """Until when a due message has nothing to try (every transport waiting); None: start it."""
+        if message_id in self._forced or self._hold_until is None:
+            return None
+        until = self._hold_until(self._entries[message_id])
+        return until if until is not None and until > now else None
 
     def _seconds_to_next(self) -> float | None:
-        if not self._heap:
-            return None
-        return max(0.0, self._heap[0][0] - self._clock())
+        """Until the earliest lane item not yet due (due ones wait for a slot: a finish wakes us)."""
+        if self._sweep_unfinished:
+            return 0.0
+        now = self._clock()
+        future = [heap[0][0] for heap in self._lanes.values() if heap and heap[0][0] > now]
+        return max(0.0, min(future) - now) if future else None
 
     async def run(self) -> None:
         while not self._stopping:
@@ -339,8 +416,23 @@ class Scheduler:
     def _start(self, message_id: str) -> None:
         self._waiting.pop(message_id, None)
         entry = self._entries[message_id]
+        lane = self._lane_by_id.get(message_id, tenant_lane(entry))
+        self._flight_lanes[message_id] = lane
+        self._count_in_flight(lane, +1)
         task = asyncio.get_running_loop().create_task(self._run_one(entry))
         self._in_flight[message_id] = task
+
+    def _count_in_flight(self, lane: Lane, step: int) -> None:
+        for counts, key in ((self._tenant_in_flight, lane.tenant), *((self._transport_in_flight, t) for t in lane.transports)):
+            value = counts.get(key, 0) + step
+            if value > 0:
+                counts[key] = value
+            else:
+                counts.pop(key, None)
+
+    def in_flight_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Deliveries running now per tenant and per transport (status, tests)."""
+        return dict(self._tenant_in_flight), dict(self._transport_in_flight)
 
     async def _run_one(self, entry: QueueEntry) -> None:
         message_id = entry.id
@@ -356,10 +448,13 @@ class Scheduler:
             # Only the back-off item: re-adding the entry would push its old,
             # already-due time and retry a failing message in a tight loop.
             retry_at = self._clock() + self._error_backoff
-            heapq.heappush(self._heap, (retry_at, next(self._seq), message_id))
+            self._push(message_id, retry_at)
             failed = True
         finally:
             self._in_flight.pop(message_id, None)
+            lane = self._flight_lanes.pop(message_id, None)
+            if lane is not None:
+                self._count_in_flight(lane, -1)
             self._forced.discard(message_id)
             self._wakeup.set()
         if not failed:

@@ -20,6 +20,7 @@ certificate and host name were verified.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import socket
@@ -45,7 +46,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from relayd import failover
+from relayd import failover, mime7bit
 from relayd.config import CaptureTransportConfig, SmtpTransportConfig, TlsMode, TransportConfig
 from relayd.values import (
     AttemptOutcome,
@@ -141,6 +142,22 @@ def wire_body(body: bytes) -> bytes:
 
 def _has_8bit(body: bytes) -> bool:
     return not body.isascii()
+
+
+def smtputf8_need(delivery: Delivery) -> str | None:
+    """Why this delivery can only travel with SMTPUTF8 (RFC 6531/6532), or None.
+
+    As Postfix does (smtputf8_autodetect_classes unset), 8-bit header fields
+    need SMTPUTF8 only when the client declared SMTPUTF8: applications that
+    write raw UTF-8 subjects without asking for it (PHP mail(), many
+    templates) have always been carried as 8-bit data, and bouncing them
+    would break mail that every provider accepts.
+    """
+    if not delivery.sender.isascii() or not all(r.isascii() for r in delivery.recipients):
+        return "non-ASCII addresses"
+    if delivery.smtputf8 and not mime7bit.header_block(delivery.body).isascii():
+        return "8-bit header fields"
+    return None
 
 
 def tls_label(ssl_object: ssl.SSLObject | None) -> str:
@@ -588,8 +605,10 @@ class SmtpTransport:
 
     async def _transaction(self, conn: _Connection, delivery: Delivery) -> _Txn:
         smtp = conn.smtp
-        if delivery.smtputf8 and not smtp.supports_extension("smtputf8"):
-            return self._all(delivery.recipients, Stage.MAIL, None, "upstream does not support SMTPUTF8", keep=True)
+        prepared = await self._fit_to_upstream(smtp, delivery)
+        if isinstance(prepared, _Txn):
+            return prepared
+        delivery = prepared
         payload = wire_body(delivery.body)
         txn = await self._mail(conn, delivery, payload)
         if txn is not None:
@@ -601,6 +620,45 @@ class SmtpTransport:
             txn.keep = await self._rset(smtp)
             return txn
         return await self._data(conn, txn, accepted, payload)
+
+    async def _fit_to_upstream(self, smtp: aiosmtplib.SMTP, delivery: Delivery) -> Delivery | _Txn:
+        """The delivery as this upstream can take it (RFC 6152, RFC 6531), or why it cannot.
+
+        SMTPUTF8 is used when the upstream offers it and the client asked for
+        it or the message needs it. A message that needs it (non-ASCII
+        addresses, 8-bit header fields) goes nowhere else: each recipient gets
+        a local 5xx at MAIL, so the chain moves on and, when no transport of
+        it offers SMTPUTF8, the recipient fails at once with that reason.
+        An 8-bit body to an upstream without 8BITMIME is converted to 7-bit
+        MIME in a worker thread (CPU work on up to 25 MB).
+        """
+        offers_smtputf8 = smtp.supports_extension("smtputf8")
+        why = smtputf8_need(delivery)
+        if why is not None and not offers_smtputf8:
+            return self._smtputf8_missing(delivery, why)
+        body = delivery.body
+        if _has_8bit(body) and not smtp.supports_extension("8bitmime"):
+            try:
+                body = await asyncio.to_thread(mime7bit.to_7bit, body)
+            except mime7bit.NeedsSmtpUtf8:
+                return self._smtputf8_missing(delivery, "8-bit MIME part header fields")
+        smtputf8 = offers_smtputf8 and (delivery.smtputf8 or why is not None)
+        if body is delivery.body and smtputf8 == delivery.smtputf8:
+            return delivery
+        return dataclasses.replace(delivery, body=body, smtputf8=smtputf8)
+
+    def _smtputf8_missing(self, delivery: Delivery, why: str) -> _Txn:
+        address_case = why.startswith("non-ASCII")
+        reply = SmtpReply(553, "5.6.7 SMTPUTF8 required") if address_case else SmtpReply(554, "5.6.9 SMTPUTF8 required")
+        detail = (
+            f"SMTPUTF8 required ({why}) but transport {self.name} ({self.config.host}) does not offer it"
+        )
+        txn = _Txn(keep=True, detail=detail)
+        for address in delivery.recipients:
+            txn.results[address] = RecipientResult(
+                address, AttemptOutcome.NEXT_TRANSPORT, Stage.MAIL, reply, detail, local=True
+            )
+        return txn
 
     def _mail_options(self, smtp: aiosmtplib.SMTP, delivery: Delivery, payload: bytes) -> list[str]:
         options: list[str] = []

@@ -201,9 +201,14 @@ class RecipientResult:
     stage: Stage
     reply: SmtpReply | None = None
     detail: str = ""
+    # The reply was made up by relayd (e.g. "upstream lacks SMTPUTF8"), not
+    # sent by the upstream: the reason is the detail, never "remote server said".
+    local: bool = False
 
     def describe(self) -> str:
         """A human reason in Exim's words, for the log and for DSNs."""
+        if self.local and self.detail:
+            return self.detail
         if self.reply is not None:
             after = self.stage.value
             return f"SMTP error from remote mail server after {after}: {self.reply}"

@@ -94,6 +94,7 @@ class FakeUpstream:
         hostname: str = "fake-upstream",
         no_starttls: bool = False,
         smtputf8: bool = True,
+        eightbitmime: bool = True,
     ) -> None:
         if tls not in ("starttls", "implicit", "none"):
             raise ValueError(f"tls must be starttls, implicit or none, not {tls!r}")
@@ -104,6 +105,7 @@ class FakeUpstream:
         self.hostname = hostname
         self.no_starttls = no_starttls
         self.smtputf8 = smtputf8
+        self.eightbitmime = eightbitmime  # False: EHLO does not announce 8BITMIME (a 7-bit upstream)
         self.host = "127.0.0.1"
         self.port = 0
         self._lock = threading.Lock()
@@ -501,6 +503,8 @@ class _Handler:
         rule = self.fake.take_rule("EHLO", None)
         if rule is None:
             session.host_name = hostname
+            if not self.fake.eightbitmime:
+                return [r for r in responses if r[4:].upper() != "8BITMIME"]
             return responses
         return [await _answer(server, rule)]
 

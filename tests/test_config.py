@@ -438,3 +438,21 @@ def test_login_throttling_settings_have_bounds_and_an_order(tmp_path: Path) -> N
                                                      "auth_lockout: 30s}")
     listener = load_config(write(tmp_path, good), check_files=False).listeners[0]
     assert (listener.auth_failures_per_source, listener.auth_lockout, listener.auth_lockout_max) == (50, 30.0, 900.0)
+
+
+def test_transport_max_parallel_defaults_to_half_the_slots_capped_by_connections_and_is_bounded(
+    tmp_path: Path,
+) -> None:
+    text = MINIMAL.replace(
+        "  sink: {host: 127.0.0.1, port: 2526, tls: none}",
+        "  sink: {host: 127.0.0.1, port: 2526, tls: none}\n"
+        "  few: {host: 127.0.0.1, port: 2527, tls: none, max_connections: 3}\n"
+        "  own: {host: 127.0.0.1, port: 2528, tls: none, max_parallel: 15}\n"
+        "  dev: {type: capture, maildir: capture}",
+    ) + "delivery: {max_parallel: 20}\n"
+    config = load_config(write(tmp_path, text))
+    assert [config.transport_max_parallel(n) for n in ("sink", "few", "own", "dev")] == [10, 3, 15, 10]
+    tiny = load_config(write(tmp_path, text.replace("max_parallel: 20", "max_parallel: 1")))
+    assert tiny.transport_max_parallel("sink") == 1
+    bad = problems_of(write(tmp_path, text.replace("max_parallel: 15", "max_parallel: 0")))
+    assert bad.endswith("relay.yaml:10:63: max_parallel must be from 1 to 1000; 0 is out of range")

@@ -121,6 +121,10 @@ def test_unit_runs_unprivileged_with_only_the_bind_capability() -> None:
     assert "IPAddressDeny" not in s  # relayd must reach providers anywhere
 
 
+def test_unit_forbids_core_files_of_a_process_that_holds_decrypted_passwords() -> None:
+    assert unit_settings()["LimitCORE"] == ["0"]
+
+
 def test_every_path_relayd_writes_in_the_example_config_is_writable_under_the_unit() -> None:
     """ProtectSystem=strict makes everything read-only except what the unit names."""
     s = unit_settings()

@@ -186,7 +186,8 @@ def test_smtputf8_message_moves_on_when_the_upstream_lacks_smtputf8(fakes: Calla
     result = send_one(config_for(fake), delivery("josé@exemple.test", smtputf8=True))
     (r,) = result.results
     assert r.outcome is AttemptOutcome.NEXT_TRANSPORT
-    assert r.detail == "upstream does not support SMTPUTF8"
+    assert r.detail == "SMTPUTF8 required (non-ASCII addresses) but transport gmail_acme (127.0.0.1) does not offer it"
+    assert r.reply is not None and str(r.reply) == "553 5.6.7 SMTPUTF8 required" and r.local
     assert fake.received == []
 
 
