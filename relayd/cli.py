@@ -96,10 +96,14 @@ def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> s
     stdin: TextIO | None = args.stdin
     if stdin is None:
         raise CliError("no stdin to read the password from")
-    if args.password_stdin or not stdin.isatty():
+    from_stdin = bool(getattr(args, "password_stdin", False))
+    if from_stdin or not stdin.isatty():
         password = _read_password_line(stdin)
     else:
         password = _prompt_password(prompt, confirm=confirm)
+    if not password and not from_stdin and not stdin.isatty():
+        raise CliError("no password given: there is no terminal to ask on; pipe it in with "
+                       f"--password-stdin (e.g. printf '%s\\n' \"$SMTP_PASSWORD\" | {PROG} ... --password-stdin)")
     if not password:
         raise CliError("refusing an empty password")
     return password

@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import replace
 from email.message import EmailMessage
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from relayd.cli import CliError, UsageError, _load_config, _read_password
@@ -655,14 +656,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------- send-test
 
 
-def _default_sender(tenant: TenantConfig) -> str:
-    """An address the tenant may use: an exact one, else relayd-test@ its first *@domain."""
+def _default_sender(tenant: TenantConfig, hostname: str) -> str:
+    """An address the tenant may use: an exact one, else relayd-test@ its first *@domain,
+    else (a tenant that may send as anyone) relayd-test@ relay.yaml's hostname."""
     for pattern in tenant.senders:
         if "*" not in pattern:
             return pattern
     for pattern in tenant.senders:
         if pattern.startswith("*@") and "*" not in pattern[2:]:
             return f"relayd-test@{pattern[2:]}"
+    if "*" in tenant.senders or "*@*" in tenant.senders:
+        return f"relayd-test@{hostname}"
     raise UsageError(f"tenant {tenant.name} has no concrete sender pattern; give --from ADDRESS")
 
 
@@ -785,6 +789,25 @@ def _log_since(config: RelayConfig, offset: int, message_id: str) -> list[str]:
         return []
 
 
+def captured_file(config: RelayConfig, tenant: TenantConfig, recipient: str, queue_id: str) -> Path | None:
+    """The Maildir file a capture transport on the recipient's route wrote for `queue_id`.
+
+    The capture transport ends each file name with the queue id, so this is a
+    glob of new/ and cur/, not a read of every message.
+    """
+    from relayd.config import CaptureTransportConfig
+    from relayd.router import route
+
+    found = route(tenant, recipient)
+    for name in found.transports if found is not None else ():
+        transport = config.transports.get(name)
+        if isinstance(transport, CaptureTransportConfig):
+            for sub in ("new", "cur"):
+                for path in sorted((transport.maildir / sub).glob(f"*.{queue_id}*")):
+                    return path
+    return None
+
+
 def _queue_outcome(config: RelayConfig, message_id: str, recipient: str) -> tuple[str, str] | None:
     try:
         reply = _client(config).request("queue.show", id=message_id)
@@ -807,7 +830,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     if tenant is None:
         raise CliError(f"no tenant named {args.tenant!r} in {config.source}")
     recipient = args.to
-    sender = args.sender or _default_sender(tenant)
+    sender = args.sender or _default_sender(tenant, config.hostname)
     host, _port = _listener_port(config)
     bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
     source = bound[0] if bound else None
@@ -824,6 +847,11 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     if found is None:
         raise CliError(f"no outcome for {message_id} within {args.timeout:g}s; see `{PROG} queue show {message_id} --log`")
     outcome, detail = found
+    captured = captured_file(config, tenant, recipient, message_id) if outcome in ("delivered", "completed") \
+        else None
+    if captured is not None:
+        print(f"delivered (captured as {captured})")
+        return EXIT_OK
     print(f"{outcome}: {sanitize(detail, limit=2048)}")
     return EXIT_OK if outcome == "delivered" else EXIT_FAILURE
 

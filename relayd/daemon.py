@@ -376,29 +376,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="the YAML configuration (default: $RELAYD_CONFIG or /etc/relayd/relay.yaml)",
     )
     sub = parser.add_subparsers(dest="command")
-    dev = sub.add_parser("dev", help="run on the embedded development default (capture only)")
-    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")))
-    dev.add_argument("--port", type=int, default=2525)
+    dev = sub.add_parser(
+        "dev", help="run on the embedded development default (capture only)",
+        description="A capture-only relay on 127.0.0.1 for development: every message lands in a "
+        "Maildir, nothing leaves the machine. The state directory keeps the key, certificate, "
+        "password and relay.yaml across restarts.",
+    )
+    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")),
+                     help="the state directory (default: $RELAYD_DEV_DIR or ./.relayd-dev)")
+    dev.add_argument("--port", type=int, default=None,
+                     help="the submission port on 127.0.0.1 for a new relay.yaml (default 2525)")
+    dev.add_argument("--reset", action="store_true",
+                     help="write a fresh relay.yaml, dropping hand edits (key, certificate and password stay)")
     return parser
+
+
+def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
+    """Prepare the dev directory, check its port, print the banner; an int is an exit status."""
+    from relayd.devdefault import DevError, check_port_free, check_port_option, connection_help, \
+        dev_password, prepare_dev
+
+    try:
+        config_path = prepare_dev(args.dir, port=args.port, reset=args.reset)
+        config = load_config(config_path)
+        if not args.reset:
+            check_port_option(config, args.port)
+        first = config.listeners[0]
+        check_port_free(first.address, first.port)
+    except ConfigError as error:
+        print(f"{error}\nrelayd: start with --reset to write a fresh development relay.yaml", file=sys.stderr)
+        return 78
+    except DevError as error:
+        print(f"relayd: {error}", file=sys.stderr)
+        return 69  # EX_UNAVAILABLE
+    sys.stdout.write(connection_help(config, args.dir, dev_password(args.dir.resolve())))
+    sys.stdout.flush()
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _fix_malloc_mmap_threshold()
     if args.command == "dev":
-        from relayd.devdefault import prepare_dev
-
-        config_path = prepare_dev(args.dir, port=args.port, out=sys.stdout)
+        prepared = _prepare_dev(args)
+        if isinstance(prepared, int):
+            return prepared
+        config = prepared
     else:
         config_path = args.config
-    try:
-        config = load_config(config_path)
-    except ConfigError as error:
-        print(str(error), file=sys.stderr)
-        return 78  # EX_CONFIG
-    except OSError as error:
-        print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
-        return 78
+        try:
+            config = load_config(config_path)
+        except ConfigError as error:
+            print(str(error), file=sys.stderr)
+            return 78  # EX_CONFIG
+        except OSError as error:
+            print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
+            return 78
     try:
         return _run(serve(config))
     except CredentialError as error:
