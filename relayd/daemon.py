@@ -31,7 +31,8 @@ from relayd.delivery import DeliveryAgent
 from relayd.dsn import build_dsn
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.mainlog import MainLog
-from relayd.metrics import RelayMetrics
+from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.queueview import queue_counts
 from relayd.scheduler import Scheduler, UpstreamHealth
 from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.transport import Transport, build_transports
@@ -207,6 +208,7 @@ class Relay:
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         if self.config.metrics.port is not None:
+            self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(
                 self.config.metrics.address, self.config.metrics.port
             )
@@ -218,6 +220,15 @@ class Relay:
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
+
+    def queue_gauges(self) -> QueueGauges | None:
+        """The queue by state and its oldest message's age, for the metrics; None until the
+        index is loaded (a partial count would be a wrong number, not a smaller one)."""
+        if self.index_loaded is None or not self.index_loaded.done():
+            return None
+        counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
+                              self.scheduler.waiting())
+        return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
