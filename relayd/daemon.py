@@ -39,6 +39,12 @@ from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
 
+def arrival_auth(env: Envelope) -> str:
+    """Exim's A= value, `authenticator:id`: `plain:acme` or `login:acme` after SMTP AUTH,
+    `bind:cron` for a tenant known by the loopback address it submits from."""
+    return f"{env.auth_mechanism or 'bind'}:{env.tenant}"
+
+
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
@@ -166,7 +172,7 @@ class Relay:
         env = entry.envelope
         self.log.arrival(
             entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
-            protocol=env.protocol, tls=env.tls or None, auth=env.tenant,
+            protocol=env.protocol, tls=env.tls or None, auth=arrival_auth(env),
         )
         self.metrics.messages_received.labels(tenant=env.tenant).inc()
         self.metrics.bytes_received.labels(tenant=env.tenant).inc(env.size)

@@ -250,6 +250,7 @@ def test_php_mail_through_relayd_sendmail(relay: Relay, tmp_path: Path) -> None:
     received = relay.received_for(recipient)
     assert received.tls and received.login == UPSTREAM_USER
     assert received.mail_from == "cron@shop.example"
+    assert f" A=bind:{LOCAL_TENANT} " in relay.files.mainlog()  # known by its address, not a login
     assert received.data == crlf(handed.read_bytes())
 
 
