@@ -306,7 +306,7 @@ def _add_secret_commands(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_secret_list)
 
     p = verbs.add_parser("remove", parents=[where], help="delete a login")
-    p.add_argument("name")
+    p.add_argument("name", help="the credential's name")
     p.set_defaults(func=cmd_secret_remove)
 
     p = verbs.add_parser(
@@ -337,7 +337,7 @@ def _add_key_commands(subparsers: Subparsers) -> None:
     group = subparsers.add_parser("key", help="master keys for the credential store")
     verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("generate", help="write a fresh master key file (mode 0600)")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="the key file to create, e.g. /etc/relayd/master.key")
     p.add_argument(
         "--force",
         action="store_true",
@@ -408,7 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     for add_commands in _COMMAND_GROUPS:
         add_commands(subparsers)
+    describe_subcommands(parser)
     return parser
+
+
+def describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as one, so
+    `relayctl VERB --help` says what the verb does, not only its options."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    text = str(helps[name])
+                    sub.description = text[0].upper() + text[1:] + "."
+                describe_subcommands(sub)
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -52,6 +52,7 @@ from relayd.control import (
 from relayd.msgid import is_message_id
 from relayd.queueview import (
     QueueFilter,
+    backlog_transport,
     QueueRow,
     compile_address_pattern,
     entry_from_json,
@@ -277,19 +278,33 @@ def cmd_queue_count(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retry_waits(config: RelayConfig) -> dict[str, float]:
+    """Until when the running relayd skips each transport; {} when it is not running."""
+    try:
+        reply = _client(config).request("health")
+    except ControlUnavailable:
+        return {}
+    transports = reply.get("transports") if reply.get("ok") else None
+    if not isinstance(transports, dict):
+        return {}
+    return {name: float(entry["skipped_until"]) for name, entry in transports.items()
+            if isinstance(entry, dict) and isinstance(entry.get("skipped_until"), (int, float))}
+
+
 def cmd_queue_summary(args: argparse.Namespace) -> int:
     from relayd.router import route
 
     config = _load_config(args)
     selection = _selection(args)
     now = time.time()
+    waits = _retry_waits(config)
 
-    def first_transport(tenant_name: str, address: str) -> str | None:
+    def holding_transport(tenant_name: str, address: str) -> str | None:
         tenant = config.tenants.get(tenant_name)
         found = route(tenant, address) if tenant is not None else None
-        return found.transports[0] if found is not None and found.transports else None
+        return backlog_transport(found.transports, waits, now) if found is not None else None
 
-    summary = summarize(select(_all_rows(config), selection, now), now, first_transport)
+    summary = summarize(select(_all_rows(config), selection, now), now, holding_transport)
     if args.json:
         print(json.dumps(summary_to_json(summary, now), indent=1))
     else:
@@ -646,11 +661,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     status.pop("done", None)
     status.pop("ok", None)
+    _add_verify_results(config, status)
     if args.json:
         print(json.dumps({"running": True, **status}, indent=1))
     else:
         print("\n".join(status_lines(status, time.time())))
     return EXIT_OK
+
+
+def _add_verify_results(config: RelayConfig, status: dict[str, Any]) -> None:
+    """Each transport's state word and its last `transport verify` result, beside the daemon's view."""
+    from relayd import verifyrecord
+    from relayd.queueview import transport_state
+
+    verified = verifyrecord.read(config.spool_dir)
+    transports = status.setdefault("transports", {})
+    for name in set(config.transports) | set(transports):
+        entry = transports.setdefault(name, {})
+        entry["state"] = transport_state(entry)
+        entry["last_verify"] = verified.get(name)
 
 
 # --------------------------------------------------------------- send-test
@@ -874,20 +903,20 @@ def add_queue_commands(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_queue_list)
 
     p = verbs.add_parser("count", parents=[filters], help="how many messages (exim -bpc)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_count)
 
-    p = verbs.add_parser("summary", parents=[filters], help="by tenant, domain, transport and age (exiqsumm)")
-    p.add_argument("--json", action="store_true")
+    p = verbs.add_parser("summary", parents=[filters], help="by tenant, domain, transport holding the backlog, and age (exiqsumm)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_summary)
 
     p = verbs.add_parser("show", help="one message: envelope, state, headers (exim -Mvh/-Mvb/-Mvl)")
-    p.add_argument("id")
+    p.add_argument("id", help="the message's queue id (as in mailq)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--headers", action="store_true", help="only the header block")
     what.add_argument("--body", action="store_true", help="only the body")
     what.add_argument("--log", action="store_true", help="its main log lines and recipients' state")
-    what.add_argument("--json", action="store_true")
+    what.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_show)
 
     actions = (
@@ -899,7 +928,7 @@ def add_queue_commands(subparsers: Subparsers) -> None:
     )
     for verb, text, confirm in actions:
         p = verbs.add_parser(verb, parents=[filters], help=text)
-        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("ids", nargs="*", metavar="ID", help="queue ids (or select with the options below)")
         p.add_argument("--wait", type=float, metavar="SECONDS",
                        help="how long to wait for a delivery attempt already running (default 60)")
         if confirm:
@@ -907,23 +936,38 @@ def add_queue_commands(subparsers: Subparsers) -> None:
         p.set_defaults(func=_action(verb, confirm=confirm))
 
     p = verbs.add_parser("flush", parents=[filters], help="every message now, ignoring all retry times (exim -qff)")
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", help="queue ids (default: the whole queue, or the selection)")
     p.add_argument("--skip-frozen", action="store_true", help="leave frozen messages alone (exim -qf)")
     p.set_defaults(func=cmd_queue_flush)
 
-    p = subparsers.add_parser("reload", help="re-read relay.yaml in the running relayd (like SIGHUP)")
+    p = subparsers.add_parser(
+        "reload", help="re-read relay.yaml in the running relayd (like SIGHUP)",
+        description="Check relay.yaml, then have the running relayd re-read it. All or nothing: on a "
+        "problem relayd keeps its running configuration and the problem is printed as FILE:LINE:COL.",
+    )
     p.set_defaults(func=cmd_reload)
 
-    p = subparsers.add_parser("status", help="the running relayd: listeners, queue, transports")
-    p.add_argument("--json", action="store_true")
+    p = subparsers.add_parser(
+        "status", help="the running relayd: listeners, queue, transports",
+        description="The running relayd: its listeners, the queue by state and its oldest message, and per "
+        "transport its state (ok, failing, unused, retry wait), last success, last error and last "
+        "`relayctl transport verify` result. Exit status 1 when relayd is not running.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_status)
 
-    p = subparsers.add_parser("send-test", help="send a test message through relayd and follow it")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--to", required=True, metavar="ADDRESS")
+    p = subparsers.add_parser(
+        "send-test", help="send a test message through relayd and follow it",
+        description="Submit one test message to relayd's first listener as a tenant (with its password, "
+        "or from its bound loopback address), then follow it until it is delivered, deferred or failed. "
+        "Exit status 0 when delivered (or captured by a capture transport), else 1.",
+    )
+    p.add_argument("--tenant", required=True, help="the tenant to submit as")
+    p.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient of the test message")
     p.add_argument("--from", dest="sender", metavar="ADDRESS", help="default: an allowed sender of the tenant")
     p.add_argument("--password-stdin", action="store_true", help="read the tenant's password as one line of stdin")
-    p.add_argument("--timeout", type=float, default=SEND_TEST_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=SEND_TEST_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to follow the message (default {SEND_TEST_TIMEOUT:g}s)")
     p.set_defaults(func=cmd_send_test)
 
 
