@@ -802,6 +802,9 @@ def cmd_transport_verify(args: argparse.Namespace) -> int:
     def show(step: VerifyStep) -> None:
         print(format_verify([step], encoding, VERIFY_STEP_WIDTH), flush=True)
 
+    # Connecting and the greeting are one wait; say so before it starts, so a silent
+    # upstream is seen as one and not as a hung command.
+    print(f"  ... connecting to {transport.host}:{transport.port} and waiting for its greeting", flush=True)
     steps = asyncio.run(verify_transport(transport, credentials=lookup, helo_name=config.hostname, on_step=show))
     ok = bool(steps) and all(s.ok for s in steps)
     print(f"{transport.name}: {'OK' if ok else 'FAILED'}")

@@ -498,6 +498,8 @@ def test_transport_verify_shows_the_gmail_hint_for_535_and_fails(
     lines = out.splitlines()
     assert lines[0] == (f"verifying transport gmail_acme (127.0.0.1:{gmail.port}, STARTTLS); no mail is sent; "
                         "each step waits up to 15s")
+    assert lines[1] == f"  ... connecting to 127.0.0.1:{gmail.port} and waiting for its greeting"
+    del lines[1]
     assert [line.split()[:2] for line in lines[1:6]] == [
         ["\u2713", "connect"], ["\u2713", "greeting"], ["\u2713", "EHLO"], ["\u2713", "STARTTLS"],
         ["\u2713", "certificate"]]
