@@ -472,7 +472,7 @@ def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: st
 
 def _where(file: str, keys: Sequence[str]) -> str:
     """`file:LINE:COL` of the value at `keys` in the YAML file (as far as the keys go), else `file`."""
-    import yaml
+    import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
 
     try:
         node = yaml.compose(Path(file).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
