@@ -85,10 +85,22 @@ def _load_config(args: argparse.Namespace, *, check_files: bool = False) -> Rela
     """relay.yaml, parsed; a broken config becomes one `relay.yaml:LINE:COL: ...` line."""
     from relayd.configfile import ConfigError, load_config
 
+    path = _config_path(args)
     try:
-        return load_config(_config_path(args), check_files=check_files)
+        return load_config(path, check_files=check_files)
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc) + _dev_config_hint(path)) from None
+
+
+DEV_CONFIG = Path(".relayd-dev") / "relay.yaml"  # where `relayd dev` (scripts/dev) keeps its config
+
+
+def _dev_config_hint(path: Path) -> str:
+    """When the default config is missing but a dev relay's is here, say how to use it."""
+    if path != DEFAULT_CONFIG or path.exists() or not DEV_CONFIG.exists():
+        return ""
+    return (f"\n(the development relay's config is {DEV_CONFIG.resolve()}: "
+            f"export {CONFIG_ENV}={DEV_CONFIG.resolve()}, or give --config)")
 
 
 def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> str:
@@ -97,11 +109,12 @@ def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> s
     if stdin is None:
         raise CliError("no stdin to read the password from")
     from_stdin = bool(getattr(args, "password_stdin", False))
+    at_end = False
     if from_stdin or not stdin.isatty():
-        password = _read_password_line(stdin)
+        password, at_end = _read_password_line(stdin)
     else:
         password = _prompt_password(prompt, confirm=confirm)
-    if not password and not from_stdin and not stdin.isatty():
+    if at_end and not from_stdin:  # nothing at all on stdin, and no terminal to ask on
         raise CliError("no password given: there is no terminal to ask on; pipe it in with "
                        f"--password-stdin (e.g. printf '%s\\n' \"$SMTP_PASSWORD\" | {PROG} ... --password-stdin)")
     if not password:
@@ -109,7 +122,8 @@ def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> s
     return password
 
 
-def _read_password_line(stdin: TextIO) -> str:
+def _read_password_line(stdin: TextIO) -> tuple[str, bool]:
+    """One line of stdin without its line end, and whether stdin was already at its end."""
     try:
         line = stdin.readline(MAX_PASSWORD_LENGTH + 2)
     except UnicodeDecodeError:
@@ -117,7 +131,7 @@ def _read_password_line(stdin: TextIO) -> str:
     password = line.removesuffix("\n").removesuffix("\r")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise CliError(f"the password is longer than {MAX_PASSWORD_LENGTH} characters")
-    return password
+    return password, line == ""
 
 
 def _prompt_password(prompt: str, *, confirm: bool) -> str:

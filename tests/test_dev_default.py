@@ -239,3 +239,13 @@ def test_a_port_option_that_a_kept_relay_yaml_would_ignore_is_refused(tmp_path: 
     )
     assert run.returncode == 69 and run.stdout == ""
     assert "--reset" in run.stderr
+
+
+def test_relayctl_without_a_config_points_at_the_dev_relay_in_this_directory(tmp_path: Path) -> None:
+    if Path("/etc/relayd/relay.yaml").exists():
+        pytest.skip("this machine has /etc/relayd/relay.yaml, which relayctl reads first")
+    config = prepare_dev(tmp_path / ".relayd-dev", port=free_port())
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_CONFIG"}
+    run = subprocess.run([RELAYCTL, "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert f"export RELAYD_CONFIG={config}" in run.stderr
