@@ -426,6 +426,9 @@ def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
     except DevError as error:
         print(f"relayd: {error}", file=sys.stderr)
         return 69  # EX_UNAVAILABLE
+    except OSError as error:  # the state directory cannot be created or read
+        print(f"relayd: {error.filename or args.dir}: {error.strerror or error}", file=sys.stderr)
+        return 73  # EX_CANTCREAT
     sys.stdout.write(connection_help(config, args.dir, dev_password(args.dir.resolve())))
     sys.stdout.flush()
     return config

@@ -23,7 +23,10 @@ import datetime
 import errno
 import ipaddress
 import os
+import shlex
+import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -233,6 +236,28 @@ def port_holder(port: int) -> str | None:
     return None
 
 
+def command(name: str) -> str:
+    """How to type one of relayd's commands: its bare name when the shell finds this
+    installation's copy, else its full path (./scripts/dev does not put .venv/bin on PATH)."""
+    installed = Path(sys.executable).parent / name
+    if not installed.exists() or shutil.which(name) == str(installed):
+        return name
+    return shlex.quote(str(installed))
+
+
+SHELL_HEADING = "In the shell of your application (relayctl, mailq and relayd-sendmail read RELAYD_CONFIG):"
+
+
+def shell_lines_in(banner: str) -> list[str]:
+    """The shell commands the banner prints under SHELL_HEADING, as they would be pasted."""
+    lines = banner.splitlines()
+    start = lines.index(SHELL_HEADING) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("  "):
+        end += 1
+    return [line[2:] for line in lines[start:end]]
+
+
 def connection_help(config: RelayConfig, directory: Path, password: str) -> str:
     """The banner: login, exports for the shell, and snippets that run as pasted."""
     directory = directory.resolve()
@@ -246,8 +271,8 @@ def connection_help(config: RelayConfig, directory: Path, password: str) -> str:
         else listener.tls.value
     local = ""
     if LOCAL_TENANT in config.tenants:
-        local = (f"  relayd-sendmail (cron, PHP mail()) submits as tenant {LOCAL_TENANT}, no password:\n"
-                 f"    echo 'Subject: hi' | relayd-sendmail you@example.com\n")
+        local = (f"  printf 'Subject: hi\\n\\nfrom cron\\n' | {command('relayd-sendmail')} you@example.com"
+                 f"   # tenant {LOCAL_TENANT}: no password\n")
     return f"""
 relayd (development default) is starting on {listener.address}:{listener.port}
   user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
@@ -255,12 +280,11 @@ relayd (development default) is starting on {listener.address}:{listener.port}
   Every message is captured, never sent: look in {capture}
   Config: {config_path} (kept across restarts; `relayd dev --reset` writes a fresh one)
 
-In the shell of your application, and for relayctl, mailq and relayd-sendmail:
+{SHELL_HEADING}
   export {PASSWORD_ENV}='{password}'
-  export {CONFIG_ENV}={config_path}
-Then:
-  relayctl status
-  mailq
+  export {CONFIG_ENV}={shlex.quote(str(config_path))}
+  {command('relayctl')} status
+  {command('mailq')}
 {local}
 {client_snippets(access)}
 Stop with Ctrl-C.

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from relayd.clienthelp import snippets_in
-from relayd.devdefault import prepare_dev
+from relayd.devdefault import prepare_dev, shell_lines_in
 from tests.relayenv import ROOT, free_port
 
 
@@ -164,6 +164,20 @@ def test_the_printed_nodemailer_snippet_runs_as_pasted_and_is_captured(dev_relay
     assert run.stdout.startswith("250 ")
     (captured,) = dev_relay.captured(1)
     assert b"Subject: Hello from relayd" in captured
+
+
+def test_the_shell_lines_of_the_banner_run_as_pasted(dev_relay: DevRelay, tmp_path: Path) -> None:
+    commands = shell_lines_in(dev_relay.banner)
+    assert commands[0].startswith("export SMTP_PASSWORD=") and "relayd-sendmail" in commands[-1]
+    script = tmp_path / "pasted.sh"
+    script.write_text("set -e\n" + "\n".join(commands) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RELAYD_CONFIG", "SMTP_PASSWORD")}
+    run = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"127.0.0.1:{dev_relay.port}" in run.stdout  # relayctl status found the dev relay
+    (captured,) = dev_relay.captured(1)
+    assert b"Subject: hi" in captured and b"from cron" in captured
 
 
 def test_relayd_sendmail_works_out_of_the_box_on_the_dev_default(dev_relay: DevRelay) -> None:
