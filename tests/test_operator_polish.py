@@ -187,12 +187,16 @@ def test_config_check_no_files_passes_the_shipped_example_on_a_fresh_box(tmp_pat
 def test_config_check_no_files_still_finds_errors_in_the_yaml(tmp_path: Path) -> None:
     broken = tmp_path / "relay.yaml"
     text = (ROOT / "config" / "relay.yaml").read_text()
-    broken.write_text(text.replace("via: [gmail_acme", "via: [gmial_acme", 1))
+    broken.write_text(text.replace("via: [gmail_acme", "via: [gmial_acme", 1)
+                      .replace("credential: acme-gmail ", "credential: acme/gmail ", 1))
     run = subprocess.run([RELAYCTL, "config", "check", "--no-files", str(broken)], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 1
-    assert re.search(rf"^{re.escape(str(broken))}:\d+:\d+: .*gmial_acme", run.stdout, re.M), run.stdout
-    assert run.stdout.splitlines()[-1] == f"{broken}: 1 problem"
+    where = re.escape(str(broken))
+    assert re.search(rf"^{where}:\d+:\d+: .*gmial_acme", run.stdout, re.M), run.stdout
+    assert re.search(rf"^{where}:94:\d+: credential must be the name of a stored credential", run.stdout,
+                     re.M), run.stdout
+    assert run.stdout.splitlines()[-1] == f"{broken}: 2 problems"
 
 
 def test_config_check_says_one_transport_and_one_listener(
