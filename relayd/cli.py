@@ -85,10 +85,22 @@ def _load_config(args: argparse.Namespace, *, check_files: bool = False) -> Rela
     """relay.yaml, parsed; a broken config becomes one `relay.yaml:LINE:COL: ...` line."""
     from relayd.configfile import ConfigError, load_config
 
+    path = _config_path(args)
     try:
-        return load_config(_config_path(args), check_files=check_files)
+        return load_config(path, check_files=check_files)
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc) + _dev_config_hint(path)) from None
+
+
+DEV_CONFIG = Path(".relayd-dev") / "relay.yaml"  # where `relayd dev` (scripts/dev) keeps its config
+
+
+def _dev_config_hint(path: Path) -> str:
+    """When the default config is missing but a dev relay's is here, say how to use it."""
+    if path != DEFAULT_CONFIG or path.exists() or not DEV_CONFIG.exists():
+        return ""
+    return (f"\n(the development relay's config is {DEV_CONFIG.resolve()}: "
+            f"export {CONFIG_ENV}={DEV_CONFIG.resolve()}, or give --config)")
 
 
 def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> str:
@@ -96,16 +108,22 @@ def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> s
     stdin: TextIO | None = args.stdin
     if stdin is None:
         raise CliError("no stdin to read the password from")
-    if args.password_stdin or not stdin.isatty():
-        password = _read_password_line(stdin)
+    from_stdin = bool(getattr(args, "password_stdin", False))
+    at_end = False
+    if from_stdin or not stdin.isatty():
+        password, at_end = _read_password_line(stdin)
     else:
         password = _prompt_password(prompt, confirm=confirm)
+    if at_end and not from_stdin:  # nothing at all on stdin, and no terminal to ask on
+        raise CliError("no password given: there is no terminal to ask on; pipe it in with "
+                       f"--password-stdin (e.g. printf '%s\\n' \"$SMTP_PASSWORD\" | {PROG} ... --password-stdin)")
     if not password:
         raise CliError("refusing an empty password")
     return password
 
 
-def _read_password_line(stdin: TextIO) -> str:
+def _read_password_line(stdin: TextIO) -> tuple[str, bool]:
+    """One line of stdin without its line end, and whether stdin was already at its end."""
     try:
         line = stdin.readline(MAX_PASSWORD_LENGTH + 2)
     except UnicodeDecodeError:
@@ -113,7 +131,7 @@ def _read_password_line(stdin: TextIO) -> str:
     password = line.removesuffix("\n").removesuffix("\r")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise CliError(f"the password is longer than {MAX_PASSWORD_LENGTH} characters")
-    return password
+    return password, line == ""
 
 
 def _prompt_password(prompt: str, *, confirm: bool) -> str:
@@ -313,7 +331,7 @@ def _add_secret_commands(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_secret_list)
 
     p = verbs.add_parser("remove", parents=[where], help="delete a login")
-    p.add_argument("name")
+    p.add_argument("name", help="the credential's name")
     p.set_defaults(func=cmd_secret_remove)
 
     p = verbs.add_parser(
@@ -344,7 +362,7 @@ def _add_key_commands(subparsers: Subparsers) -> None:
     group = subparsers.add_parser("key", help="master keys for the credential store")
     verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
     p = verbs.add_parser("generate", help="write a fresh master key file (mode 0600)")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, help="the key file to create, e.g. /etc/relayd/master.key")
     p.add_argument(
         "--force",
         action="store_true",
@@ -415,7 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     for add_commands in _COMMAND_GROUPS:
         add_commands(subparsers)
+    describe_subcommands(parser)
     return parser
+
+
+def describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as one, so
+    `relayctl VERB --help` says what the verb does, not only its options."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    text = str(helps[name])
+                    sub.description = text[0].upper() + text[1:] + "."
+                describe_subcommands(sub)
 
 
 def _describe_os_error(exc: OSError) -> str:

@@ -49,7 +49,7 @@ from relayd.cli import (
     _print_table,
     _read_password,
 )
-from relayd.clienthelp import PASSWORD_ENV, SubmissionAccess, client_snippets
+from relayd.clienthelp import PASSWORD_ENV, SubmissionAccess, client_snippets, sender_for
 from relayd.config import (
     CaptureTransportConfig,
     RelayConfig,
@@ -180,8 +180,8 @@ def _check_transports_known(config: RelayConfig, rules: Iterable[RouteRule]) -> 
                 raise CliError(f"unknown transport {name!r}; relay.yaml defines: {', '.join(known) or 'none'}")
 
 
-def _listener_access(config: RelayConfig, user: str) -> SubmissionAccess:
-    """How an application reaches the first listener as `user`."""
+def _listener_access(config: RelayConfig, user: str, senders: Sequence[str] = ()) -> SubmissionAccess:
+    """How an application reaches the first listener as `user`, sending from one of `senders`."""
     listener = config.listeners[0]
     host = listener.address
     if ipaddress.ip_address(host).is_unspecified:
@@ -189,7 +189,7 @@ def _listener_access(config: RelayConfig, user: str) -> SubmissionAccess:
     trust = None
     if listener.tls is not TlsMode.NONE and config.tls is not None and _is_self_signed(config.tls.cert_file):
         trust = config.tls.cert_file
-    return SubmissionAccess(host, listener.port, listener.tls, user, trust)
+    return SubmissionAccess(host, listener.port, listener.tls, user, trust, sender=sender_for(tuple(senders)))
 
 
 def _is_self_signed(cert_file: Path) -> bool:
@@ -242,7 +242,7 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
     for rule in rules:
         print(f"  route {rule.name}: {', '.join(rule.domains)} via {', '.join(rule.transports)}")
     print()
-    print(connection_details(_listener_access(config, args.name), password))
+    print(connection_details(_listener_access(config, args.name, tenant.senders), password))
     print(reload_daemon(config))
     return EXIT_OK
 
@@ -281,7 +281,13 @@ def cmd_tenant_passwd(args: argparse.Namespace) -> int:
 
 def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
     config = _load_config(args)
-    _refuse_if_in_relay_yaml(config, args.name)
+    tenant = config.tenants.get(args.name)
+    if tenant is not None and not tenant.managed:
+        raise CliError(
+            f"tenant {args.name} is defined in {tenant.origin}, which relayctl does not rewrite; there, "
+            f"under `{args.name}:`, write\n    enabled: {'true' if enabled else 'false'}\n"
+            f"then run `{PROG} reload`"
+        )
     word = "enabled" if enabled else "disabled"
     changed: list[bool] = []
 
@@ -374,7 +380,7 @@ def add_tenant_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_tenant_add)
 
     p = verbs.add_parser("passwd", help="give a tenant a new password (generated unless --password-stdin)")
-    p.add_argument("name")
+    p.add_argument("name", help="the tenant's name (its SMTP login)")
     p.add_argument("--password-stdin", action="store_true",
                    help="read the new password from stdin (or a no-echo prompt) instead of generating one")
     p.set_defaults(func=cmd_tenant_passwd)
@@ -382,7 +388,7 @@ def add_tenant_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
     for verb, func, text in (("disable", cmd_tenant_disable, "refuse a tenant's logins"),
                              ("enable", cmd_tenant_enable, "accept a disabled tenant's logins again")):
         p = verbs.add_parser(verb, help=text)
-        p.add_argument("name")
+        p.add_argument("name", help="the tenant's name (its SMTP login)")
         p.set_defaults(func=func)
 
     p = verbs.add_parser("list", help="tenants, their senders and routes (never hashes)")
@@ -390,7 +396,7 @@ def add_tenant_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_tenant_list)
 
     p = verbs.add_parser("remove", help="delete a managed tenant")
-    p.add_argument("name")
+    p.add_argument("name", help="the tenant's name (its SMTP login)")
     p.add_argument("--yes", action="store_true", help="really remove it")
     p.set_defaults(func=cmd_tenant_remove)
 
@@ -458,10 +464,31 @@ def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: st
     except CredentialError as exc:
         return [f"{file}: cannot check the credentials named by transports: {exc}"]
     return [
-        f"{file}: transport {transport}: credential {name} is not in {config.credentials.store}; "
-        f"add it with `{PROG} secret set {name} --user USER`"
+        f"{_where(file, ('transports', transport, 'credential'))}: transport {transport}: credential {name} "
+        f"is not in {config.credentials.store}; add it with `{PROG} secret set {name} --user USER`"
         for transport, name in sorted(needed.items()) if store.get(name) is None
     ]
+
+
+def _where(file: str, keys: Sequence[str]) -> str:
+    """`file:LINE:COL` of the value at `keys` in the YAML file (as far as the keys go), else `file`."""
+    import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
+
+    try:
+        node = yaml.compose(Path(file).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return file
+    mark = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        if found is None:
+            break
+        mark, node = found[1].start_mark, found[1]  # the value, as relay.yaml's own errors point
+    if mark is None:
+        return file
+    return f"{file}:{mark.line + 1}:{mark.column + 1}"
 
 
 def _check_tls_files(config: RelayConfig, file: str) -> list[str]:
@@ -516,16 +543,26 @@ def _check_writable_dir(path: Path, what: str, file: str) -> list[str]:
     return []
 
 
-def check_config(config: RelayConfig, environ: Mapping[str, str], file: str) -> list[str]:
-    """Everything `config check` looks at beyond the YAML itself; each entry one problem."""
-    return [
-        *_check_routes(config),
-        *_check_hashes(config),
-        *_check_credentials(config, environ, file),
-        *_check_tls_files(config, file),
-        *_check_ca_files(config, file),
-        *_check_writable_dir(config.spool_dir, "spool_dir", file),
-    ]
+def check_config(config: RelayConfig, environ: Mapping[str, str], file: str, *, files: bool = True) -> list[str]:
+    """Everything `config check` looks at beyond the YAML itself; each entry one problem.
+
+    Without `files`, only what the YAML says is checked (routes, password
+    hashes): no credential store, certificate, key or directory is opened.
+    """
+    problems = [*_check_routes(config), *_check_hashes(config)]
+    if files:
+        problems += [
+            *_check_credentials(config, environ, file),
+            *_check_tls_files(config, file),
+            *_check_ca_files(config, file),
+            *_check_writable_dir(config.spool_dir, "spool_dir", file),
+        ]
+    return problems
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 transport", "2 transports"; pure."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -533,19 +570,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     file = str(path)
     from relayd.configfile import load_config
 
+    files = not args.no_files
     try:
-        config = load_config(path, check_files=True)
+        config = load_config(path, check_files=files)
     except ConfigError as exc:
         problems = [str(p) for p in exc.problems]
     else:
-        problems = check_config(config, args.environ, file)
+        problems = check_config(config, args.environ, file, files=files)
     if problems:
         for line in problems:
             print(line)
-        print(f"{file}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+        print(f"{file}: {counted(len(problems), 'problem')}")
         return EXIT_FAILURE
-    print(f"{file}: OK ({len(config.tenants)} tenants, {len(config.transports)} transports, "
-          f"{len(config.listeners)} listeners)")
+    scope = "" if files else "; files not checked (--no-files)"
+    print(f"{file}: OK ({counted(len(config.tenants), 'tenant')}, {counted(len(config.transports), 'transport')}, "
+          f"{counted(len(config.listeners), 'listener')}{scope})")
     return EXIT_OK
 
 
@@ -716,11 +755,15 @@ def _marks(encoding: str | None) -> tuple[str, str]:
     return "ok", "FAIL"
 
 
-def format_verify(steps: Sequence[VerifyStep], encoding: str | None) -> str:
-    """One line per step with a mark; a failed step's hint under it; pure."""
+def format_verify(steps: Sequence[VerifyStep], encoding: str | None, width: int | None = None) -> str:
+    """One line per step with a mark; a failed step's hint under it; pure.
+
+    `width` pads the step names (default: the longest among `steps`), so lines
+    printed one at a time as steps finish line up too.
+    """
     good, bad = _marks(encoding)
     mark_width = max(len(good), len(bad))
-    width = max((len(s.name) for s in steps), default=0)
+    width = max((len(s.name) for s in steps), default=0) if width is None else width
     lines = []
     for step in steps:
         mark = (good if step.ok else bad).ljust(mark_width)
@@ -728,6 +771,16 @@ def format_verify(steps: Sequence[VerifyStep], encoding: str | None) -> str:
         if not step.ok and step.hint:
             lines.append(f"    hint: {step.hint}")
     return "\n".join(lines)
+
+
+VERIFY_TIMEOUT = 15.0  # seconds per step; a transport's own command timeout (5 min) would look like a hang
+VERIFY_STEP_WIDTH = len("certificate")  # the longest step name
+
+
+def _verify_timeouts(transport: SmtpTransportConfig, timeout: float) -> SmtpTransportConfig:
+    if not 0 < timeout <= 600:
+        raise UsageError(f"--timeout {timeout:g}: give seconds between 0 and 600")
+    return replace(transport, connect_timeout=timeout, command_timeout=timeout)
 
 
 def cmd_transport_verify(args: argparse.Namespace) -> int:
@@ -739,14 +792,29 @@ def cmd_transport_verify(args: argparse.Namespace) -> int:
     if isinstance(transport, CaptureTransportConfig):
         print(f"{args.name} is a capture transport (Maildir {transport.maildir}); nothing to connect to")
         return EXIT_OK
+    transport = _verify_timeouts(transport, args.timeout)
     lookup = _credential_lookup(config, args.environ, transport)
     tls = {TlsMode.STARTTLS: "STARTTLS", TlsMode.IMPLICIT: "implicit TLS", TlsMode.NONE: "no TLS"}
     print(f"verifying transport {transport.name} ({transport.host}:{transport.port}, "
-          f"{tls[transport.tls]}); no mail is sent")
-    steps = asyncio.run(verify_transport(transport, credentials=lookup, helo_name=config.hostname))
-    print(format_verify(steps, getattr(sys.stdout, "encoding", None)))
+          f"{tls[transport.tls]}); no mail is sent; each step waits up to {args.timeout:g}s", flush=True)
+    encoding = getattr(sys.stdout, "encoding", None)
+
+    def show(step: VerifyStep) -> None:
+        print(format_verify([step], encoding, VERIFY_STEP_WIDTH), flush=True)
+
+    # Connecting and the greeting are one wait; say so before it starts, so a silent
+    # upstream is seen as one and not as a hung command.
+    print(f"  ... connecting to {transport.host}:{transport.port} and waiting for its greeting", flush=True)
+    steps = asyncio.run(verify_transport(transport, credentials=lookup, helo_name=config.hostname, on_step=show))
     ok = bool(steps) and all(s.ok for s in steps)
     print(f"{transport.name}: {'OK' if ok else 'FAILED'}")
+    deciding = next((s for s in steps if not s.ok), steps[-1] if steps else None)
+    from relayd import verifyrecord
+
+    problem = verifyrecord.record(config.spool_dir, transport.name, ok,
+                                  f"{deciding.name}: {deciding.detail}" if deciding else "no step ran")
+    if problem is not None:
+        print(f"note: {problem}", file=sys.stderr)
     return EXIT_OK if ok else EXIT_FAILURE
 
 
@@ -774,8 +842,14 @@ def add_admin_commands(subparsers: Subparsers) -> None:
     """`config check`, `route test`, `transport verify`."""
     group = subparsers.add_parser("config", help="the configuration file")
     verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = verbs.add_parser("check", help="check relay.yaml and every file it names (like postfix check)")
+    p = verbs.add_parser("check", help="check relay.yaml and every file it names (like postfix check)",
+                         description="Exit status 0 when there is no problem, else 1; each problem is "
+                         "one line starting with FILE:LINE:COL where the line is known.")
     p.add_argument("file", nargs="?", help="the file to check (default: --config)")
+    p.add_argument("--no-files", action="store_true",
+                   help="check only the YAML (syntax, schema, references between transports, tenants and "
+                   "routes, credential names), not the files it names: for CI and code review, where "
+                   "/etc/relayd, the key and the credential store do not exist")
     p.set_defaults(func=cmd_config_check)
 
     group = subparsers.add_parser("route", help="where mail would go")
@@ -784,11 +858,15 @@ def add_admin_commands(subparsers: Subparsers) -> None:
                          description="Exit status 0 when every address has a route, else 1.")
     p.add_argument("--tenant", required=True, help="the tenant whose routes to use")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS", help="recipient addresses to route")
     p.set_defaults(func=cmd_route_test)
 
     group = subparsers.add_parser("transport", help="upstream transports")
     verbs = group.add_subparsers(dest="verb", required=True, metavar="VERB")
-    p = verbs.add_parser("verify", help="connect, TLS and log in to an upstream without sending mail")
+    p = verbs.add_parser("verify", help="connect, TLS and log in to an upstream without sending mail",
+                         description="Each step is printed as soon as it is done; exit status 0 when all "
+                         "passed, else 1. The result is kept for `relayctl status`.")
     p.add_argument("name", help="the transport's name in relay.yaml")
+    p.add_argument("--timeout", type=float, default=VERIFY_TIMEOUT, metavar="SECONDS",
+                   help=f"how long each step may wait for the upstream (default {VERIFY_TIMEOUT:g}s)")
     p.set_defaults(func=cmd_transport_verify)

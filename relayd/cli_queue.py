@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import replace
 from email.message import EmailMessage
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 from relayd.cli import CliError, UsageError, _load_config, _read_password
@@ -51,6 +52,7 @@ from relayd.control import (
 from relayd.msgid import is_message_id
 from relayd.queueview import (
     QueueFilter,
+    backlog_transport,
     QueueRow,
     compile_address_pattern,
     entry_from_json,
@@ -287,19 +289,33 @@ def cmd_queue_count(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retry_waits(config: RelayConfig) -> dict[str, float]:
+    """Until when the running relayd skips each transport; {} when it is not running."""
+    try:
+        reply = _client(config).request("health")
+    except ControlUnavailable:
+        return {}
+    transports = reply.get("transports") if reply.get("ok") else None
+    if not isinstance(transports, dict):
+        return {}
+    return {name: float(entry["skipped_until"]) for name, entry in transports.items()
+            if isinstance(entry, dict) and isinstance(entry.get("skipped_until"), (int, float))}
+
+
 def cmd_queue_summary(args: argparse.Namespace) -> int:
     from relayd.router import route
 
     config = _load_config(args)
     selection = _selection(args)
     now = time.time()
+    waits = _retry_waits(config)
 
-    def first_transport(tenant_name: str, address: str) -> str | None:
+    def holding_transport(tenant_name: str, address: str) -> str | None:
         tenant = config.tenants.get(tenant_name)
         found = route(tenant, address) if tenant is not None else None
-        return found.transports[0] if found is not None and found.transports else None
+        return backlog_transport(found.transports, waits, now) if found is not None else None
 
-    summary = summarize(select(_all_rows(config), selection, now), now, first_transport)
+    summary = summarize(select(_all_rows(config), selection, now), now, holding_transport)
     if args.json:
         print(json.dumps(summary_to_json(summary, now), indent=1))
     else:
@@ -656,6 +672,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     status.pop("done", None)
     status.pop("ok", None)
+    _add_verify_results(config, status)
     if args.json:
         print(json.dumps({"running": True, **status}, indent=1))
     else:
@@ -663,17 +680,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_verify_results(config: RelayConfig, status: dict[str, Any]) -> None:
+    """Each transport's state word and its last `transport verify` result, beside the daemon's view."""
+    from relayd import verifyrecord
+    from relayd.queueview import transport_state
+
+    verified = verifyrecord.read(config.spool_dir)
+    transports = status.setdefault("transports", {})
+    for name in set(config.transports) | set(transports):
+        entry = transports.setdefault(name, {})
+        entry["state"] = transport_state(entry)
+        entry["last_verify"] = verified.get(name)
+
+
 # --------------------------------------------------------------- send-test
 
 
-def _default_sender(tenant: TenantConfig) -> str:
-    """An address the tenant may use: an exact one, else relayd-test@ its first *@domain."""
+def _default_sender(tenant: TenantConfig, hostname: str) -> str:
+    """An address the tenant may use: an exact one, else relayd-test@ its first *@domain,
+    else (a tenant that may send as anyone) relayd-test@ relay.yaml's hostname."""
     for pattern in tenant.senders:
         if "*" not in pattern:
             return pattern
     for pattern in tenant.senders:
         if pattern.startswith("*@") and "*" not in pattern[2:]:
             return f"relayd-test@{pattern[2:]}"
+    if "*" in tenant.senders or "*@*" in tenant.senders:
+        return f"relayd-test@{hostname}"
     raise UsageError(f"tenant {tenant.name} has no concrete sender pattern; give --from ADDRESS")
 
 
@@ -796,6 +829,25 @@ def _log_since(config: RelayConfig, offset: int, message_id: str) -> list[str]:
         return []
 
 
+def captured_file(config: RelayConfig, tenant: TenantConfig, recipient: str, queue_id: str) -> Path | None:
+    """The Maildir file a capture transport on the recipient's route wrote for `queue_id`.
+
+    The capture transport ends each file name with the queue id, so this is a
+    glob of new/ and cur/, not a read of every message.
+    """
+    from relayd.config import CaptureTransportConfig
+    from relayd.router import route
+
+    found = route(tenant, recipient)
+    for name in found.transports if found is not None else ():
+        transport = config.transports.get(name)
+        if isinstance(transport, CaptureTransportConfig):
+            for sub in ("new", "cur"):
+                for path in sorted((transport.maildir / sub).glob(f"*.{queue_id}*")):
+                    return path
+    return None
+
+
 def _queue_outcome(config: RelayConfig, message_id: str, recipient: str) -> tuple[str, str] | None:
     try:
         reply = _client(config).request("queue.show", id=message_id)
@@ -818,7 +870,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     if tenant is None:
         raise CliError(f"no tenant named {args.tenant!r} in {config.source}")
     recipient = args.to
-    sender = args.sender or _default_sender(tenant)
+    sender = args.sender or _default_sender(tenant, config.hostname)
     host, _port = _listener_port(config)
     bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
     source = bound[0] if bound else None
@@ -835,6 +887,11 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     if found is None:
         raise CliError(f"no outcome for {message_id} within {args.timeout:g}s; see `{PROG} queue show {message_id} --log`")
     outcome, detail = found
+    captured = captured_file(config, tenant, recipient, message_id) if outcome in ("delivered", "completed") \
+        else None
+    if captured is not None:
+        print(f"delivered (captured as {captured})")
+        return EXIT_OK
     print(f"{outcome}: {sanitize(detail, limit=2048)}")
     return EXIT_OK if outcome == "delivered" else EXIT_FAILURE
 
@@ -857,20 +914,20 @@ def add_queue_commands(subparsers: Subparsers) -> None:
     p.set_defaults(func=cmd_queue_list)
 
     p = verbs.add_parser("count", parents=[filters], help="how many messages (exim -bpc)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_count)
 
-    p = verbs.add_parser("summary", parents=[filters], help="by tenant, domain, transport and age (exiqsumm)")
-    p.add_argument("--json", action="store_true")
+    p = verbs.add_parser("summary", parents=[filters], help="by tenant, domain, transport holding the backlog, and age (exiqsumm)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_summary)
 
     p = verbs.add_parser("show", help="one message: envelope, state, headers (exim -Mvh/-Mvb/-Mvl)")
-    p.add_argument("id")
+    p.add_argument("id", help="the message's queue id (as in mailq)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--headers", action="store_true", help="only the header block")
     what.add_argument("--body", action="store_true", help="only the body")
     what.add_argument("--log", action="store_true", help="its main log lines and recipients' state")
-    what.add_argument("--json", action="store_true")
+    what.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_queue_show)
 
     actions = (
@@ -882,7 +939,7 @@ def add_queue_commands(subparsers: Subparsers) -> None:
     )
     for verb, text, confirm in actions:
         p = verbs.add_parser(verb, parents=[filters], help=text)
-        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("ids", nargs="*", metavar="ID", help="queue ids (or select with the options below)")
         p.add_argument("--wait", type=float, metavar="SECONDS",
                        help="how long to wait for a delivery attempt already running (default 60)")
         if confirm:
@@ -890,23 +947,38 @@ def add_queue_commands(subparsers: Subparsers) -> None:
         p.set_defaults(func=_action(verb, confirm=confirm))
 
     p = verbs.add_parser("flush", parents=[filters], help="every message now, ignoring all retry times (exim -qff)")
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", help="queue ids (default: the whole queue, or the selection)")
     p.add_argument("--skip-frozen", action="store_true", help="leave frozen messages alone (exim -qf)")
     p.set_defaults(func=cmd_queue_flush)
 
-    p = subparsers.add_parser("reload", help="re-read relay.yaml in the running relayd (like SIGHUP)")
+    p = subparsers.add_parser(
+        "reload", help="re-read relay.yaml in the running relayd (like SIGHUP)",
+        description="Check relay.yaml, then have the running relayd re-read it. All or nothing: on a "
+        "problem relayd keeps its running configuration and the problem is printed as FILE:LINE:COL.",
+    )
     p.set_defaults(func=cmd_reload)
 
-    p = subparsers.add_parser("status", help="the running relayd: listeners, queue, transports")
-    p.add_argument("--json", action="store_true")
+    p = subparsers.add_parser(
+        "status", help="the running relayd: listeners, queue, transports",
+        description="The running relayd: its listeners, the queue by state and its oldest message, and per "
+        "transport its state (ok, failing, unused, retry wait), last success, last error and last "
+        "`relayctl transport verify` result. Exit status 1 when relayd is not running.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_status)
 
-    p = subparsers.add_parser("send-test", help="send a test message through relayd and follow it")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--to", required=True, metavar="ADDRESS")
+    p = subparsers.add_parser(
+        "send-test", help="send a test message through relayd and follow it",
+        description="Submit one test message to relayd's first listener as a tenant (with its password, "
+        "or from its bound loopback address), then follow it until it is delivered, deferred or failed. "
+        "Exit status 0 when delivered (or captured by a capture transport), else 1.",
+    )
+    p.add_argument("--tenant", required=True, help="the tenant to submit as")
+    p.add_argument("--to", required=True, metavar="ADDRESS", help="the recipient of the test message")
     p.add_argument("--from", dest="sender", metavar="ADDRESS", help="default: an allowed sender of the tenant")
     p.add_argument("--password-stdin", action="store_true", help="read the tenant's password as one line of stdin")
-    p.add_argument("--timeout", type=float, default=SEND_TEST_TIMEOUT, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=SEND_TEST_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to follow the message (default {SEND_TEST_TIMEOUT:g}s)")
     p.set_defaults(func=cmd_send_test)
 
 

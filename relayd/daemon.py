@@ -39,7 +39,8 @@ from relayd.dsn import build_dsn
 from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.mainlog import MainLog
-from relayd.metrics import RelayMetrics
+from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.queueview import queue_counts
 from relayd.scheduler import Scheduler, UpstreamHealth
 from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.spoolroom import SpoolRoom
@@ -48,6 +49,15 @@ from relayd.values import Envelope, QueueEntry, Recipient
 
 
 _INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
+
+
+def arrival_auth(env: Envelope) -> str:
+    """Exim's A= value, `authenticator:id`: `plain:acme` or `login:acme` after SMTP AUTH,
+    `local:cron` for a tenant known by the uid of a local user on the Unix socket
+    (U= names the user), `bind:cron` for one known by its loopback address."""
+    if env.auth_mechanism:
+        return f"{env.auth_mechanism}:{env.tenant}"
+    return f"{'local' if env.local_user else 'bind'}:{env.tenant}"
 
 
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -184,7 +194,7 @@ class Relay:
         env = entry.envelope
         self.log.arrival(
             entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
-            protocol=env.protocol, tls=env.tls or None, auth=env.tenant, user=env.local_user,
+            protocol=env.protocol, tls=env.tls or None, auth=arrival_auth(env), user=env.local_user,
         )
         self.metrics.messages_received.labels(tenant=env.tenant).inc()
         self.metrics.bytes_received.labels(tenant=env.tenant).inc(env.size)
@@ -227,6 +237,7 @@ class Relay:
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         if self.config.metrics.port is not None:
+            self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(
                 self.config.metrics.address, self.config.metrics.port
             )
@@ -238,6 +249,15 @@ class Relay:
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
+
+    def queue_gauges(self) -> QueueGauges | None:
+        """The queue by state and its oldest message's age, for the metrics; None until the
+        index is loaded (a partial count would be a wrong number, not a smaller one)."""
+        if self.index_loaded is None or not self.index_loaded.done():
+            return None
+        counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
+                              self.scheduler.waiting())
+        return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -452,9 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the YAML configuration (default: $RELAYD_CONFIG or /etc/relayd/relay.yaml)",
     )
     sub = parser.add_subparsers(dest="command")
-    dev = sub.add_parser("dev", help="run on the embedded development default (capture only)")
-    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")))
-    dev.add_argument("--port", type=int, default=2525)
+    dev = sub.add_parser(
+        "dev", help="run on the embedded development default (capture only)",
+        description="A capture-only relay on 127.0.0.1 for development: every message lands in a "
+        "Maildir, nothing leaves the machine. The state directory keeps the key, certificate, "
+        "password and relay.yaml across restarts.",
+    )
+    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")),
+                     help="the state directory (default: $RELAYD_DEV_DIR or ./.relayd-dev)")
+    dev.add_argument("--port", type=int, default=None,
+                     help="the submission port on 127.0.0.1 for a new relay.yaml (default 2525)")
+    dev.add_argument("--reset", action="store_true",
+                     help="write a fresh relay.yaml, dropping hand edits (key, certificate and password stay)")
     return parser
 
 
@@ -473,24 +502,51 @@ def _harden_process() -> dict[str, str]:
     return environ
 
 
+def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
+    """Prepare the dev directory, check its port, print the banner; an int is an exit status."""
+    from relayd.devdefault import DevError, check_port_free, check_port_option, connection_help, \
+        dev_password, prepare_dev
+
+    try:
+        config_path = prepare_dev(args.dir, port=args.port, reset=args.reset)
+        config = load_config(config_path)
+        if not args.reset:
+            check_port_option(config, args.port)
+        first = config.listeners[0]
+        check_port_free(first.address, first.port)
+    except ConfigError as error:
+        print(f"{error}\nrelayd: start with --reset to write a fresh development relay.yaml", file=sys.stderr)
+        return 78
+    except DevError as error:
+        print(f"relayd: {error}", file=sys.stderr)
+        return 69  # EX_UNAVAILABLE
+    except OSError as error:  # the state directory cannot be created or read
+        print(f"relayd: {error.filename or args.dir}: {error.strerror or error}", file=sys.stderr)
+        return 73  # EX_CANTCREAT
+    sys.stdout.write(connection_help(config, args.dir, dev_password(args.dir.resolve())))
+    sys.stdout.flush()
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     environ = _harden_process()
     args = build_parser().parse_args(argv)
     _fix_malloc_mmap_threshold()
     if args.command == "dev":
-        from relayd.devdefault import prepare_dev
-
-        config_path = prepare_dev(args.dir, port=args.port, out=sys.stdout)
+        prepared = _prepare_dev(args)
+        if isinstance(prepared, int):
+            return prepared
+        config = prepared
     else:
         config_path = args.config
-    try:
-        config = load_config(config_path)
-    except ConfigError as error:
-        print(str(error), file=sys.stderr)
-        return 78  # EX_CONFIG
-    except OSError as error:
-        print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
-        return 78
+        try:
+            config = load_config(config_path)
+        except ConfigError as error:
+            print(str(error), file=sys.stderr)
+            return 78  # EX_CONFIG
+        except OSError as error:
+            print(f"relayd: cannot read {config_path}: {error.strerror}", file=sys.stderr)
+            return 78
     try:
         ensure_descriptor_limit(config)
     except DescriptorLimitError as error:

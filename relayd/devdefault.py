@@ -7,13 +7,26 @@ prints how to point nodemailer or smtplib at it. Nothing leaves the machine.
 
 The dev tenant's password is kept in `<dir>/dev-password` (mode 0600) so it
 survives restarts; it opens only this capture-only relay on loopback.
+
+An existing `<dir>/relay.yaml` is kept as it is, so hand edits survive a
+restart; `--reset` writes a fresh one. Besides `dev`, the config has a
+`local` tenant for relayd-sendmail (cron, PHP mail()): it needs no password
+because relayd knows it by the loopback address it submits from.
+
+Before anything is printed, the listener's port is tried, and a port in use is
+reported with the process holding it, rather than after the banner.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import os
+import shlex
+import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -22,12 +35,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from relayd.clienthelp import SubmissionAccess, client_snippets
-from relayd.config import TlsMode
+from relayd.clienthelp import PASSWORD_ENV, SubmissionAccess, client_snippets
+from relayd.config import RelayConfig, TlsMode
 from relayd.credentials import generate_master_key, write_key_file, write_private_file
 from relayd.passwords import generate_password, hash_password
 
 DEV_TENANT = "dev"
+LOCAL_TENANT = "local"  # relayd-sendmail's tenant: known by its loopback address
+LOCAL_ADDRESS = "127.0.0.2"
+CONFIG_ENV = "RELAYD_CONFIG"
+
+
+class DevError(Exception):
+    """`relayd dev` cannot start; the message says why and what to do."""
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -102,11 +122,32 @@ tenants:
       - name: everything-to-capture
         domains: ["*"]
         via: [capture]
+{_local_tenant()}"""
+
+
+def _local_tenant() -> str:
+    """The tenant relayd-sendmail submits as: bound to a loopback source address,
+    so cron and PHP mail() need no password."""
+    return f"""  {LOCAL_TENANT}:
+    # relayd-sendmail (cron, PHP mail()) submits from this address: no password.
+    # A development machine trusts its local users; in production prefer a
+    # unix listener and local_users (see config/relay.yaml).
+    bind_addresses: [{LOCAL_ADDRESS}]
+    trust_every_local_user: true
+    senders: ["*"]
+    routes:
+      - name: local-to-capture
+        domains: ["*"]
+        via: [capture]
 """
 
 
-def prepare_dev(directory: Path, *, port: int, out: TextIO) -> Path:
-    """Create (or reuse) the dev state directory; return the config path."""
+def prepare_dev(directory: Path, *, port: int | None, reset: bool = False) -> Path:
+    """Create (or reuse) the dev state directory; return the config path.
+
+    An existing relay.yaml is kept unless `reset`; then `port` must be None or
+    the port in that file, so a `--port` that would be silently ignored is an error.
+    """
     directory = directory.resolve()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     (directory / "tls").mkdir(mode=0o700, exist_ok=True)
@@ -116,30 +157,138 @@ def prepare_dev(directory: Path, *, port: int, out: TextIO) -> Path:
     cert, key = directory / "tls" / "cert.pem", directory / "tls" / "key.pem"
     if not cert.exists() or not key.exists():
         make_self_signed(cert, key)
-    password_file = directory / "dev-password"
-    if password_file.exists():
-        password = password_file.read_text().strip()
-    else:
-        password = generate_password()
-        _write_private(password_file, (password + "\n").encode())
+    password = dev_password(directory)
     config_path = directory / "relay.yaml"
-    config_path.write_text(_dev_config(directory, port, hash_password(password)))
-    os.chmod(config_path, 0o600)
-    out.write(connection_help(directory, port, password))
-    out.flush()
+    if reset or not config_path.exists():
+        config_path.write_text(_dev_config(directory, port or DEFAULT_PORT, hash_password(password)))
+        os.chmod(config_path, 0o600)
     return config_path
 
 
-def connection_help(directory: Path, port: int, password: str) -> str:
-    cert = directory / "tls" / "cert.pem"
-    capture = directory / "capture" / "new"
-    access = SubmissionAccess("127.0.0.1", port, TlsMode.STARTTLS, DEV_TENANT, trust_file=cert)
-    return f"""
-relayd (development default) is starting on 127.0.0.1:{port}
-  user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
-  TLS: STARTTLS with a self-signed certificate: {cert}
-  Every message is captured, never sent: look in {capture}
+DEFAULT_PORT = 2525
 
+
+def dev_password(directory: Path) -> str:
+    """The dev tenant's password, generated once and kept in `<dir>/dev-password`."""
+    password_file = directory / "dev-password"
+    if password_file.exists():
+        return password_file.read_text().strip()
+    password = generate_password()
+    _write_private(password_file, (password + "\n").encode())
+    return password
+
+
+def check_port_option(config: RelayConfig, port: int | None) -> None:
+    """Refuse a --port that differs from the port of a kept relay.yaml."""
+    configured = config.listeners[0].port
+    if port is not None and port != configured:
+        raise DevError(
+            f"{config.source} listens on port {configured} and is kept as it is (hand edits survive "
+            f"restarts); change the port there, or start with --reset to write a fresh file on port {port}"
+        )
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Bind the listener's address and port once, the way the listener will, before any banner."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise DevError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
+            holder = port_holder(port)
+            who = f" by {holder}" if holder else " by another program"
+            raise DevError(
+                f"port {port} on {address} is already in use{who}; stop it, or run on another port "
+                f"(relayd dev --reset --port {port + 1})"
+            ) from None
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def port_holder(port: int) -> str | None:
+    """`pid N (name)` of a process listening on `port`, when /proc lets us see it."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return None
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+            if any(os.readlink(fd) in wanted for fd in fds):
+                name = (pid_dir / "comm").read_text().strip()
+                return f"pid {pid_dir.name} ({name})"
+        except OSError:
+            continue
+    return None
+
+
+def command(name: str) -> str:
+    """How to type one of relayd's commands: its bare name when the shell finds this
+    installation's copy, else its full path (./scripts/dev does not put .venv/bin on PATH)."""
+    installed = Path(sys.executable).parent / name
+    if not installed.exists() or shutil.which(name) == str(installed):
+        return name
+    return shlex.quote(str(installed))
+
+
+SHELL_HEADING = "In the shell of your application (relayctl, mailq and relayd-sendmail read RELAYD_CONFIG):"
+
+
+def shell_lines_in(banner: str) -> list[str]:
+    """The shell commands the banner prints under SHELL_HEADING, as they would be pasted."""
+    lines = banner.splitlines()
+    start = lines.index(SHELL_HEADING) + 1
+    end = start
+    while end < len(lines) and lines[end].startswith("  "):
+        end += 1
+    return [line[2:] for line in lines[start:end]]
+
+
+def connection_help(config: RelayConfig, directory: Path, password: str) -> str:
+    """The banner: login, exports for the shell, and snippets that run as pasted."""
+    directory = directory.resolve()
+    listener = config.listeners[0]
+    cert = config.tls.cert_file if config.tls is not None else None
+    capture = directory / "capture" / "new"
+    access = SubmissionAccess(listener.address, listener.port, listener.tls, DEV_TENANT,
+                              trust_file=cert if listener.tls is not TlsMode.NONE else None)
+    config_path = directory / "relay.yaml"
+    tls = f"STARTTLS with a self-signed certificate: {cert}" if listener.tls is TlsMode.STARTTLS \
+        else listener.tls.value
+    local = ""
+    if LOCAL_TENANT in config.tenants:
+        local = (f"  printf 'Subject: hi\\n\\nfrom cron\\n' | {command('relayd-sendmail')} you@example.com"
+                 f"   # tenant {LOCAL_TENANT}: no password\n")
+    return f"""
+relayd (development default) is starting on {listener.address}:{listener.port}
+  user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
+  TLS: {tls}
+  Every message is captured, never sent: look in {capture}
+  Config: {config_path} (kept across restarts; `relayd dev --reset` writes a fresh one)
+
+{SHELL_HEADING}
+  export {PASSWORD_ENV}='{password}'
+  export {CONFIG_ENV}={shlex.quote(str(config_path))}
+  {command('relayctl')} status
+  {command('mailq')}
+{local}
 {client_snippets(access)}
 Stop with Ctrl-C.
 """

@@ -836,6 +836,7 @@ class SubmissionHandler:
             smtputf8=bool(envelope.smtp_utf8),
             protocol=_protocol_name(server),
             header_message_id=facts.message_id,
+            auth_mechanism=(session.auth_mechanism or "").lower() if session.authenticated else "",
         )
         try:
             queue_id = await self.services.accept(value, verdict.body)

@@ -81,6 +81,30 @@ def format_timestamp(when: float, *, utc: bool) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", parts)
 
 
+def exim_tls(version: str) -> str:
+    """The X= protocol name as Debian's Exim (GnuTLS) writes it: "TLS1.3", not "TLSv1.3".
+
+    Used on arrival and delivery lines alike, so one grep finds both.
+    """
+    return version.replace("TLSv", "TLS")
+
+
+# The OS error sentences relayd's transports end a reason with, as strerror(3)
+# writes them. Exim ends a host-failure line with strerror's text, and
+# eximstats names the reason only in that spelling (": Connection refused").
+_STRERROR = {
+    text.lower(): text
+    for text in ("Connection refused", "Connection timed out", "Connection reset by peer",
+                 "Network is unreachable", "No route to host", "Host is unreachable")
+}
+
+
+def _errstr(reason: str) -> str:
+    head, sep, tail = reason.rpartition(": ")
+    spelled = _STRERROR.get(tail.lower())
+    return f"{head}{sep}{spelled}" if spelled is not None else reason
+
+
 def format_arrival(
     entry: QueueEntry,
     *,
@@ -106,7 +130,7 @@ def format_arrival(
         tokens.append(f"U={sanitize(user)}")
     tokens.append(f"P={sanitize(protocol)}")
     if tls:
-        tokens.append(f"X={sanitize(tls)}")
+        tokens.append(f"X={sanitize(exim_tls(tls))}")
     if auth:
         tokens.append(f"A={sanitize(auth)}")
     tokens.append(f"S={env.size}")
@@ -131,7 +155,7 @@ def format_delivered(queue_id: str, report: DeliveryReport, *, first: bool) -> s
     if host:
         tokens.append(f"H={host}")
     if report.tls:
-        tokens.append(f"X={sanitize(report.tls)}")
+        tokens.append(f"X={sanitize(exim_tls(report.tls))}")
     if report.reply is not None:
         confirmation = sanitize(str(report.reply)).replace('"', '\\"')
         tokens.append(f'C="{confirmation}"')
@@ -161,9 +185,26 @@ def format_deferred(
 def format_host_failed(
     queue_id: str, *, transport: str, host: str, ip: str, port: int, reason: str
 ) -> str:
-    """``<id> H=host [ip]:port T=transport: reason`` for a transport skipped in failover."""
+    """``<id> H=host [ip]:port T=transport: reason`` for a transport skipped in failover.
+
+    Exim's shape for a host that failed (its `write_logs`): the address in
+    brackets even when the host is an IP literal, and the OS error in
+    strerror's spelling, which is how eximstats recognises the reason.
+    """
+    if not ip and _is_ip_literal(host):
+        ip = host
     where = _host(host, ip, port) or "[]"
-    return f"{sanitize(queue_id)} H={where} T={sanitize(transport)}: {sanitize(reason)}"
+    return f"{sanitize(queue_id)} H={where} T={sanitize(transport)}: {sanitize(_errstr(reason))}"
+
+
+def _is_ip_literal(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_failed(queue_id: str, report: DeliveryReport) -> str:

@@ -21,13 +21,23 @@ values: zeroing the sessions gauge while sessions are open would drive it
 negative as they close. The registry handed to the constructor (the one
 served over HTTP) stays the same object for the life of the instance: it
 holds a single collector that reads the current counters and the gauges.
+
+Queue gauges: the queue lives in the daemon's event loop, the scrape comes in
+on the exporter's thread. Rather than copying counts into gauges on a timer
+(always a little stale, and nobody called the setter before), a scrape asks
+the loop for one `QueueGauges` through `loop_reader`, so
+`relayd_queue_messages` and `relayd_queue_oldest_message_age_seconds` are
+exact at the moment of the scrape. A loop too busy to answer within
+`SCRAPE_WAIT` leaves the last values in place rather than stalling Prometheus.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -36,6 +46,49 @@ from prometheus_client.metrics_core import Metric
 
 DELIVERY_RESULTS = frozenset({"delivered", "deferred", "failed"})
 QUEUE_STATES = frozenset({"active", "frozen", "deferred"})
+SCRAPE_WAIT = 2.0  # seconds a scrape waits for the event loop's queue counts; Prometheus times out at 10
+
+
+@dataclass(frozen=True, slots=True)
+class QueueGauges:
+    """The queue at one moment: messages by state, and the oldest message's age (None: empty)."""
+
+    by_state: Mapping[str, int]
+    oldest_age: float | None
+
+
+QueueReader = Callable[[], "QueueGauges | None"]
+
+
+def loop_reader(loop: asyncio.AbstractEventLoop, compute: Callable[[], QueueGauges | None],
+                timeout: float = SCRAPE_WAIT) -> QueueReader:
+    """A reader that runs `compute` on `loop` (which owns the queue) and waits for it.
+
+    Called on the loop's own thread it computes directly; from another thread
+    it returns None when the loop does not answer within `timeout`.
+    """
+    def read() -> QueueGauges | None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return compute()
+        answer: concurrent.futures.Future[QueueGauges | None] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                answer.set_result(compute())
+            except Exception as exc:  # handed to the scrape thread, which drops it
+                answer.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(on_loop)
+            return answer.result(timeout)
+        except Exception:  # a closed loop, a timeout, or compute() failing: no new values
+            return None
+
+    return read
 
 # One upstream SMTP transaction: from a few tens of milliseconds on loopback to
 # minutes for a slow upstream accepting a large message (RFC 5321 allows 10 min).
@@ -62,11 +115,12 @@ class _Gauges:
     """Metrics that describe the present; they live as long as the instance."""
 
     queue_messages: Gauge
+    queue_oldest_age: Gauge
     upstream_up: Gauge
     sessions: Gauge
 
     def collect(self) -> Iterator[Metric]:
-        for gauge in (self.queue_messages, self.upstream_up, self.sessions):
+        for gauge in (self.queue_messages, self.queue_oldest_age, self.upstream_up, self.sessions):
             yield from gauge.collect()
 
 
@@ -131,8 +185,14 @@ def _build_gauges() -> _Gauges:
     return _Gauges(
         queue_messages=Gauge(
             "relayd_queue_messages",
-            "Messages in the queue, by state (active, frozen, deferred).",
+            "Messages in the queue, by state: active (due or in delivery), deferred (waiting for "
+            "a retry time), frozen.",
             ["state"],
+            registry=None,
+        ),
+        queue_oldest_age=Gauge(
+            "relayd_queue_oldest_message_age_seconds",
+            "Seconds since the oldest message in the queue was received; 0 when the queue is empty.",
             registry=None,
         ),
         upstream_up=Gauge(
@@ -156,6 +216,7 @@ class _Current:
         self._owner = owner
 
     def collect(self) -> Iterator[Metric]:
+        self._owner.refresh_queue()
         yield from self._owner._counts.registry.collect()
         yield from self._owner._gauges.collect()
 
@@ -176,7 +237,23 @@ class RelayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._counts = _build_counts()
         self._gauges = _build_gauges()
+        self._queue_reader: QueueReader | None = None
         self.registry.register(_Current(self))
+
+    def read_queue_with(self, reader: QueueReader) -> None:
+        """Have every scrape set the queue gauges from `reader` (see the module doc)."""
+        self._queue_reader = reader
+
+    def refresh_queue(self) -> None:
+        """Set the queue gauges from the reader, if one is set and it answers."""
+        if self._queue_reader is None:
+            return
+        snapshot = self._queue_reader()
+        if snapshot is None:
+            return
+        for state in sorted(QUEUE_STATES):
+            self.set_queue_size(state, snapshot.by_state.get(state, 0))
+        self._gauges.queue_oldest_age.set(snapshot.oldest_age or 0.0)
 
     def reset(self) -> None:
         """Start every counter and the histogram again from zero (see the module doc)."""

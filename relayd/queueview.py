@@ -415,16 +415,33 @@ def age_bucket(age: float) -> str:
     return AGE_BUCKETS[-1][0]
 
 
+def backlog_transport(chain: Sequence[str], skipped_until: Mapping[str, float], now: float) -> str | None:
+    """The transport that holds a waiting recipient: the one its next attempt starts with; pure.
+
+    Attempts walk the chain in order and pass over transports in their retry
+    wait, so that is the first transport not waiting; when every one waits,
+    the one whose wait ends first. None for an empty chain.
+    """
+    if not chain:
+        return None
+    for name in chain:
+        until = skipped_until.get(name)
+        if until is None or until <= now:
+            return name
+    return min(chain, key=lambda name: skipped_until[name])
+
+
 def summarize(
     rows: Iterable[QueueRow],
     now: float,
     first_transport: Callable[[str, str], str | None],
 ) -> Summary:
-    """Counts and volume by tenant, recipient domain, first transport, and age.
+    """Counts and volume by tenant, recipient domain, transport, and age.
 
     A message is counted once in each domain (and transport) that one of its
-    open recipients has; `first_transport(tenant, address)` names the first
-    transport of the matching route (None: no route matches any more).
+    open recipients has; `first_transport(tenant, address)` names the
+    transport holding that recipient (see `backlog_transport`; None: no route
+    matches any more).
     """
     summary = Summary(by_age={name: Bucket() for name, _ in AGE_BUCKETS})
     for row in rows:
@@ -621,13 +638,40 @@ def spool_lines(spool: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def transport_state(h: Mapping[str, Any]) -> str:
+    """One word (or phrase) for a transport's health; pure.
+
+    `unused` until relayd has tried it (a transport is not `ok` because
+    nothing has gone wrong yet), `failing` when its last attempt failed more
+    recently than its last success, `retry wait until ...` while skipped.
+    """
+    skipped = h.get("skipped_until")
+    if skipped:
+        return f"retry wait until {format_time(skipped)}"
+    success, error_at = h.get("last_success"), h.get("last_error_at")
+    if not success and not h.get("last_error"):
+        return "unused"
+    if h.get("last_error") and (not success or (error_at is not None and error_at > success)):
+        return "failing"
+    return "ok"
+
+
+def _verify_cell(verify: Any, now: float) -> str:
+    if not isinstance(verify, Mapping):
+        return "-"
+    word = "ok" if verify.get("ok") else "FAILED"
+    at = verify.get("at")
+    when = f" {format_duration(now - at)} ago" if isinstance(at, (int, float)) else ""
+    detail = "" if verify.get("ok") else f": {sanitize(str(verify.get('detail', '')), limit=80)}"
+    return f"{word}{when}{detail}"
+
+
 def transport_table(transports: Mapping[str, Mapping[str, Any]], now: float) -> list[str]:
-    headers = ["TRANSPORT", "STATE", "LAST SUCCESS", "LAST ERROR"]
+    headers = ["TRANSPORT", "STATE", "LAST SUCCESS", "LAST ERROR", "LAST VERIFY"]
     rows: list[list[str]] = []
     for name in sorted(transports):
         h = transports[name]
-        skipped = h.get("skipped_until")
-        state = f"retry wait until {format_time(skipped)}" if skipped else "ok"
+        state = transport_state(h)
         success = h.get("last_success")
         last_success = f"{format_duration(now - success)} ago" if success else "-"
         error = h.get("last_error")
@@ -636,7 +680,7 @@ def transport_table(transports: Mapping[str, Mapping[str, Any]], now: float) -> 
             at = h.get("last_error_at")
             when = f"{format_duration(now - at)} ago: " if at else ""
             last_error = when + sanitize(str(error), limit=120)
-        rows.append([sanitize(name), state, last_success, last_error])
+        rows.append([sanitize(name), state, last_success, last_error, _verify_cell(h.get("last_verify"), now)])
     return table_lines(headers, rows)
 
 

@@ -861,20 +861,31 @@ def lookup_credential(
 
 
 async def verify_transport(
-    config: SmtpTransportConfig, *, credentials: CredentialLookup, helo_name: str
+    config: SmtpTransportConfig, *, credentials: CredentialLookup, helo_name: str,
+    on_step: Callable[[VerifyStep], None] | None = None,
 ) -> list[VerifyStep]:
-    """Walk connect, greeting, EHLO, STARTTLS, certificate and AUTH; stop at the first failure."""
+    """Walk connect, greeting, EHLO, STARTTLS, certificate and AUTH; stop at the first failure.
+
+    `on_step` hears each step as soon as it is known (passed or failed), so a
+    caller can show progress while a slow upstream keeps the next step waiting.
+    """
     steps: list[VerifyStep] = []
 
+    def add(step: VerifyStep) -> None:
+        steps.append(step)
+        if on_step is not None:
+            on_step(step)
+
     def note(step: str, detail: str) -> None:
-        steps.append(VerifyStep(step, True, detail))
+        add(VerifyStep(step, True, detail))
 
     credential, problem = lookup_credential(config, credentials)
     try:
         context = client_tls_context(config)
     except (OSError, ssl.SSLError) as exc:
         detail = f"cannot load ca_file {config.ca_file}: {exc.strerror or exc}"
-        return [VerifyStep("certificate", False, detail, failover.hint_for(config.provider, Stage.CONNECT, None, detail))]
+        add(VerifyStep("certificate", False, detail, failover.hint_for(config.provider, Stage.CONNECT, None, detail)))
+        return steps
     try:
         conn = await _open_session(
             config,
@@ -886,7 +897,7 @@ async def verify_transport(
         )
     except _Stopped as stop:
         hint = failover.hint_for(config.provider, stop.stage, stop.reply, stop.detail)
-        steps.append(VerifyStep(stop.step, False, stop.detail, hint))
+        add(VerifyStep(stop.step, False, stop.detail, hint))
         return steps
     await _quit(conn.smtp)
     return steps

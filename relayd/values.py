@@ -77,6 +77,7 @@ class Envelope:
     bounce_of: str | None = None
     protocol: str = "esmtpsa"
     header_message_id: str = ""
+    auth_mechanism: str = ""  # "plain" or "login" after SMTP AUTH; "" for a tenant known by its address
 
     @property
     def is_bounce(self) -> bool:

@@ -164,9 +164,11 @@ def test_relay_yaml_tenants_are_never_rewritten_but_passwd_prints_a_hash_to_past
 ) -> None:
     one_upstream(relay_files, upstreams)
     before = relay_files.config.read_bytes()
-    for verb in ("disable", "enable"):
+    for verb, value in (("disable", "false"), ("enable", "true")):
         code, _, err = relayctl("tenant", verb, "acme")
-        assert (code, err) == (1, f"relayctl: tenant acme is defined in {relay_files.config}:33; edit it there\n")
+        assert (code, err) == (1, f"relayctl: tenant acme is defined in {relay_files.config}:33, which relayctl "
+                                  "does not rewrite; there, under `acme:`, write\n"
+                                  f"relayctl:     enabled: {value}\nrelayctl: then run `relayctl reload`\n")
     code, _, err = relayctl("tenant", "remove", "acme", "--yes")
     assert code == 1 and "edit it there" in err
     code, out, _ = relayctl("tenant", "passwd", "acme")
@@ -307,7 +309,7 @@ def test_config_check_passes_a_sound_config(
     one_upstream(relay_files, upstreams)
     relayctl("tenant", "add", "shop", "--sender", "*@shop.example", "--via", "up")
     code, out, _ = relayctl("config", "check")
-    assert (code, out) == (0, f"{relay_files.config}: OK (2 tenants, 1 transports, 1 listeners)\n")
+    assert (code, out) == (0, f"{relay_files.config}: OK (2 tenants, 1 transport, 1 listener)\n")
 
 
 def test_config_check_finds_a_missing_credential_a_foreign_key_a_bad_hash_and_a_dead_route(
@@ -327,13 +329,15 @@ def test_config_check_finds_a_missing_credential_a_foreign_key_a_bad_hash_and_a_
     other.private_key_pem.write_to_path(str(relay_files.root / "key.pem"))
     code, out, _ = relayctl("config", "check")
     config = relay_files.config
+    credential_line = relay_files.config.read_text().splitlines().index("    credential: ghost-login") + 1
     assert code == 1
     assert out.splitlines() == [
         f"{config}:33: tenant acme: route acme-2 can never match: partner.test already matched by "
         "route acme-1 before it",
         f"{config}:33: tenant acme: password_hash is not a usable password hash: log2(n) 30 is "
         "outside 10..20",
-        f"{config}: transport up: credential ghost-login is not in {relay_files.root / 'credentials.enc'}; "
+        f"{config}:{credential_line}:17: transport up: credential ghost-login is not in "
+        f"{relay_files.root / 'credentials.enc'}; "
         "add it with `relayctl secret set ghost-login --user USER`",
         f"{config}: tls: the key in {relay_files.root / 'key.pem'} does not belong to the certificate "
         f"in {relay_files.root / 'cert.pem'}",
@@ -492,7 +496,10 @@ def test_transport_verify_shows_the_gmail_hint_for_535_and_fails(
     code, out, err = relayctl("transport", "verify", "gmail_acme")
     assert code == 1
     lines = out.splitlines()
-    assert lines[0] == f"verifying transport gmail_acme (127.0.0.1:{gmail.port}, STARTTLS); no mail is sent"
+    assert lines[0] == (f"verifying transport gmail_acme (127.0.0.1:{gmail.port}, STARTTLS); no mail is sent; "
+                        "each step waits up to 15s")
+    assert lines[1] == f"  ... connecting to 127.0.0.1:{gmail.port} and waiting for its greeting"
+    del lines[1]
     assert [line.split()[:2] for line in lines[1:6]] == [
         ["\u2713", "connect"], ["\u2713", "greeting"], ["\u2713", "EHLO"], ["\u2713", "STARTTLS"],
         ["\u2713", "certificate"]]

@@ -95,13 +95,14 @@ def test_secret_set_replaces_a_login_with_the_existing_key(
     assert (cred.user, cred.password.reveal()) == ("other@gmail.com", "second-password")
 
 
-@pytest.mark.parametrize("stdin", ["", "\n"])
+@pytest.mark.parametrize(("stdin", "said"), [("", "pipe it in with --password-stdin"),
+                                             ("\n", "refusing an empty password")])
 def test_secret_set_refuses_an_empty_password(
-    paths: Paths, capsys: pytest.CaptureFixture[str], stdin: str
+    paths: Paths, capsys: pytest.CaptureFixture[str], stdin: str, said: str
 ) -> None:
     argv = ["secret", "set", "gmail", "--user", "u", *paths.opts()]
     assert run(argv, stdin) == 1
-    assert_one_error_line(capsys.readouterr().err, "empty password")
+    assert_one_error_line(capsys.readouterr().err, said)
     assert not paths.store.exists() and not paths.key.exists()
 
 

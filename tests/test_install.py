@@ -13,6 +13,7 @@ the staged commands find them on PYTHONPATH (this venv's site-packages).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import ssl
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from relayd.cli import main as relayctl_main
 from relayd.credentials import read_key_file
 from tests.relayenv import ROOT
 
@@ -119,6 +121,13 @@ def test_install_into_a_staging_root_is_complete_and_idempotent(tmp_path: Path) 
         assert owners == {"": (0, gid), "relay.yaml": (0, gid), "master.key": (0, 0), "tls/key.pem": (0, gid)}
         spool = (root / "var" / "spool" / "relayd").stat()
         assert (spool.st_uid, spool.st_gid) == (uid, gid)
+        # the next steps say no chown: a store that root creates stays relayd's
+        assert "chown" not in first.stdout
+        store = root / "var" / "lib" / "relayd" / "credentials.enc"
+        code = relayctl_main(["secret", "set", "acme-gmail", "--user", "acme@gmail.com", "--password-stdin",
+                              "--store", str(store), "--key-file", str(etc / "master.key")],
+                             environ={}, stdin=io.StringIO("app password\n"))
+        assert code == 0 and (store.stat().st_uid, store.stat().st_gid) == (uid, gid) and mode(store) == 0o600
 
     # the second run changes nothing at all, down to the mtimes
     state = snapshot(root)
@@ -161,3 +170,4 @@ def test_install_into_the_real_system_needs_root() -> None:
         command = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 77 and "run as root" in result.stderr
+

@@ -89,8 +89,8 @@ def test_sendmail_over_the_socket_submits_as_the_tenant_of_the_calling_uid(
         assert as_nobody.returncode == 0, as_nobody.stderr
         relay_files.wait_for_log(" <= www@web.test")
     cron, web = arrivals(relay_files)
-    assert re.search(r" <= cron@relay\.test U=0/root P=local-esmtp A=cron S=\d+ id=\S+ for ops@customer\.test$", cron)
-    assert re.search(rf" <= www@web\.test U={NOBODY}/nobody P=local-esmtp A=web S=\d+ ", web)
+    assert re.search(r" <= cron@relay\.test U=0/root P=local-esmtp A=local:cron S=\d+ id=\S+ for ops@customer\.test$", cron)
+    assert re.search(rf" <= www@web\.test U={NOBODY}/nobody P=local-esmtp A=local:web S=\d+ ", web)
 
 
 def test_a_uid_no_tenant_lists_is_refused_with_a_clear_reply(relay_files: RelayFiles, socket_dir: Path) -> None:
@@ -126,7 +126,7 @@ def test_bind_by_address_still_works_when_the_tenant_trusts_every_local_user(rel
         assert b"from 127.0.0.2 (tenant legacy)" in result.stderr
         relay_files.wait_for_log(" <= cron@legacy.test")
     (line,) = arrivals(relay_files)
-    assert " H=(relay.test) [127.0.0.2]:" in line and " A=legacy " in line and " U=" not in line
+    assert " H=(relay.test) [127.0.0.2]:" in line and " A=bind:legacy " in line and " U=" not in line
 
 
 def test_bind_addresses_without_the_trust_keep_relayd_from_starting(relay_files: RelayFiles) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import smtplib
 import stat
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from relayd.mainlog import (
     MAX_FIELD,
@@ -320,3 +322,60 @@ def test_a_throttled_login_is_logged_sanitised_and_without_a_password() -> None:
                                  reason="login locked after 10 failures", retry_after=60.4)
     assert line == ("H=[127.0.0.1] AUTH refused (set_id=acme\\r\\n2026-01-01 fake line): login locked after "
                     "10 failures; retry in 60s: 421 4.7.0 Too many failed authentication attempts")
+
+
+# ------------------------------------------------------- a real relayd's log, read by Exim's tools
+
+if TYPE_CHECKING:
+    from tests.relayenv import RelayFiles
+
+EXIMSTATS = Path(__file__).resolve().parent.parent / ".test-clients" / "exim" / "usr" / "sbin" / "eximstats"
+
+
+def test_a_running_relayds_log_says_tls_and_logins_as_exim_and_eximstats_names_the_failover(
+    relay_files: RelayFiles, upstreams: Callable[..., object]
+) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from tests.relayenv import RelaydProcess, TenantSpec, UpstreamSpec, free_port, make_message
+
+    live = upstreams(users={"relay@provider.test": "pw"})
+    dead_port = free_port()  # nothing listens there: every connection is refused
+    relay_files.write(
+        upstreams=[UpstreamSpec("dead", dead_port, "dead", "relay@provider.test", "pw"),
+                   UpstreamSpec("live", live.port, "live", "relay@provider.test", "pw")],
+        tenants=[TenantSpec("acme", "acme-pw", ["*@acme.example"], [(["*"], ["dead", "live"])])],
+    )
+    with RelaydProcess(relay_files):
+        for n, mechanism in enumerate(("PLAIN", "LOGIN")):
+            with smtplib.SMTP("127.0.0.1", relay_files.port, timeout=30) as client:
+                client.starttls(context=relay_files.client_context())
+                client.ehlo("app.test")
+                client.user, client.password = "acme", "acme-pw"
+                code, _ = client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))
+                assert code == 235
+                client.sendmail("app@acme.example", [f"r{n}@customer.test"],
+                                make_message("app@acme.example", [f"r{n}@customer.test"]))
+        log = relay_files.wait_for_log("Completed", count=2, timeout=30)
+    arrivals = [line for line in log.splitlines() if " <= " in line]
+    assert " X=TLS1.3 A=plain:acme " in arrivals[0] and " X=TLS1.3 A=login:acme " in arrivals[1]
+    deliveries = [line for line in log.splitlines() if " => " in line]
+    assert len(deliveries) == 2 and all(" T=live " in d and " X=TLS1.3 " in d for d in deliveries)
+    failover = f"H=127.0.0.1 [127.0.0.1]:{dead_port} T=dead: connect to 127.0.0.1 port {dead_port}: Connection refused"
+    assert failover in log
+
+    if not EXIMSTATS.exists() or shutil.which("perl") is None:
+        pytest.skip(f"eximstats is not unpacked at {EXIMSTATS}; scripts/install-test-clients unpacks it")
+    report = subprocess.run(["perl", str(EXIMSTATS), "-nt", "-t5", str(relay_files.root / "mainlog")],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert re.search(r"^\s+Received\s+\d+\s+2\s", report.stdout, re.M), report.stdout
+    assert re.search(r"^\s+Delivered\s+\d+\s+2\s+2\s", report.stdout, re.M), report.stdout
+    # eximstats files a host-failure line with "refused" under rejects, Exim's own lines
+    # included; in Exim's shape it at least names the reason.
+    reasons = report.stdout.partition("Mail rejection reason")[2]
+    assert "Connection refused" in reasons and "Unknown" not in reasons

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
+from typing import Any, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from relayd.control import ControlClient
 from relayd.metrics import RelayMetrics
+from tests.relayenv import RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, free_port, submit
 
 
 def sample(metrics: RelayMetrics, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -124,3 +128,62 @@ def test_http_endpoint_serves_current_values_across_a_reset() -> None:
     assert 'relayd_messages_received_total{tenant="acme"} 1.0' in before
     assert 'relayd_messages_received_total{tenant="acme"}' not in after
     assert "# HELP relayd_messages_received_total" in after
+
+
+# ------------------------------------------------------ queue gauges of a running relayd
+
+
+def _scrape(port: int) -> dict[str, float]:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("relayd_queue_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_a_running_relayd_exports_its_queue_by_state_and_the_oldest_messages_age(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    provider = upstreams(users={"relay@provider.test": "pw"})
+    relay_files.write(
+        upstreams=[UpstreamSpec("provider", provider.port, "provider", "relay@provider.test", "pw")],
+        tenants=[TenantSpec("acme", "acme-pw", ["*@acme.example"], [(["*"], ["provider"])])],
+        retry="F,1h,30m",
+    )
+    metrics_port = free_port()
+    with relay_files.config.open("a") as config:
+        config.write(f"metrics:\n  address: 127.0.0.1\n  port: {metrics_port}\n")
+    provider.refuse_connections()
+    with RelaydProcess(relay_files):
+        first_submitted = time.time()
+        ids = [submit(relay_files, ("acme", "acme-pw"), "app@acme.example", [f"r{n}@customer.test"])
+               for n in range(3)]
+        relay_files.wait_for_log("== r0@customer.test")
+        control = ControlClient(relay_files.root / "spool" / "control.sock")
+        assert control.request("freeze", ids=[ids[0]])["ok"]
+        # r1 and r2 wait for the provider's retry time (it refused r0's connection).
+        deadline = time.monotonic() + 15
+        while _scrape(metrics_port).get('relayd_queue_messages{state="deferred"}') != 2:
+            assert time.monotonic() < deadline, _scrape(metrics_port)
+            time.sleep(0.1)
+        time.sleep(1.0)
+        scraped = _scrape(metrics_port)
+        assert scraped['relayd_queue_messages{state="deferred"}'] == 2
+        assert scraped['relayd_queue_messages{state="frozen"}'] == 1
+        assert scraped['relayd_queue_messages{state="active"}'] == 0
+        age = scraped["relayd_queue_oldest_message_age_seconds"]
+        assert 1.0 <= age <= time.time() - first_submitted + 1
+
+        provider.accept_connections()
+        assert control.request("flush")["ok"]
+        relay_files.wait_for_log("Completed", count=3, timeout=30)
+        deadline = time.monotonic() + 10
+        while _scrape(metrics_port)['relayd_queue_messages{state="deferred"}'] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        scraped = _scrape(metrics_port)
+        assert [scraped[f'relayd_queue_messages{{state="{s}"}}'] for s in ("active", "deferred", "frozen")] == [0, 0, 0]
+        assert scraped["relayd_queue_oldest_message_age_seconds"] == 0
