@@ -33,7 +33,7 @@ from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServe
 from relayd.mainlog import MainLog
 from relayd.metrics import RelayMetrics
 from relayd.scheduler import Scheduler, UpstreamHealth
-from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
 
@@ -45,6 +45,45 @@ def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
     return context
+
+
+class QueuedBody:
+    """A message streaming into the spool, as the listener sees it (`relayd.intake.IncomingBody`).
+
+    Spool errors become the SMTP reply (`SubmissionRefused`), logged once;
+    `commit` also logs the arrival and schedules the message.
+    """
+
+    def __init__(self, message: IncomingMessage, relay: "Relay") -> None:
+        self._message = message
+        self._relay = relay
+
+    @property
+    def id(self) -> str:
+        return self._message.id
+
+    async def begin(self, envelope: Envelope) -> None:
+        try:
+            await self._message.begin(envelope)
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._message.write(data)
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+
+    async def commit(self) -> str:
+        try:
+            entry = await self._message.commit()
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+        self._relay.queued(entry)
+        return entry.id
+
+    def abort(self) -> None:
+        self._message.abort()
 
 
 class Relay:
@@ -101,6 +140,7 @@ class Relay:
                 guard=self.guard,
                 log=self.log,
                 metrics=self.metrics,
+                receive=self.receive,
             ),
             make_server_tls_context(config),
         )
@@ -161,6 +201,27 @@ class Relay:
         self.scheduler.add(entry)
         return entry.id
 
+    async def receive(self, envelope: Envelope) -> "QueuedBody":
+        """Open a message in the queue for the listener to stream DATA into."""
+        try:
+            message = await self.spool.receive(envelope)
+        except SpoolError as error:
+            raise self._refusal(error) from None
+        return QueuedBody(message, self)
+
+    def _refusal(self, error: SpoolError) -> SubmissionRefused:
+        """Log a spool failure while taking a message; the reply the client gets."""
+        if isinstance(error, SpoolFullError):
+            self.log.error(f"spool full, message refused: {error}")
+            return SubmissionRefused(replies.SPOOL_FULL)
+        self.log.error(f"spool write failed, message refused: {error}")
+        return SubmissionRefused(replies.SPOOL_ERROR)
+
+    def queued(self, entry: QueueEntry) -> None:
+        """A new message is durable: log it and hand it to the scheduler."""
+        self._note_arrival(entry)
+        self.scheduler.add(entry)
+
     def _note_arrival(self, entry: QueueEntry) -> None:
         env = entry.envelope
         self.log.arrival(
@@ -203,6 +264,8 @@ class Relay:
 
     async def _start_stages(self) -> None:
         await self.spool.start()
+        for note in await asyncio.to_thread(self.spool.sweep_incoming):
+            self.log.warning(f"spool: {note}")
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))

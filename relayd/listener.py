@@ -34,6 +34,8 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, Session
 from relayd import policy, replies
 from relayd.authguard import AuthGuard
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
+from relayd.datastream import DataDecoder
+from relayd.intake import IncomingBody, MessageIntake, SubmissionRefused
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.values import Envelope
 
@@ -50,14 +52,6 @@ _DEFAULT_ENHANCED = {
 }
 
 
-class SubmissionRefused(Exception):
-    """Raised by `ListenerServices.accept` when the queue cannot take a message."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
-
-
 @dataclass(frozen=True)
 class ListenerServices:
     """What the listener needs from the rest of relayd, passed in by the daemon."""
@@ -70,6 +64,8 @@ class ListenerServices:
     log: Any  # relayd.mainlog.MainLog
     metrics: Any = None  # relayd.metrics.RelayMetrics | None
     clock: Callable[[], float] = time.time
+    # Opens a message in the queue whose body is written as DATA arrives.
+    receive: Callable[[Envelope], Awaitable[IncomingBody]] | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -395,49 +391,29 @@ class SubmissionProtocol(SMTP):
         await self.push(replies.START_DATA)
         self._in_data = True
         try:
-            raw = await self._read_data(size_limit)
-            if raw is None:
-                return  # connection closed mid-DATA: nothing was promised
-            reply = await handler.take_message(self, tenant, raw, size_limit)
+            reply = await handler.receive_message(self, tenant, size_limit)
         finally:
             self._in_data = False
+        if reply is None:
+            return  # connection closed mid-DATA: nothing was promised
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(reply)
 
-    async def _read_data(self, size_limit: int) -> bytes | None:
-        """Read up to <CRLF>.<CRLF> in large chunks; None if the client went away.
+    async def read_data_chunk(self) -> bytes:
+        """The next piece of DATA as the client sent it; b"" when the client went away.
 
-        Returns the raw (still dot-stuffed) content including the CRLF before
-        the terminating dot, or b"\\0TOO-BIG" as a marker when it exceeded the
-        size limit (the rest was read and discarded so the session stays in step).
+        Deadlines that apply inside DATA belong here: every read passes through.
         """
-        buf = bytearray(b"\r\n")  # a virtual line end: an immediate ".\r\n" is an empty message
-        search_from = 0
-        too_big = False
-        ceiling = size_limit + size_limit // 8 + 65536  # room for dot-stuffing and CR
-        reader = self._reader
-        while True:
-            self._reset_timeout(self.listener.data_timeout)
-            chunk = await reader.read(_READ_CHUNK)
-            if not chunk:
-                return None
-            buf += chunk
-            end = buf.find(b"\r\n.\r\n", search_from)
-            if end >= 0:
-                leftover = buf[end + 5:]
-                if leftover:
-                    # Commands pipelined after the final dot go back to the stream
-                    # for aiosmtpd's command loop (it reads the same buffer).
-                    reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-                self._reset_timeout()
-                return TOO_BIG if too_big else bytes(buf[2:end + 2])
-            if len(buf) > ceiling:
-                too_big = True
-                del buf[:-4]
-            search_from = max(0, len(buf) - 4)
+        self._reset_timeout(self.listener.data_timeout)
+        return await self._reader.read(_READ_CHUNK)
+
+    def end_of_data(self, leftover: bytes) -> None:
+        """After the final dot: commands pipelined behind it go back to aiosmtpd's command loop."""
+        if leftover:
+            self._reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+        self._reset_timeout()
 
 
-TOO_BIG = b"\x00TOO-BIG"
 _SMTP_COMMANDS = tuple(
     name[5:] for name in dir(SubmissionProtocol) if name.startswith("smtp_")
 )
@@ -537,44 +513,66 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return replies.RECIPIENT_OK
 
-    async def take_message(
-        self, server: SubmissionProtocol, tenant: TenantConfig, raw: bytes, size_limit: int
-    ) -> str:
-        """Check the body and hand it to the queue; the reply to DATA."""
+    async def receive_message(
+        self, server: SubmissionProtocol, tenant: TenantConfig, size_limit: int
+    ) -> str | None:
+        """Read DATA to the final dot, streaming it into the queue; the reply, None on disconnect.
+
+        Only the header block is held in memory (see relayd.intake); the
+        partial file is removed on any way out but a 250.
+        """
+        session = server.submission_session()
+        receive = self.services.receive
+        if receive is None:
+            raise RuntimeError("the listener was started without a queue to receive into")
+        decoder = DataDecoder(max_line_length=self.listener.max_line_length, size_limit=size_limit)
+        intake = MessageIntake(
+            template=self._envelope_template(server, tenant),
+            tenant=tenant,
+            listener=self.listener,
+            hostname=self.services.config().hostname,
+            receive=receive,
+        )
+        try:
+            while decoder.end is None:
+                chunk = await server.read_data_chunk()
+                if not chunk:
+                    return None
+                checked = decoder.feed(chunk)
+                if decoder.refusal is None:
+                    await intake.take(checked)
+                else:
+                    intake.abort()
+            server.end_of_data(decoder.end.leftover)
+            if decoder.end.refusal is not None:
+                detail = "too big" if decoder.end.refusal.startswith("552") else ""
+                return self._refuse(session, "DATA", decoder.end.refusal, detail)
+            reply = await intake.finish()
+            if intake.refusal is not None and not intake.refusal_logged:
+                return self._refuse(session, "DATA", intake.refusal, intake.refusal_detail)
+            return reply
+        finally:
+            intake.abort()
+
+    def _envelope_template(self, server: SubmissionProtocol, tenant: TenantConfig) -> Envelope:
+        """The message's envelope as far as it is known at DATA (id and size come later)."""
         session = server.submission_session()
         envelope = server.envelope
         assert envelope is not None and envelope.mail_from is not None
-        if raw is TOO_BIG:
-            return self._refuse(session, "DATA", replies.message_too_big(size_limit), "too big")
-        verdict = policy.check_data(raw, max_line_length=self.listener.max_line_length)
-        if verdict.refusal is not None:
-            return self._refuse(session, "DATA", verdict.refusal, "")
-        if len(verdict.body) > size_limit:
-            return self._refuse(session, "DATA", replies.message_too_big(size_limit), "too big")
-        facts = policy.read_header_facts(verdict.body)
-        refusal = policy.check_header_from(tenant, facts)
-        if refusal is not None:
-            return self._refuse(session, "DATA", refusal, f"A={tenant.name}")
-        value = Envelope(
+        return Envelope(
             id=self.services.new_id(),
             tenant=tenant.name,
             sender=envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=self.services.clock(),
-            size=len(verdict.body),
+            size=0,
             client_ip=server.client_ip,
             client_port=server.client_port,
             tls=server.tls_version() or "",
             client_helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8),
             protocol=_protocol_name(server),
-            header_message_id=facts.message_id,
         )
-        try:
-            queue_id = await self.services.accept(value, verdict.body)
-        except SubmissionRefused as refused:
-            return refused.reply
-        return replies.queued(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
         self.services.log.error(f"SMTP session error: {type(error).__name__}: {error}")

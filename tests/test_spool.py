@@ -328,7 +328,8 @@ def test_truncated_message_file_is_set_aside_and_reported_not_deleted(tmp_path: 
     "content, reason",
     [
         (b"", "empty"),
-        (b"relayd-spool 2\n{}\n", "unsupported spool format"),
+        (b"relayd-spool 9\n{}\n", "unsupported spool format"),
+        (b"relayd-spool 2\n{}\n", "body size line is missing"),
         (b"relayd-spool 1\n{not json\n", "not valid JSON"),
         (b"relayd-spool 1\n{\"id\":\"x\"}\n", "missing"),
         (b"#!/bin/sh\nrm -rf /\n", "not a relayd spool file"),
