@@ -326,12 +326,9 @@ def run(args: argparse.Namespace) -> Figures:
             raise SystemExit("relayd did not report READY=1 within 30 s")
         sampler = RssSampler(proc.pid)
         figures.rss_before_mb = sampler.read("VmRSS") / 1024
-        try:
-            import uvloop
-            runner = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        runner(asyncio.wait_for(load(args, port, figures), args.deadline))
+        import uvloop
+
+        uvloop.run(asyncio.wait_for(load(args, port, figures), args.deadline))
         figures.peak_rss_mb = sampler.read("VmHWM") / 1024
     finally:
         figures.seconds = time.monotonic() - started

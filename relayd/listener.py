@@ -3,8 +3,9 @@
 Takes: client connections on the configured listeners; a `ListenerServices`
 bundle (current config, password check, the queue's accept call, auth guard,
 log, metrics) handed in by the daemon.
-Emits: an `Envelope` plus checked body bytes to `services.accept`, and answers
-250 only after that call returns, i.e. once the message is durable.
+Emits: an `Envelope` and the checked message, streamed into the queue through
+`services.receive` (see relayd.intake), and answers 250 only after the
+message is committed, i.e. once it is durable.
 Untrusted input: every byte from the client: commands, addresses, AUTH data,
 message content. Policy decisions live in relayd.policy (pure functions).
 How it fails: every refusal is a named reply (relayd.replies); an unexpected
@@ -12,9 +13,10 @@ exception becomes `451 4.3.0` and a log line, never a traceback to the client.
 
 aiosmtpd does the command loop, STARTTLS and address parsing; this module
 replaces EHLO (exact capability list), AUTH (async password check, TLS rule,
-throttling), and DATA (reads large chunks instead of line by line, with relayd's
-own smuggling, NUL and line-length rules), and adds enhanced status codes to
-the replies aiosmtpd writes itself.
+throttling), and DATA (reads large chunks instead of line by line and streams
+them to the spool, with relayd's own smuggling, NUL and line-length rules:
+relayd.datastream), and adds enhanced status codes to the replies aiosmtpd
+writes itself.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from relayd import policy, replies
 from relayd.authguard import AuthGuard
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.datastream import DataDecoder
-from relayd.intake import IncomingBody, MessageIntake, SubmissionRefused
+from relayd.intake import IncomingBody, MessageIntake
+from relayd.intake import SubmissionRefused as SubmissionRefused  # raised by the services' accept and receive
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.values import Envelope
 

@@ -20,6 +20,7 @@ doing many of them on the event loop may prefer `asyncio.to_thread`.
 Layout (``<root>`` is 0700, every directory 0700, every file 0600)::
 
     <root>/queue/<shard>/<id>     one file per queued message
+    <root>/incoming/<id>          a message still being received (see `receive`)
     <root>/corrupt/<id>           files set aside, with <id>.reason beside them
 
 ``<shard>`` is the sixth character of the id (the last digit of its receive
@@ -34,6 +35,19 @@ File format, version 1 (inspect with ``head -2`` and ``tail``)::
     {"at": ..., "frozen": false, "recipients": [{<every Recipient field>}, ...]}
     ...
 
+Version 2 is written by `receive`, for a body that arrives in pieces: the
+envelope line leaves out ``size``, ``body_size`` and ``body_crc32``, and a
+fixed-width third line carries them instead, written as a placeholder
+(``body ............ crc32 ........``) and filled in once the body is complete::
+
+    relayd-spool 2
+    {"id": ..., <every Envelope field but size>}
+    body <N, 12 digits> crc32 <crc32 hex8 of the body>
+    <exactly N body bytes>
+    relayd-end <crc32 hex8 of the envelope line (with its newline) + body>
+    ...state records as in version 1...
+
+Both versions load; `accept` (whole bodies, e.g. bounces) still writes 1.
 The trailer is written right after the body (a newline precedes
 ``relayd-end``). State records are appended after it, one JSON line each, each
 holding the complete recipient list and the frozen flag, so replay takes the
