@@ -42,6 +42,9 @@ from relayd.intake import SubmissionRefused as SubmissionRefused  # raised by th
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.values import Envelope
 
+# asyncio's default of 100 overflows when hundreds of clients connect at once:
+# the kernel then drops handshakes and those clients wait with no greeting.
+_LISTEN_BACKLOG = 1024
 _READ_CHUNK = 64 * 1024  # larger reads leave glibc's heap fragmented under many TLS sessions
 _ENHANCED = re.compile(rb"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 # Enhanced codes for replies that aiosmtpd writes itself (RFC 3463).
@@ -626,6 +629,7 @@ class SubmissionServer:
                 port=listener.port,
                 ssl=self.tls_context if implicit else None,
                 reuse_address=True,
+                backlog=_LISTEN_BACKLOG,
             )
             self._servers.append(server)
             port = server.sockets[0].getsockname()[1]

@@ -1305,6 +1305,7 @@ class IncomingMessage:
         self._body_crc = 0
         self._job: asyncio.Future[None] | None = None
         self._closed = False
+        self._linked: Path | None = None  # the queue name, once linked and until committed
 
     @property
     def id(self) -> str:
@@ -1340,7 +1341,7 @@ class IncomingMessage:
         spool = self._spool
         final = spool.path_for(self.id)
         fd = await self._in_thread(self._finish, final)
-        self._closed = True
+        self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
         try:
             await spool._make_durable(_FlushRequest(fd, (self._path.parent, final.parent)))
         except BaseException as exc:
@@ -1371,6 +1372,9 @@ class IncomingMessage:
             self._spool._io.unlink(self._path)
         except OSError:
             pass  # swept at the next start; it was never acknowledged
+        linked, self._linked = self._linked, None
+        if linked is not None:  # cancelled while being linked into the queue: never acknowledged
+            self._spool._discard(linked)
 
     async def _write_pending(self) -> None:
         if self._pending:
@@ -1417,6 +1421,7 @@ class IncomingMessage:
             if io.pwrite(fd, slot, self._slot_at) != len(slot):
                 raise OSError(errno.EIO, "short write of the size line")
             io.link(self._path, final)
+            self._linked = final
         except FileExistsError:
             raise SpoolWriteError(f"spool: message id {self.id} is already queued") from None
         except OSError as exc:
@@ -1425,7 +1430,5 @@ class IncomingMessage:
             io.unlink(self._path)
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError as exc:
-            self._spool._discard(final)
             raise _spool_error(exc, "moving the message into the queue") from exc
-        self._fd = None
         return fd
