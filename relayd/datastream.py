@@ -110,12 +110,14 @@ class DataDecoder:
         if b"\x00" in body:
             self._nul = True
             return b""
-        crlf = body.count(b"\r\n")
+        lines = body.split(b"\r\n")
+        crlf = len(lines) - 1
         if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
             body = _LINE_ENDS.sub(b"\r\n", body)
+            lines = body.split(b"\r\n")
             self.normalised = True
         if self._long_line is None:
-            self._long_line = self._first_long_line(body)
+            self._long_line = self._first_long_line(lines)
         self.size += len(body)
         if self._long_line is not None or self.size > self._size_limit:
             return b""
@@ -134,10 +136,13 @@ class DataDecoder:
             return replies.message_too_big(self._size_limit)
         return None
 
-    def _first_long_line(self, body: bytes) -> int | None:
-        """Number of the first line over the limit, counting across segments; None if none."""
+    def _first_long_line(self, parts: list[bytes]) -> int | None:
+        """Number of the first line over the limit, counting across segments; None if none.
+
+        `parts` is the checked segment split at CRLF: the first part continues
+        the previous segment's last line, the last part starts the next one.
+        """
         limit = self._max_line
-        parts = body.split(b"\r\n")
         first = self._line_len + len(parts[0])
         if first > limit:
             return self._lines_done + 1

@@ -59,6 +59,32 @@ class SubmissionRefused(Exception):
         self.reply = reply
 
 
+class DataTurns:
+    """Shares the event loop between DATA sessions and everyone else.
+
+    Checking a chunk of DATA is CPU work on the event loop. Without a limit,
+    every session with data waiting checks a chunk in each loop round, so with
+    a hundred clients pouring in messages a round lasts a hundred chunks, and a
+    client that only wants its greeting waits several such rounds. Here at
+    most `slots` sessions check a chunk per round: a session takes a slot,
+    checks one chunk, and gives the slot back only in the next round. The
+    others wait without reading, so TCP flow control holds their clients back.
+    Throughput is unchanged (the loop is busy either way); rounds stay short.
+    """
+
+    def __init__(self, slots: int = 8) -> None:
+        self._slots = asyncio.Semaphore(slots)
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await asyncio.sleep(0)  # hold the slot to the end of this loop round
+        finally:
+            self._slots.release()
+
+
 class MessageIntake:
     """Collects the header block, checks it, then streams the message into the queue."""
 

@@ -37,7 +37,7 @@ from relayd import policy, replies
 from relayd.authguard import AuthGuard
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.datastream import DataDecoder
-from relayd.intake import IncomingBody, MessageIntake
+from relayd.intake import DataTurns, IncomingBody, MessageIntake
 from relayd.intake import SubmissionRefused as SubmissionRefused  # raised by the services' accept and receive
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.values import Envelope
@@ -443,9 +443,12 @@ def _with_enhanced_code(line: bytes) -> bytes:
 class SubmissionHandler:
     """aiosmtpd hooks for MAIL and RCPT, and relayd's side of DATA."""
 
-    def __init__(self, listener: ListenerConfig, services: ListenerServices) -> None:
+    def __init__(
+        self, listener: ListenerConfig, services: ListenerServices, *, data_turns: DataTurns | None = None
+    ) -> None:
         self.listener = listener
         self.services = services
+        self.data_turns = data_turns if data_turns is not None else DataTurns()
         # What aiosmtpd's constructor would find by scanning for handle_* methods.
         self.hooks: dict[str, Callable[..., Any]] = {
             "MAIL": self.handle_MAIL,
@@ -544,11 +547,12 @@ class SubmissionHandler:
                 chunk = await server.read_data_chunk()
                 if not chunk:
                     return None
-                checked = decoder.feed(chunk)
-                if decoder.refusal is None:
-                    await intake.take(checked)
-                else:
-                    intake.abort()
+                async with self.data_turns:
+                    checked = decoder.feed(chunk)
+                    if decoder.refusal is None:
+                        await intake.take(checked)
+                    else:
+                        intake.abort()
             server.end_of_data(decoder.end.leftover)
             if decoder.end.refusal is not None:
                 detail = "too big" if decoder.end.refusal.startswith("552") else ""
@@ -613,13 +617,14 @@ class SubmissionServer:
         self.sessions: set[SubmissionProtocol] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port)
+        self._data_turns = DataTurns()  # shared by every listener's DATA sessions
 
     async def start(self, listeners: tuple[ListenerConfig, ...]) -> None:
         loop = asyncio.get_running_loop()
         for listener in listeners:
             implicit = listener.tls is TlsMode.IMPLICIT
             starttls_ctx = self.tls_context if listener.tls is TlsMode.STARTTLS else None
-            handler = SubmissionHandler(listener, self.services)
+            handler = SubmissionHandler(listener, self.services, data_turns=self._data_turns)
             server = await loop.create_server(
                 lambda listener=listener, implicit=implicit, ctx=starttls_ctx, handler=handler: SubmissionProtocol(
                     listener, self.services, handler=handler, hostname=self.services.config().hostname,
