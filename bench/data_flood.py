@@ -291,7 +291,8 @@ async def load(args: argparse.Namespace, port: int, figures: Figures) -> None:
     opened: list[int] = []
     legit = asyncio.create_task(legit_client(port, stop, figures))
     idle = [asyncio.create_task(idle_connection(port, hold, opened)) for _ in range(args.idle)]
-    while len(opened) < args.idle and not all(t.done() for t in idle):
+    give_up = time.monotonic() + 30  # a greeting that has not come by then is not coming
+    while len(opened) < args.idle and not all(t.done() for t in idle) and time.monotonic() < give_up:
         await asyncio.sleep(0.05)
     figures.idle_connections = len(opened)
     message = memoryview(big_message(args.size))
