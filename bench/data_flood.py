@@ -33,6 +33,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -362,6 +363,7 @@ def run(args: argparse.Namespace) -> Figures:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop relayd and remove its files
     figures = run(args)
     text = json.dumps(asdict(figures), indent=2)
     print(text)
