@@ -64,6 +64,7 @@ class Figures:
     legit_slowest_phases: dict[str, float] = field(default_factory=dict)  # seconds to greeting, to 354, to 250
     legit_failures: int = 0
     seconds: float = 0.0
+    timed_out: bool = False  # the run hit --deadline (sessions still waiting for a reply)
     passed: bool = False
 
 
@@ -329,7 +330,10 @@ def run(args: argparse.Namespace) -> Figures:
         figures.rss_before_mb = sampler.read("VmRSS") / 1024
         import uvloop
 
-        uvloop.run(asyncio.wait_for(load(args, port, figures), args.deadline))
+        try:
+            uvloop.run(asyncio.wait_for(load(args, port, figures), args.deadline))
+        except TimeoutError:
+            figures.timed_out = True
         figures.peak_rss_mb = sampler.read("VmHWM") / 1024
     finally:
         figures.seconds = time.monotonic() - started
@@ -349,8 +353,10 @@ def run(args: argparse.Namespace) -> Figures:
         figures.watchdog_max_gap_s = max(gaps, default=0.0)
         figures.watchdog_misses = sum(1 for g in gaps if g > WATCHDOG_USEC / 1e6)
         shutil.rmtree(work, ignore_errors=True)
+    figures.data_sessions = sum(figures.data_replies.values())
     figures.passed = (
-        figures.peak_rss_mb < args.rss_limit_mb
+        not figures.timed_out
+        and figures.peak_rss_mb < args.rss_limit_mb
         and figures.legit_max_s < args.legit_limit_s
         and figures.legit_failures == 0
         and figures.watchdog_misses == 0
