@@ -5,6 +5,7 @@ relayd runs here on uvloop, the event loop it ships with.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import socket
@@ -205,3 +206,34 @@ def test_trace_fields_reach_the_upstream_and_the_original_bytes_are_otherwise_id
     assert b"\tfor <" not in received  # two recipients: neither is disclosed
     assert b"id " + ids[1].encode() + b";" in received
     assert rest == with_ids
+
+
+def test_data_sessions_take_turns_so_a_loop_round_checks_at_most_the_slot_count() -> None:
+    from collections import Counter
+
+    from relayd.intake import DataTurns
+
+    async def scenario() -> Counter[int]:
+        loop = asyncio.get_running_loop()
+        rounds = 0
+
+        def tick() -> None:  # runs once per loop round
+            nonlocal rounds
+            rounds += 1
+            loop.call_soon(tick)
+
+        loop.call_soon(tick)
+        turns = DataTurns(2)
+        seen: Counter[int] = Counter()
+
+        async def session() -> None:
+            for _ in range(5):
+                async with turns:
+                    seen[rounds] += 1
+
+        await asyncio.gather(*(session() for _ in range(10)))
+        return seen
+
+    seen = uvloop.run(scenario())
+    assert sum(seen.values()) == 50
+    assert max(seen.values()) <= 2
