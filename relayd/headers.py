@@ -27,6 +27,10 @@ from datetime import datetime, timezone
 
 MAX_HEADER_FIELDS = 1000  # real mail has tens; a DKIM-signed newsletter well under 200
 MAX_FROM_ADDRESSES = 50  # RFC 5322 allows a list of authors; nobody needs more
+MAX_COMMENT_DEPTH = 8  # nested (comments) in From:; real mail has one level at most
+MAX_FROM_BYTES = 16 * 1024  # all From: values together; a real one is well under 1K
+# Quoted strings and quoted pairs are skipped whole: their parentheses are not comments.
+_COMMENT_MARKS = re.compile(r'"(?:[^"\\]|\\.)*"|\\.|[()]', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +76,13 @@ def read_header_facts(block: bytes) -> HeaderFacts:
         return HeaderFacts((), "", refusal=(
             f"552 5.3.4 Message header has more than {MAX_HEADER_FIELDS} fields; "
             "this looks like a header without the empty line before the body"))
-    from_values = [value.decode("utf-8", "replace") for name, value in fields if name == "from"]
-    addresses = tuple(addr for _, addr in email.utils.getaddresses(from_values) if addr)
+    raw_from = [value for name, value in fields if name == "from"]
+    if sum(map(len, raw_from)) > MAX_FROM_BYTES:
+        return HeaderFacts((), "", refusal=f"554 5.6.0 Header From: is longer than {MAX_FROM_BYTES} bytes")
+    addresses = from_addresses([value.decode("utf-8", "replace") for value in raw_from])
+    if addresses is None:
+        return HeaderFacts((), "", refusal=(
+            "554 5.6.0 Header From: cannot be parsed (unbalanced or deeply nested comments)"))
     if len(addresses) > MAX_FROM_ADDRESSES:
         return HeaderFacts((), "", refusal=(
             f"554 5.6.0 Header From: lists more than {MAX_FROM_ADDRESSES} addresses"))
@@ -86,6 +95,29 @@ def read_header_facts(block: bytes) -> HeaderFacts:
         has_message_id="message-id" in names,
         received_count=names.count("received"),
     )
+
+
+def from_addresses(values: list[str]) -> tuple[str, ...] | None:
+    """The addresses in From: values; None when they cannot be parsed safely.
+
+    email.utils.getaddresses recurses once per nested comment: a value of
+    thousands of "(" raises RecursionError. Deeper nesting than any real
+    header uses is refused before parsing.
+    """
+    for value in values:
+        depth = 0
+        for m in _COMMENT_MARKS.finditer(value):
+            mark = m.group()
+            if mark == "(":
+                depth += 1
+                if depth > MAX_COMMENT_DEPTH:
+                    return None
+            elif mark == ")":
+                depth = max(0, depth - 1)
+    try:
+        return tuple(addr for _, addr in email.utils.getaddresses(values) if addr)
+    except (RecursionError, ValueError, IndexError):
+        return None
 
 
 def too_many_hops(facts: HeaderFacts, limit: int) -> str | None:

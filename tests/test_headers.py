@@ -96,3 +96,18 @@ def test_a_helo_that_is_not_a_domain_is_shown_sanitised_in_a_comment(helo: str) 
 def test_added_fields_are_in_exims_shape() -> None:
     assert headers.message_id_field("1xYPi4-0001It-VJ", "relay.test") == b"Message-ID: <E1xYPi4-0001It-VJ@relay.test>\r\n"
     assert headers.date_field(1_796_138_351.0) == b"Date: Tue, 01 Dec 2026 15:19:11 +0000\r\n"
+
+
+def test_deeply_nested_comments_in_from_are_refused_not_a_recursion_error() -> None:
+    facts = headers.read_header_facts(b"From: " + b"(" * 10_000 + b" <billing@acme.example>\r\n")
+    assert facts.refusal == "554 5.6.0 Header From: cannot be parsed (unbalanced or deeply nested comments)"
+
+
+def test_parentheses_inside_a_quoted_display_name_are_not_comments() -> None:
+    facts = headers.read_header_facts(b'From: "Billing ((((((((((((" <billing@acme.example>\r\n')
+    assert facts.refusal is None and facts.from_addresses == ("billing@acme.example",)
+
+
+def test_a_from_longer_than_its_bound_is_refused_before_parsing() -> None:
+    facts = headers.read_header_facts(b"From: " + b"@" * (headers.MAX_FROM_BYTES + 1) + b"\r\n")
+    assert facts.refusal == "554 5.6.0 Header From: is longer than 16384 bytes"
