@@ -45,6 +45,8 @@ class ListenerConfig:
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # idle time allowed between DATA chunks
     max_line_length: int = 998  # RFC 5322 2.1.1, excluding CRLF
+    max_header_size: int = 100 * 1024  # header block held in memory for policy (Postfix header_size_limit)
+    max_received_headers: int = 50  # more Received: fields is a mail loop (Postfix hopcount_limit)
     # Login throttling (relayd.authguard): per login name attempted, plus a
     # budget per source (loopback counts as one source).
     auth_failures_before_delay: int = 3  # failures of one login before its 535s slow down

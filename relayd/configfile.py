@@ -373,6 +373,7 @@ _METRICS_KEYS = ("address", "port")
 _SPOOL_LIMITS_KEYS = ("min_free", "tenant_max_bytes", "tenant_max_messages")
 _LISTENER_KEYS = ("name", "address", "port", "tls", "allow_plaintext_auth", "max_message_size",
                   "max_recipients", "command_timeout", "data_timeout", "max_line_length",
+                  "max_header_size", "max_received_headers",
                   "auth_failures_before_delay", "auth_failures_before_disconnect",
                   "auth_failure_window", "max_connections", "max_connections_per_ip",
                   "per_ip_limit_on_loopback", "max_commands_before_auth", "hard_error_limit",
@@ -395,6 +396,8 @@ _RECIPIENTS = (1, 10000)
 _MESSAGE_SIZE = (1024, 1024**3)  # 1K-1G
 _TIMEOUT = (1.0, 3600.0)  # 1s-1h
 _LINE_LENGTH = (998, 65536)  # RFC 5322 allows 998; refusing less would refuse valid mail
+_HEADER_SIZE = (8 * 1024, 1024**2)  # 8K-1M: enough for real headers, bounded memory per session
+_RECEIVED_HEADERS = (10, 1000)  # a message rarely crosses more than a dozen relays
 _AUTH_FAILURES = (1, 10000)
 _AUTH_WINDOW = (60.0, 86400.0)  # 1m-1d
 _CLIENT_CONNECTIONS = (1, 100000)  # descriptors: see relayd.fdlimit
@@ -963,6 +966,9 @@ class _Reader:
             data_timeout=self.get(lm, "data_timeout", self.duration(_TIMEOUT), d.data_timeout),
             max_line_length=self.get(lm, "max_line_length", self.integer(_LINE_LENGTH),
                                      d.max_line_length),
+            max_header_size=self.get(lm, "max_header_size", self.size(_HEADER_SIZE), d.max_header_size),
+            max_received_headers=self.get(lm, "max_received_headers", self.integer(_RECEIVED_HEADERS),
+                                          d.max_received_headers),
             auth_failures_before_delay=delay,
             auth_failures_before_disconnect=drop,
             auth_failure_window=self.get(lm, "auth_failure_window", self.duration(_AUTH_WINDOW),

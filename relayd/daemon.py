@@ -42,7 +42,7 @@ from relayd.mainlog import MainLog
 from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
 from relayd.queueview import queue_counts
 from relayd.scheduler import Scheduler, UpstreamHealth
-from relayd.spool import Spool, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
 from relayd.values import Envelope, QueueEntry, Recipient
@@ -67,6 +67,45 @@ def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
     return context
+
+
+class QueuedBody:
+    """A message streaming into the spool, as the listener sees it (`relayd.intake.IncomingBody`).
+
+    Spool errors become the SMTP reply (`SubmissionRefused`), logged once;
+    `commit` also logs the arrival and schedules the message.
+    """
+
+    def __init__(self, message: IncomingMessage, relay: "Relay") -> None:
+        self._message = message
+        self._relay = relay
+
+    @property
+    def id(self) -> str:
+        return self._message.id
+
+    async def begin(self, envelope: Envelope) -> None:
+        try:
+            await self._message.begin(envelope)
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._message.write(data)
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+
+    async def commit(self) -> str:
+        try:
+            entry = await self._message.commit()
+        except SpoolError as error:
+            raise self._relay._refusal(error) from None
+        self._relay.queued(entry)
+        return entry.id
+
+    def abort(self) -> None:
+        self._message.abort()
 
 
 class Relay:
@@ -128,6 +167,7 @@ class Relay:
                 guard=self.guard,
                 log=self.log,
                 metrics=self.metrics,
+                receive=self.receive,
             ),
             make_server_tls_context(config),
         )
@@ -185,10 +225,30 @@ class Relay:
         except SpoolWriteError as error:
             self.log.error(f"spool write failed, message refused: {error}")
             raise SubmissionRefused(replies.SPOOL_ERROR) from None
+        self.queued(entry)
+        return entry.id
+
+    async def receive(self, envelope: Envelope) -> "QueuedBody":
+        """Open a message in the queue for the listener to stream DATA into."""
+        try:
+            message = await self.spool.receive(envelope)
+        except SpoolError as error:
+            raise self._refusal(error) from None
+        return QueuedBody(message, self)
+
+    def _refusal(self, error: SpoolError) -> SubmissionRefused:
+        """Log a spool failure while taking a message; the reply the client gets."""
+        if isinstance(error, SpoolFullError):
+            self.log.error(f"spool full, message refused: {error}")
+            return SubmissionRefused(replies.SPOOL_FULL)
+        self.log.error(f"spool write failed, message refused: {error}")
+        return SubmissionRefused(replies.SPOOL_ERROR)
+
+    def queued(self, entry: QueueEntry) -> None:
+        """A new message is durable: count it against its tenant's share, log it, schedule it."""
         self.room.track(entry)
         self._note_arrival(entry)
         self.scheduler.add(entry)
-        return entry.id
 
     def _note_arrival(self, entry: QueueEntry) -> None:
         env = entry.envelope
@@ -233,6 +293,8 @@ class Relay:
 
     async def _start_stages(self) -> None:
         await self.spool.start()
+        for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
+            self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))

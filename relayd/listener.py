@@ -4,8 +4,9 @@ Takes: client connections on the configured listeners (TCP; or a Unix socket,
 where the peer's uid from SO_PEERCRED picks the tenant); a `ListenerServices`
 bundle (current config, password check, the queue's accept call, auth guard,
 log, metrics) handed in by the daemon.
-Emits: an `Envelope` plus checked body bytes to `services.accept`, and answers
-250 only after that call returns, i.e. once the message is durable.
+Emits: an `Envelope` and the checked message, streamed into the queue through
+`services.receive` (see relayd.intake), and answers 250 only after the
+message is committed, i.e. once it is durable.
 Untrusted input: every byte from the client: commands, addresses, AUTH data,
 message content. Policy decisions live in relayd.policy (pure functions).
 How it fails: every refusal is a named reply (relayd.replies); an unexpected
@@ -13,9 +14,10 @@ exception becomes `451 4.3.0` and a log line, never a traceback to the client.
 
 aiosmtpd does the command loop, STARTTLS and address parsing; this module
 replaces EHLO (exact capability list), AUTH (async password check, TLS rule,
-throttling), and DATA (reads large chunks instead of line by line, with relayd's
-own smuggling, NUL and line-length rules), and adds enhanced status codes to
-the replies aiosmtpd writes itself.
+throttling), and DATA (reads large chunks instead of line by line and streams
+them to the spool, with relayd's own smuggling, NUL and line-length rules:
+relayd.datastream), and adds enhanced status codes to the replies aiosmtpd
+writes itself.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope as SmtpEnvelope, Session
 from relayd import policy, replies
 from relayd.authguard import Attempt, AuthGuard, limits_of
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
+from relayd.datastream import DataDecoder
+from relayd.intake import DataTurns, IncomingBody, MessageIntake
+from relayd.intake import SubmissionRefused as SubmissionRefused  # raised by the services' accept and receive
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
 from relayd.sessionlimits import ConnectionCounter, DataDeadline, LogGate, SessionBudget, write_and_close
 from relayd.values import Envelope
 
+# asyncio's default of 100 overflows when hundreds of clients connect at once:
+# the kernel then drops handshakes and those clients wait with no greeting.
+_LISTEN_BACKLOG = 1024
 _READ_CHUNK = 64 * 1024  # larger reads leave glibc's heap fragmented under many TLS sessions
 _ENHANCED = re.compile(rb"^\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 # Enhanced codes for replies that aiosmtpd writes itself (RFC 3463).
@@ -56,14 +64,6 @@ _DEFAULT_ENHANCED = {
     b"538": b"5.7.11", b"550": b"5.7.1", b"552": b"5.3.4", b"553": b"5.1.3",
     b"554": b"5.7.0", b"555": b"5.5.4",
 }
-
-
-class SubmissionRefused(Exception):
-    """Raised by `ListenerServices.accept` when the queue cannot take a message."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class ListenerServices:
     # Room on the spool for a tenant's new message of a declared size: a 452
     # reply, or None (relayd.spoolroom.SpoolRoom.refusal).
     admit: Callable[[str, int], Optional[str]] = lambda _tenant, _size: None
+    # Opens a message in the queue whose body is written as DATA arrives.
+    receive: Callable[[Envelope], Awaitable[IncomingBody]] | None = None
 
 
 def is_loopback(address: str) -> bool:
@@ -188,6 +190,7 @@ class SubmissionProtocol(SMTP):
         self._greeted = False
         self._sessions = sessions
         self._in_data = False
+        self._data_deadline: DataDeadline | None = None  # set while DATA is being read
         self._connections = connections or connection_counter(listener)
         self._admitted: bool | None = None  # None until connection_made; then: did aiosmtpd get it
         self._counted = False  # holds a slot in the listener's ConnectionCounter
@@ -599,55 +602,42 @@ class SubmissionProtocol(SMTP):
             return
         await self.push(replies.START_DATA)
         self._in_data = True
+        self._data_deadline = DataDeadline(
+            started=self.loop.time(), line_timeout=self.listener.data_timeout,
+            min_rate=self.listener.min_data_rate, max_bytes=size_limit,
+        )
         try:
-            raw = await self._read_data(size_limit)
-            if raw is None:
-                return  # connection closed mid-DATA: nothing was promised
-            reply = await handler.take_message(self, tenant, raw, size_limit)
+            reply = await handler.receive_message(self, tenant, size_limit)
         finally:
             self._in_data = False
+            self._data_deadline = None
+        if reply is None:
+            return  # connection closed mid-DATA: nothing was promised
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         if reply.startswith("250"):
             self._budget.message_accepted()
         await self.push(reply)
 
-    async def _read_data(self, size_limit: int) -> bytes | None:
-        """Read up to <CRLF>.<CRLF> in large chunks; None if the client went away.
+    async def read_data_chunk(self) -> bytes:
+        """The next piece of DATA as the client sent it; b"" when the client went away.
 
-        Returns the raw (still dot-stuffed) content including the CRLF before
-        the terminating dot, or b"\\0TOO-BIG" as a marker when it exceeded the
-        size limit (the rest was read and discarded so the session stays in step).
+        Deadlines that apply inside DATA belong here: every read passes through.
         """
-        buf = bytearray(b"\r\n")  # a virtual line end: an immediate ".\r\n" is an empty message
-        search_from = 0
-        too_big = False
-        ceiling = size_limit + size_limit // 8 + 65536  # room for dot-stuffing and CR
-        reader = self._reader
-        deadline = DataDeadline(
-            started=self.loop.time(), line_timeout=self.listener.data_timeout,
-            min_rate=self.listener.min_data_rate, max_bytes=size_limit,
-        )
-        while True:
-            if not self._arm_data_deadline(deadline):
-                return None
-            chunk = await reader.read(_READ_CHUNK)
-            if not chunk:
-                return None
+        deadline = self._data_deadline
+        if deadline is not None and not self._arm_data_deadline(deadline):
+            return b""  # too slow: the 421 is written and the connection is closing
+        if deadline is None:
+            self._reset_timeout(self.listener.data_timeout)
+        chunk: bytes = await self._reader.read(_READ_CHUNK)
+        if chunk and deadline is not None:
             deadline.note(chunk, self.loop.time())
-            buf += chunk
-            end = buf.find(b"\r\n.\r\n", search_from)
-            if end >= 0:
-                leftover = buf[end + 5:]
-                if leftover:
-                    # Commands pipelined after the final dot go back to the stream
-                    # for aiosmtpd's command loop (it reads the same buffer).
-                    reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
-                self._reset_timeout()
-                return TOO_BIG if too_big else bytes(buf[2:end + 2])
-            if len(buf) > ceiling:
-                too_big = True
-                del buf[:-4]
-            search_from = max(0, len(buf) - 4)
+        return chunk
+
+    def end_of_data(self, leftover: bytes) -> None:
+        """After the final dot: commands pipelined behind it go back to aiosmtpd's command loop."""
+        if leftover:
+            self._reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+        self._reset_timeout()
 
     def _arm_data_deadline(self, deadline: DataDeadline) -> bool:
         """Time the next DATA read out at the nearest deadline; False if one has passed."""
@@ -659,7 +649,6 @@ class SubmissionProtocol(SMTP):
         return True
 
 
-TOO_BIG = b"\x00TOO-BIG"
 _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default; shorter when command_timeout is
 _REJECTIONS_LOGGED = 10  # per connection per minute; the rest are counted in one summary line
 _SMTP_COMMANDS = tuple(
@@ -702,9 +691,12 @@ def _with_enhanced_code(line: bytes) -> bytes:
 class SubmissionHandler:
     """aiosmtpd hooks for MAIL and RCPT, and relayd's side of DATA."""
 
-    def __init__(self, listener: ListenerConfig, services: ListenerServices) -> None:
+    def __init__(
+        self, listener: ListenerConfig, services: ListenerServices, *, data_turns: DataTurns | None = None
+    ) -> None:
         self.listener = listener
         self.services = services
+        self.data_turns = data_turns if data_turns is not None else DataTurns()
         # What aiosmtpd's constructor would find by scanning for handle_* methods.
         self.hooks: dict[str, Callable[..., Any]] = {
             "MAIL": self.handle_MAIL,
@@ -803,31 +795,60 @@ class SubmissionHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return replies.RECIPIENT_OK
 
-    async def take_message(
-        self, server: SubmissionProtocol, tenant: TenantConfig, raw: bytes, size_limit: int
-    ) -> str:
-        """Check the body and hand it to the queue; the reply to DATA."""
+    async def receive_message(
+        self, server: SubmissionProtocol, tenant: TenantConfig, size_limit: int
+    ) -> str | None:
+        """Read DATA to the final dot, streaming it into the queue; the reply, None on disconnect.
+
+        Only the header block is held in memory (see relayd.intake); the
+        partial file is removed on any way out but a 250.
+        """
+        session = server.submission_session()
+        receive = self.services.receive
+        if receive is None:
+            raise RuntimeError("the listener was started without a queue to receive into")
+        decoder = DataDecoder(max_line_length=self.listener.max_line_length, size_limit=size_limit)
+        intake = MessageIntake(
+            template=self._envelope_template(server, tenant),
+            tenant=tenant,
+            listener=self.listener,
+            hostname=self.services.config().hostname,
+            receive=receive,
+        )
+        try:
+            while decoder.end is None:
+                chunk = await server.read_data_chunk()
+                if not chunk:
+                    return None
+                async with self.data_turns:
+                    checked = decoder.feed(chunk)
+                    if decoder.refusal is None:
+                        await intake.take(checked)
+                    else:
+                        intake.abort()
+            server.end_of_data(decoder.end.leftover)
+            if decoder.end.refusal is not None:
+                detail = "too big" if decoder.end.refusal.startswith("552") else ""
+                return self._refuse(session, "DATA", decoder.end.refusal, detail)
+            reply = await intake.finish()
+            if intake.refusal is not None and not intake.refusal_logged:
+                return self._refuse(session, "DATA", intake.refusal, intake.refusal_detail)
+            return reply
+        finally:
+            intake.abort()
+
+    def _envelope_template(self, server: SubmissionProtocol, tenant: TenantConfig) -> Envelope:
+        """The message's envelope as far as it is known at DATA (id and size come later)."""
         session = server.submission_session()
         envelope = server.envelope
         assert envelope is not None and envelope.mail_from is not None
-        if raw is TOO_BIG:
-            return self._refuse(session, "DATA", replies.message_too_big(size_limit), "too big")
-        verdict = policy.check_data(raw, max_line_length=self.listener.max_line_length)
-        if verdict.refusal is not None:
-            return self._refuse(session, "DATA", verdict.refusal, "")
-        if len(verdict.body) > size_limit:
-            return self._refuse(session, "DATA", replies.message_too_big(size_limit), "too big")
-        facts = policy.read_header_facts(verdict.body)
-        refusal = policy.check_header_from(tenant, facts)
-        if refusal is not None:
-            return self._refuse(session, "DATA", refusal, f"A={tenant.name}")
-        value = Envelope(
+        return Envelope(
             id=self.services.new_id(),
             tenant=tenant.name,
             sender=envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
             received_at=self.services.clock(),
-            size=len(verdict.body),
+            size=0,
             client_ip=server.client_ip,
             client_port=server.client_port,
             local_user=session.local_user,
@@ -835,14 +856,8 @@ class SubmissionHandler:
             client_helo=session.host_name or "",
             smtputf8=bool(envelope.smtp_utf8),
             protocol=_protocol_name(server),
-            header_message_id=facts.message_id,
             auth_mechanism=(session.auth_mechanism or "").lower() if session.authenticated else "",
         )
-        try:
-            queue_id = await self.services.accept(value, verdict.body)
-        except SubmissionRefused as refused:
-            return refused.reply
-        return replies.queued(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
         self.services.log.error(f"SMTP session error: {type(error).__name__}: {error}")
@@ -880,6 +895,7 @@ class SubmissionServer:
         self._servers: list[asyncio.base_events.Server] = []
         self.bound: list[tuple[str, str, int]] = []  # (listener name, address, port); unix: (name, path, 0)
         self._unix_paths: list[Path] = []
+        self._data_turns = DataTurns()  # shared by every listener's DATA sessions
 
     async def start(self, listeners: tuple[ListenerConfig, ...]) -> None:
         loop = asyncio.get_running_loop()
@@ -889,7 +905,7 @@ class SubmissionServer:
                 continue
             implicit = listener.tls is TlsMode.IMPLICIT
             starttls_ctx = self.tls_context if listener.tls is TlsMode.STARTTLS else None
-            handler = SubmissionHandler(listener, self.services)
+            handler = SubmissionHandler(listener, self.services, data_turns=self._data_turns)
             counter = connection_counter(listener)
             server = await loop.create_server(
                 lambda listener=listener, implicit=implicit, ctx=starttls_ctx, handler=handler, counter=counter: SubmissionProtocol(
@@ -902,6 +918,7 @@ class SubmissionServer:
                 # A handshake is not yet a counted connection: bound its time.
                 ssl_handshake_timeout=min(listener.command_timeout, _HANDSHAKE_TIMEOUT) if implicit else None,
                 reuse_address=True,
+                backlog=_LISTEN_BACKLOG,
             )
             self._servers.append(server)
             port = server.sockets[0].getsockname()[1]
@@ -912,7 +929,7 @@ class SubmissionServer:
         assert listener.unix_path is not None
         path = listener.unix_path
         remove_stale_socket(path)
-        handler = SubmissionHandler(listener, self.services)
+        handler = SubmissionHandler(listener, self.services, data_turns=self._data_turns)
         counter = connection_counter(listener)
         server = await asyncio.get_running_loop().create_unix_server(
             lambda: SubmissionProtocol(

@@ -19,16 +19,13 @@ The DATA rules, and why:
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import email.utils
 import re
 from dataclasses import dataclass
 
 from relayd import replies
 from relayd.config import TenantConfig
-
-_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+from relayd.headers import HeaderFacts
+from relayd.headers import read_header_facts as read_header_block_facts
 
 
 def address_matches(pattern: str, address: str) -> bool:
@@ -119,27 +116,22 @@ def check_data(raw: bytes, *, max_line_length: int) -> DataVerdict:
 
 
 def header_block(body: bytes) -> bytes:
+    """The header lines up to the first empty line (all of `body` if there is none)."""
+    if body.startswith(b"\r\n"):
+        return b""
     end = body.find(b"\r\n\r\n")
     return body if end < 0 else body[: end + 2]
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderFacts:
-    from_addresses: tuple[str, ...]
-    message_id: str
-
-
 def read_header_facts(body: bytes) -> HeaderFacts:
-    """The From: addresses and Message-ID the policy and the log care about."""
-    headers = _HEADER_PARSER.parsebytes(header_block(body))
-    values = [str(v) for v in headers.get_all("From", [])]
-    addresses = tuple(addr for _, addr in email.utils.getaddresses(values) if addr)
-    message_id = str(headers.get("Message-ID", "")).strip()
-    return HeaderFacts(addresses, message_id)
+    """The From: addresses and Message-ID the policy and the log care about (header block only)."""
+    return read_header_block_facts(header_block(body))
 
 
 def check_header_from(tenant: TenantConfig, facts: HeaderFacts) -> str | None:
     """Refusal line when a header From: address is not allowed for the tenant."""
+    if facts.refusal is not None:
+        return facts.refusal
     if not facts.from_addresses:
         return "550 5.6.0 Message has no From: header; add one with an allowed sender address"
     for address in facts.from_addresses:

@@ -23,6 +23,7 @@ doing many of them on the event loop may prefer `asyncio.to_thread`.
 Layout (``<root>`` is 0700, every directory 0700, every file 0600)::
 
     <root>/queue/<shard>/<id>     one file per queued message
+    <root>/incoming/<id>          a message still being received (see `receive`)
     <root>/corrupt/<id>           files set aside, with <id>.reason beside them
 
 ``<shard>`` is the sixth character of the id (the last digit of its receive
@@ -37,6 +38,19 @@ File format, version 1 (inspect with ``head -2`` and ``tail``)::
     {"at": ..., "frozen": false, "recipients": [{<every Recipient field>}, ...]}
     ...
 
+Version 2 is written by `receive`, for a body that arrives in pieces: the
+envelope line leaves out ``size``, ``body_size`` and ``body_crc32``, and a
+fixed-width third line carries them instead, written as a placeholder
+(``body ............ crc32 ........``) and filled in once the body is complete::
+
+    relayd-spool 2
+    {"id": ..., <every Envelope field but size>}
+    body <N, 12 digits> crc32 <crc32 hex8 of the body>
+    <exactly N body bytes>
+    relayd-end <crc32 hex8 of the envelope line (with its newline) + body>
+    ...state records as in version 1...
+
+Both versions load; `accept` (whole bodies, e.g. bounces) still writes 1.
 The trailer is written right after the body (a newline precedes
 ``relayd-end``). State records are appended after it, one JSON line each, each
 holding the complete recipient list and the frozen flag, so replay takes the
@@ -89,8 +103,9 @@ from typing import Any, TypeVar
 from .msgid import ALPHABET, is_message_id, new_message_id
 from .values import Envelope, QueueEntry, Recipient, RecipientState
 
-FORMAT_VERSION = 1
-MAGIC = b"relayd-spool 1\n"
+FORMAT_VERSION = 2  # the newest format written; every older one still loads
+MAGIC = b"relayd-spool 1\n"  # whole-body writes (`accept`): size and CRC known up front
+MAGIC_STREAMED = b"relayd-spool 2\n"  # streamed writes (`receive`): size and CRC filled in at the end
 _TRAILER_RE = re.compile(rb"\nrelayd-end ([0-9a-f]{8})\n")
 _CRC_RE = re.compile(r"[0-9a-f]{8}")
 TRAILER_LEN = len(b"\nrelayd-end 00000000\n")
@@ -157,11 +172,27 @@ def _load_syncfs() -> Callable[[int], int] | None:
     return fn
 
 
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages; does not wait, promises nothing
+
+
 class SpoolIO:
     """The OS calls the spool's writes go through; tests subclass it to inject faults."""
 
     def __init__(self) -> None:
         self._syncfs = _load_syncfs()
+        self._sync_file_range = _load_sync_file_range()
 
     def open(self, path: Path, flags: int, mode: int = _FILE_MODE) -> int:
         return os.open(path, flags, mode)
@@ -188,6 +219,20 @@ class SpoolIO:
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """Ask the kernel to start writing a range out now (Linux), so a big message
+        being received does not pile up dirty pages that the next group commit
+        (syncfs) would have to wait for. Not a durability step: errors are ignored."""
+        if self._sync_file_range is not None:
+            self._sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    def link(self, src: Path, dst: Path) -> None:
+        """A second name for `src`; FileExistsError if `dst` exists (never replaces)."""
+        os.link(src, dst)
 
 
 # ---------------------------------------------------------------------------
@@ -304,14 +349,17 @@ class _Header:
     body_start: int
     body_size: int
     body_crc32: int
-    line_start: int  # the envelope line is data[line_start:body_start]; the trailer CRC covers it
+    line_start: int  # the envelope line is data[line_start:line_end]; the trailer CRC covers it
+    line_end: int
 
 
 def parse_header(data: bytes) -> _Header:
-    """Read the two header lines at the start of `data`; raises _Unreadable."""
+    """Read the header lines at the start of `data`; raises _Unreadable."""
     nl1 = data.find(b"\n")
     if nl1 < 0:
         raise _Unreadable("file is empty or ends inside its first line")
+    if data[: nl1 + 1] == MAGIC_STREAMED:
+        return parse_streamed_header(data)
     if data[: nl1 + 1] != MAGIC:
         if data.startswith(b"relayd-spool "):
             raise _Unreadable(f"unsupported spool format {data[13:nl1][:20]!r}")
@@ -332,7 +380,7 @@ def parse_header(data: bytes) -> _Header:
         raise _Unreadable("body_size is missing or invalid")
     if type(crc) is not str or _CRC_RE.fullmatch(crc) is None:
         raise _Unreadable("body_crc32 is missing or invalid")
-    return _Header(envelope, nl2 + 1, size, int(crc, 16), nl1 + 1)
+    return _Header(envelope, nl2 + 1, size, int(crc, 16), nl1 + 1, nl2 + 1)
 
 
 def parse_trailer(data: bytes) -> int:
@@ -341,6 +389,54 @@ def parse_trailer(data: bytes) -> int:
     if m is None:
         raise _Unreadable("trailer missing or damaged (file truncated?)")
     return int(m.group(1), 16)
+
+
+# Format 2, for a body that is written as it arrives: the envelope line
+# carries every field but `size`; a fixed-width line after it holds the body
+# size and CRC, written as a placeholder first and filled in once the body is
+# complete, so the reader still finds the trailer without reading the body.
+_STREAMED_SLOT = b"body %012d crc32 %08x\n"
+_STREAMED_PLACEHOLDER = b"body ............ crc32 ........\n"
+_STREAMED_SLOT_RE = re.compile(rb"body ([0-9]{12}) crc32 ([0-9a-f]{8})\n")
+_STREAMED_SLOT_LEN = len(_STREAMED_PLACEHOLDER)
+
+
+def encode_streamed_envelope_line(envelope: Envelope) -> bytes:
+    """Line 2 of a format-2 file: every Envelope field but `size` (known only at the end)."""
+    obj: dict[str, object] = {
+        f[0]: _to_json(getattr(envelope, f[0])) for f in _ENVELOPE_FIELDS if f[0] != "size"
+    }
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def streamed_size_line(body_size: int, body_crc32: int) -> bytes:
+    """Line 3 of a format-2 file once its body is complete."""
+    return _STREAMED_SLOT % (body_size, body_crc32)
+
+
+def parse_streamed_header(data: bytes) -> _Header:
+    """The header lines of a format-2 file; raises _Unreadable."""
+    nl1 = len(MAGIC_STREAMED) - 1
+    nl2 = data.find(b"\n", nl1 + 1)
+    if nl2 < 0:
+        raise _Unreadable("file ends inside the envelope line")
+    slot = data[nl2 + 1 : nl2 + 1 + _STREAMED_SLOT_LEN]
+    if slot == _STREAMED_PLACEHOLDER:
+        raise _Unreadable("message was still being received and was never acknowledged")
+    m = _STREAMED_SLOT_RE.fullmatch(slot)
+    if m is None:
+        raise _Unreadable("body size line is missing or invalid")
+    try:
+        obj = json.loads(data[nl1 + 1 : nl2 + 1])
+    except ValueError:
+        raise _Unreadable("envelope line is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise _Unreadable("envelope line is not a JSON object")
+    size = int(m.group(1))
+    obj["size"] = size
+    envelope = Envelope(**_decode_fields(_ENVELOPE_FIELDS, obj))  # type: ignore[arg-type]
+    body_start = nl2 + 1 + _STREAMED_SLOT_LEN
+    return _Header(envelope, body_start, size, int(m.group(2), 16), nl1 + 1, nl2 + 1)
 
 
 def _decode_record(line: bytes) -> tuple[tuple[Recipient, ...], bool]:
@@ -522,6 +618,84 @@ class Spool:
             self._stop_receiving(envelope.id)
         return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
 
+    async def receive(self, envelope: Envelope) -> "IncomingMessage":
+        """Start a message whose body arrives in pieces (SMTP DATA, streamed).
+
+        The file is created in ``incoming/`` under an exclusive flock held
+        until it is complete, so no queue scan or other process ever sees it
+        half written; `IncomingMessage.commit` links it into the queue and
+        returns once it is durable, `abort` removes it. The id may differ
+        from `envelope.id` (a name already taken): use the returned one.
+        """
+        self._ensure_layout()
+        loop = asyncio.get_running_loop()
+        if self._writers is None:
+            return self._create_incoming(envelope)
+        return await loop.run_in_executor(self._writers, self._create_incoming, envelope)
+
+    def _create_incoming(self, envelope: Envelope) -> "IncomingMessage":
+        incoming = self._incoming_dir()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        for _ in range(_ID_ATTEMPTS):
+            if not os.path.lexists(self.path_for(envelope.id)):
+                path = incoming / envelope.id
+                try:
+                    fd = self._io.open(path, flags, _FILE_MODE)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise _spool_error(exc, "creating the message file") from exc
+                else:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX)
+                    except OSError as exc:
+                        self._close_quietly(fd)
+                        self._discard(path)
+                        raise _spool_error(exc, "locking the message file") from exc
+                    return IncomingMessage(self, envelope, path, fd)
+            envelope = replace(envelope, id=self.new_id())
+        raise SpoolWriteError(f"no free message id after {_ID_ATTEMPTS} attempts")
+
+    def _incoming_dir(self) -> Path:
+        """``<root>/incoming`` (0700): messages still being received."""
+        path = self._root / "incoming"
+        try:
+            os.mkdir(path, _DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _spool_error(exc, "creating the incoming directory") from exc
+        return path
+
+    def sweep_incoming(self) -> list[str]:
+        """Remove what interrupted receptions left in ``incoming/``; the ids removed.
+
+        Nothing there was ever acknowledged: a message is linked into the
+        queue before its 250. A file still locked is being received by a live
+        session and is left alone.
+        """
+        directory = self._root / "incoming"
+        notes: list[str] = []
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            return notes
+        for name in names:
+            path = directory / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._io.unlink(path)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            notes.append(name)
+        return notes
+
     async def update(self, entry: QueueEntry, *, durable: bool = False) -> None:
         """Append `entry`'s recipients and frozen flag as the message's new state.
 
@@ -600,7 +774,7 @@ class Spool:
         except _Unreadable as exc:
             raise SpoolCorruptError(f"message {id}: {exc}") from None
         body = data[header.body_start : end]
-        line_crc = zlib.crc32(data[header.line_start : header.body_start])
+        line_crc = zlib.crc32(data[header.line_start : header.line_end])
         if zlib.crc32(body, line_crc) != recorded or zlib.crc32(body) != header.body_crc32:
             raise SpoolCorruptError(f"message {id}: checksum mismatch, spool file damaged")
         return body
@@ -1216,11 +1390,16 @@ def _is_incomplete(fd: int) -> bool:
         return False
     nl1 = data.find(b"\n")
     if nl1 < 0:
-        return eof and MAGIC.startswith(data)
-    if data[: nl1 + 1] != MAGIC:
+        return eof and (MAGIC.startswith(data) or MAGIC_STREAMED.startswith(data))
+    if data[: nl1 + 1] not in (MAGIC, MAGIC_STREAMED):
         return False
-    if data.find(b"\n", nl1 + 1) < 0:
+    nl2 = data.find(b"\n", nl1 + 1)
+    if nl2 < 0:
         return eof
+    if data[: nl1 + 1] == MAGIC_STREAMED:
+        slot = data[nl2 + 1 : nl2 + 1 + _STREAMED_SLOT_LEN]
+        if slot == _STREAMED_PLACEHOLDER or (eof and _STREAMED_PLACEHOLDER.startswith(slot)):
+            return True  # its size line was never filled in: never acknowledged
     try:
         header = parse_header(data)
     except _Unreadable:
@@ -1243,3 +1422,157 @@ def _has_end_marker(fd: int, offset: int) -> bool:
             return True
         tail = window[-overlap:]
         offset += len(chunk)
+
+
+_WRITE_BATCH = 128 * 1024  # body bytes gathered before one write on a writer thread
+
+
+class IncomingMessage:
+    """A message file being filled as DATA arrives (format 2); see `Spool.receive`.
+
+    Memory stays bounded: `write` gathers at most `_WRITE_BATCH` bytes, then
+    hands them to a writer thread (the disk may block; the event loop must
+    not) and waits, which also paces the client. The CRCs are computed on
+    that thread too. Nothing is flushed before `commit`, which shares the
+    spool's group commit like `accept`.
+    """
+
+    def __init__(self, spool: Spool, envelope: Envelope, path: Path, fd: int) -> None:
+        self._spool = spool
+        self.envelope = envelope
+        self._path = path
+        self._fd: int | None = fd
+        self._pending = bytearray()
+        self._slot_at = 0
+        self._size = 0
+        self._crc = 0  # envelope line + body: the trailer's CRC
+        self._body_crc = 0
+        self._job: asyncio.Future[None] | None = None
+        self._closed = False
+        self._linked: Path | None = None  # the queue name, once linked and until committed
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+    @property
+    def size(self) -> int:
+        """Body bytes taken so far."""
+        return self._size + len(self._pending)
+
+    async def begin(self, envelope: Envelope) -> None:
+        """Write the format line, `envelope` (same id) and the size placeholder."""
+        if envelope.id != self.envelope.id:
+            raise ValueError("begin() must keep the id the spool gave")
+        self.envelope = envelope
+        line = encode_streamed_envelope_line(envelope)
+        self._crc = zlib.crc32(line)
+        self._slot_at = len(MAGIC_STREAMED) + len(line)
+        await self._in_thread(self._write_raw, MAGIC_STREAMED + line + _STREAMED_PLACEHOLDER)
+
+    async def write(self, data: bytes) -> None:
+        """Add body bytes; written to disk in batches."""
+        self._pending += data
+        if len(self._pending) >= _WRITE_BATCH:
+            await self._write_pending()
+
+    async def commit(self) -> QueueEntry:
+        """Finish the file, link it into the queue, return once durable.
+
+        Raises SpoolFullError / SpoolWriteError; the message is then removed.
+        """
+        await self._write_pending()
+        spool = self._spool
+        final = spool.path_for(self.id)
+        fd = await self._in_thread(self._finish, final)
+        self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
+        try:
+            await spool._make_durable(_FlushRequest(fd, (self._path.parent, final.parent)))
+        except BaseException as exc:
+            spool._discard(final)
+            if isinstance(exc, OSError):
+                raise _spool_error(exc, "flushing the message to disk") from exc
+            raise
+        envelope = replace(self.envelope, size=self._size)
+        return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
+
+    def abort(self) -> None:
+        """Remove the unfinished file (the session ended, or the message was refused)."""
+        if self._closed:
+            return
+        self._closed = True
+        job = self._job
+        if job is not None and not job.done():
+            job.add_done_callback(lambda _f: self._remove())
+        else:
+            self._remove()
+
+    # -- internals -----------------------------------------------------------
+
+    def _remove(self) -> None:
+        fd, self._fd = self._fd, None
+        self._spool._close_quietly(fd)
+        try:
+            self._spool._io.unlink(self._path)
+        except OSError:
+            pass  # swept at the next start; it was never acknowledged
+        linked, self._linked = self._linked, None
+        if linked is not None:  # cancelled while being linked into the queue: never acknowledged
+            self._spool._discard(linked)
+
+    async def _write_pending(self) -> None:
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            await self._in_thread(self._write_body, data)
+
+    async def _in_thread(self, work: Callable[[_A], _T], arg: _A) -> _T:
+        if self._closed:
+            raise SpoolWriteError("spool: the message was abandoned")
+        writers = self._spool._writers
+        if writers is None:
+            return work(arg)
+        job = asyncio.get_running_loop().run_in_executor(writers, work, arg)
+        self._job = job  # type: ignore[assignment]
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+    def _write_raw(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            self._spool._write_all(self._fd, data)
+        except OSError as exc:
+            raise _spool_error(exc, "writing the message") from exc
+
+    def _write_body(self, data: bytes) -> None:
+        self._write_raw(data)
+        assert self._fd is not None
+        self._spool._io.start_writeback(self._fd, self._slot_at + _STREAMED_SLOT_LEN + self._size, len(data))
+        self._crc = zlib.crc32(data, self._crc)
+        self._body_crc = zlib.crc32(data, self._body_crc)
+        self._size += len(data)
+
+    def _finish(self, final: Path) -> int:
+        """Trailer, size line, link into the queue, unlock; the fd for the flush."""
+        fd = self._fd
+        assert fd is not None
+        io = self._spool._io
+        try:
+            self._spool._write_all(fd, b"\nrelayd-end %08x\n" % self._crc)
+            slot = streamed_size_line(self._size, self._body_crc)
+            if io.pwrite(fd, slot, self._slot_at) != len(slot):
+                raise OSError(errno.EIO, "short write of the size line")
+            io.link(self._path, final)
+            self._linked = final
+        except FileExistsError:
+            raise SpoolWriteError(f"spool: message id {self.id} is already queued") from None
+        except OSError as exc:
+            raise _spool_error(exc, "writing the message") from exc
+        try:
+            io.unlink(self._path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError as exc:
+            raise _spool_error(exc, "moving the message into the queue") from exc
+        return fd

@@ -197,8 +197,10 @@ def test_show_prints_envelope_recipient_states_headers_body_and_history(
     assert "  ok@customer.test: delivered, 1 attempt\n" in default
     assert re.search(r"  later@customer\.test: deferred, 1 attempt, next attempt \S+ \S+ \(in (9|10)m\)\n"
                      r"      last error: .*451 4\.2\.0 mailbox busy", default)
-    assert "Headers:\n  From: billing@acme.example\n" in default and "  Subject: hello\n" in default
-    assert headers.startswith("From: billing@acme.example\n") and "Recipients:" not in headers
+    assert "Headers:\n  Received: from app.test ([127.0.0.1])\n" in default
+    assert "\n  From: billing@acme.example\n" in default and "  Subject: hello\n" in default
+    assert headers.startswith("Received: from app.test ([127.0.0.1])\n") and "Recipients:" not in headers
+    assert "\nFrom: billing@acme.example\n" in headers
     assert body == "Hello.\r\n"
     assert f"{a} <= billing@acme.example" in history and f"{a} => ok@customer.test" in history
     assert f"{a} == later@customer.test" in history and "later@customer.test: deferred, 1 attempt" in history

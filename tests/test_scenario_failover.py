@@ -114,6 +114,7 @@ def test_message_bytes_arrive_identical(relay_files: RelayFiles, upstreams: Call
         "To: client@customer.test\r\n"
         "Subject: =?utf-8?q?Facture_n=C2=B04?=\r\n"
         "Message-ID: <bytes-test@acme.example>\r\n"
+        "Date: Tue, 01 Dec 2026 10:00:00 +0100\r\n"
         "MIME-Version: 1.0\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         "Content-Transfer-Encoding: 8bit\r\n"
@@ -129,7 +130,9 @@ def test_message_bytes_arrive_identical(relay_files: RelayFiles, upstreams: Call
     with RelayThread(relay_files.config):
         submit(relay_files, ACME, "billing@acme.example", ["client@customer.test"], body)
         (msg,) = gmail_acme.wait_for_messages(1)
-    assert msg.data == body
+    trace, _, rest = msg.data.partition(b";\r\n\t")  # relayd's Received: field comes first
+    assert trace.startswith(b"Received: from app.test ([127.0.0.1])\r\n\tby relay.test (relayd)")
+    assert rest.split(b"\r\n", 1)[1] == body
 
 
 def test_permanent_rcpt_failure_bounces_to_the_sender_through_the_tenant_chain(

@@ -106,7 +106,9 @@ def test_dash_t_delivers_to_to_cc_and_bcc_and_strips_bcc(relay: RelayFiles) -> N
                                     "secret@customer.test", "hidden@customer.test"])
     submitted = message_of(raw)
     assert b"Bcc" not in submitted and b"secret@" not in submitted and b"hidden@" not in submitted
-    assert submitted.startswith(b"From: Cron <cron@relay.test>\r\nTo: a@customer.test,")
+    trace, _, rest = submitted.partition(b"\r\nFrom: ")
+    assert trace.startswith(b"Received: from relay.test ([127.0.0.2])\r\n\tby relay.test (relayd)")
+    assert (b"From: " + rest).startswith(b"From: Cron <cron@relay.test>\r\nTo: a@customer.test,")
 
 
 def test_recipients_as_arguments_and_local_names_are_qualified(relay: RelayFiles) -> None:

@@ -359,7 +359,8 @@ def test_complete_file_with_a_damaged_end_marker_is_set_aside_not_discarded(tmp_
 @pytest.mark.parametrize(
     "content, reason",
     [
-        (b"relayd-spool 2\n{}\n", "unsupported spool format"),
+        (b"relayd-spool 9\n{}\n", "unsupported spool format"),
+        (b"relayd-spool 2\n{}\n" + b"x" * 40 + b"\n", "body size line is missing"),
         (b"relayd-spool 1\n{not json\n", "not valid JSON"),
         (b"relayd-spool 1\n{\"id\":\"x\"}\n", "missing"),
         (b"#!/bin/sh\nrm -rf /\n", "not a relayd spool file"),
