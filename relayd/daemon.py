@@ -493,6 +493,11 @@ async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -
     try:
         await relay.wait_stopped()
     finally:
+        # Stopped cleanly: a repeated SIGTERM/SIGINT while the event loop and
+        # its threads wind down must not turn a clean exit into a kill.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
         if config.pid_file is not None:
             config.pid_file.unlink(missing_ok=True)
     return 0

@@ -27,6 +27,7 @@ import binascii
 import collections
 import functools
 import ipaddress
+import itertools
 import os
 import pwd
 import re
@@ -195,6 +196,7 @@ class SubmissionProtocol(SMTP):
         self._admitted: bool | None = None  # None until connection_made; then: did aiosmtpd get it
         self._counted = False  # holds a slot in the listener's ConnectionCounter
         self._last_command_at = 0.0  # loop time of admission or of the latest command
+        self._activity = 0  # order of admission or latest command: loop time is cached per loop round
         self._peer_ip = ""
         self._closing = False
         self._budget = SessionBudget(listener.max_commands_before_auth, listener.hard_error_limit)
@@ -250,6 +252,7 @@ class SubmissionProtocol(SMTP):
             self._log_connection_refused(refused)
             return False
         self._last_command_at = self.loop.time()
+        self._activity = next(_ACTIVITY)
         self._sessions.add(self)
         if self.services.metrics is not None:
             self.services.metrics.sessions.inc()
@@ -260,7 +263,7 @@ class SubmissionProtocol(SMTP):
         strangers = [s for s in self._sessions if s.listener is self.listener and s._evictable()]
         if not strangers:
             return False
-        victim = min(strangers, key=lambda s: s._last_command_at)
+        victim = min(strangers, key=lambda s: (s._last_command_at, s._activity))
         write, suppressed = self._connections.log_gate.admit(self.loop.time())
         if write:
             self.services.log.session_dropped(
@@ -375,6 +378,7 @@ class SubmissionProtocol(SMTP):
         @functools.wraps(method)
         async def run(arg: str) -> None:
             self._last_command_at = self.loop.time()
+            self._activity = next(_ACTIVITY)
             if method.__name__ != "smtp_QUIT" and not self._budget.command(identified=self._identified()):
                 reason = f"too many commands before authentication ({self.listener.max_commands_before_auth})"
                 self._drop(replies.too_many_commands(self.hostname), reason)
@@ -649,6 +653,7 @@ class SubmissionProtocol(SMTP):
         return True
 
 
+_ACTIVITY = itertools.count()  # orders connections whose loop times are equal
 _HANDSHAKE_TIMEOUT = 60.0  # asyncio's default; shorter when command_timeout is
 _REJECTIONS_LOGGED = 10  # per connection per minute; the rest are counted in one summary line
 _SMTP_COMMANDS = tuple(

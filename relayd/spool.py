@@ -1484,15 +1484,21 @@ class IncomingMessage:
         await self._write_pending()
         spool = self._spool
         final = spool.path_for(self.id)
-        fd = await self._in_thread(self._finish, final)
-        self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
+        # From the link into the queue until it is durable, the file is in the
+        # queue but not yet acknowledged: a scan must leave it alone.
+        spool._start_receiving(self.id)
         try:
-            await spool._make_durable(_FlushRequest(fd, (self._path.parent, final.parent)))
-        except BaseException as exc:
-            spool._discard(final)
-            if isinstance(exc, OSError):
-                raise _spool_error(exc, "flushing the message to disk") from exc
-            raise
+            fd = await self._in_thread(self._finish, final)
+            self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
+            try:
+                await spool._make_durable(_FlushRequest(fd, (self._path.parent, final.parent)))
+            except BaseException as exc:
+                spool._discard(final)
+                if isinstance(exc, OSError):
+                    raise _spool_error(exc, "flushing the message to disk") from exc
+                raise
+        finally:
+            spool._stop_receiving(self.id)
         envelope = replace(self.envelope, size=self._size)
         return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
 

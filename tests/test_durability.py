@@ -315,7 +315,7 @@ def test_a_recipient_delivered_before_a_later_route_hangs_is_not_sent_again_afte
 
 
 class StallAfterCreate(SpoolIO):
-    """Holds the writer for `stall` seconds right after it created a message file, before its lock."""
+    """Holds the writer for `stall` seconds right after it created a message file (whole or streamed)."""
 
     def __init__(self, stall: float) -> None:
         super().__init__()
@@ -324,7 +324,8 @@ class StallAfterCreate(SpoolIO):
 
     def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
         fd = super().open(path, flags, mode)
-        if flags & os.O_EXCL and path.parent.parent.name == "queue" and not self.created.is_set():
+        being_written = path.parent.parent.name == "queue" or path.parent.name == "incoming"
+        if flags & os.O_EXCL and being_written and not self.created.is_set():
             self.created.set()
             time.sleep(self.stall)
         return fd
@@ -365,7 +366,7 @@ def test_a_message_whose_writer_stalls_during_a_second_scan_is_delivered_after_i
         )
         sender.start()
         assert io.created.wait(10)
-        second = relay.relay.spool.load()  # a second scan meets the file its writer has not locked yet
+        second = relay.relay.spool.load()  # a second scan while the writer of a message is stalled
         sender.join(20)
         assert replies, "no 250"
         (got,) = up_a.wait_for_messages(1)
