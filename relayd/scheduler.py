@@ -24,8 +24,8 @@ the host retry state of `relayd.upstreamhealth`, and any later limit; the
 optional `hold_until` callable says until when) is not started at all but
 put back in the heap for that time, so a large queue behind a down upstream
 costs no disk writes and no log lines, only one real attempt per upstream
-retry time. When a gate opens before that time, `wake()` makes the loop look
-again.
+retry time. When a gate opens before that time, `gate_opened()` makes those
+messages due at once.
 
 Operator actions (freeze, thaw, remove, give up) go through `exclusive()`:
 it keeps the message out of delivery, waits (bounded) for an attempt already
@@ -341,8 +341,16 @@ class Scheduler:
             started.append(message_id)
         return started
 
-    def wake(self) -> None:
-        """Look at the queue again now (a gate opened, the clock moved)."""
+    def gate_opened(self) -> None:
+        """A gate opened before the time it had named: look again now at every message it held.
+
+        Messages put back for a gate wait in the heap for its closing time;
+        this makes them due now instead (the ones still held are simply put
+        back again, in batches, by the next sweep).
+        """
+        now = self._clock()
+        for message_id in self._waiting:
+            self._push(message_id, now)
         self._wakeup.set()
 
     async def run(self) -> None:
