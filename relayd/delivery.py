@@ -57,7 +57,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from relayd.config import RelayConfig
 from relayd.dsn import auto_submitted_keyword
 from relayd.fairness import Lane
-from relayd.gates import AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
+from relayd.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.router import domain_of, group_by_route, route
 from relayd.upstreamhealth import RETRY_WAIT
 from relayd.values import (
@@ -445,27 +445,37 @@ class DeliveryAgent:
             # Others look again right after the next try (soon, if one runs now).
             next_try = min(h.retry_at for h in self._unrecorded.values())
             return next_try + _AFTER_RETRY if next_try > now else now + _AFTER_RETRY
+        return self.gate_hold(entry).until
+
+    def gate_hold(self, entry: QueueEntry) -> GateVerdict:
+        """Until when and why the gates hold a due message (OPEN: something is open now).
+
+        Closed only when every transport of every due recipient is closed;
+        the verdict is the earliest reopening among them, its reason the one
+        `mailq` can show ("retry wait", later a quota and its reset).
+        """
         config = self._config()
         tenant = config.tenants.get(entry.envelope.tenant)
         if tenant is None:
-            return None
+            return OPEN
         now = self._clock()
-        earliest: float | None = None
+        earliest: GateVerdict | None = None
         for recipient in entry.undelivered:
             if recipient.next_attempt is not None and recipient.next_attempt > now:
                 continue
             found = route(tenant, recipient.address)
             if found is None or not found.transports:
-                return None
+                return OPEN
             schedule = config.retry_for(found.transports[-1])
             since = recipient.first_failure if recipient.first_failure is not None else entry.envelope.received_at
             if now - since >= schedule.max_age:
-                return None
+                return OPEN
             wait = self._chain_wait(found.transports, now)
-            if wait is None:
-                return None
-            earliest = wait if earliest is None else min(earliest, wait)
-        return earliest
+            if wait.until is None:
+                return OPEN
+            if earliest is None or earliest.until is None or wait.until < earliest.until:
+                earliest = wait
+        return earliest or OPEN
 
     def lane_of(self, entry: QueueEntry) -> Lane:
         """The scheduler's lane of a message: its tenant and the transports it will try first.
@@ -493,12 +503,12 @@ class DeliveryAgent:
                 firsts.add(next(usable, chain[0]))
         return Lane(entry.envelope.tenant, tuple(sorted(firsts)))
 
-    def _chain_wait(self, chain: Sequence[str], now: float) -> float | None:
-        """The earliest reopening of the chain's gates; None if a transport is usable now."""
+    def _chain_wait(self, chain: Sequence[str], now: float) -> GateVerdict:
+        """The earliest reopening of the chain's gates; OPEN if a transport is usable now."""
         transports = self._transports()
         if any(name not in transports for name in chain):
-            return None
-        return earliest_reopening(self._gates, chain, now).until
+            return OPEN
+        return earliest_reopening(self._gates, chain, now)
 
     def _plan(
         self, entry: QueueEntry, addresses: list[str], config: RelayConfig

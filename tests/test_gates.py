@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -194,3 +195,17 @@ def test_a_cancelled_attempt_still_ends_for_the_gates() -> None:
 
     asyncio.run(scenario())
     assert recorder.told == [("started", "gmail", None, 0), ("ended", "gmail", AttemptEnd.ABANDONED, 0)]
+
+
+def test_a_message_whose_every_transport_is_closed_is_held_until_the_first_reopening_with_its_reason() -> None:
+    health = UpstreamHealth()
+    health.attempt_ended("sendgrid", REFUSED, T0 - 600)  # reopens at T0 + 300
+    quota = ManualGate({"gmail": quota_closed(T0 + 86400)})
+    a = agent(upstreams(), GateSet([health, quota]))
+    fresh = entry("a@x.test")
+    fresh = replace(fresh, envelope=replace(fresh.envelope, received_at=T0 - 60))  # far from its maximum age
+    held = a.gate_hold(fresh)
+    assert held.until == T0 + 300 and held.reason == "retry wait"
+    assert a.hold_until(fresh) == T0 + 300
+    del quota.closed["gmail"]
+    assert a.gate_hold(fresh) is OPEN and a.hold_until(fresh) is None
