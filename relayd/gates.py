@@ -18,11 +18,14 @@ composition root, and the walk does not change.
 
 The contract between the delivery walk and every gate:
 
-* `check(transport, now)` before each attempt. A closed transport is skipped
-  exactly as a down upstream always was: the walk goes on to the next
-  transport of the chain, and a message whose every transport is closed is
-  put back until the earliest reopening (`earliest_reopening`), without an
-  attempt, a log line or a disk write.
+* `check(transport, now)` has no side effects: the walk asks it before each
+  attempt, and the scheduler asks it as often as it likes to plan (which
+  transport a message will use first, until when a message waits). A
+  transport closed before an attempt is skipped exactly as a down upstream
+  always was: the walk goes on to the next transport of the chain, and a
+  message whose every transport is closed is put back until the earliest
+  reopening (`earliest_reopening`), without an attempt, a log line or a
+  disk write.
 * `attempt_started(transport, now)` right after an open `check`, with no
   await in between, so a gate that counts (a token bucket, a connection cap)
   takes its token in the same step as it said yes.

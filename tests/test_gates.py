@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import replace
 
 import pytest
+import uvloop
 
 from relayd.delivery import DeliveryAgent
 from relayd.gates import (
@@ -52,7 +53,7 @@ def agent(transports: dict[str, ScriptedTransport], gates: GateSet, *, forced: b
 
 def walk(transports: dict[str, ScriptedTransport], gates: GateSet, *, forced: bool = False) -> list[DeliveryReport]:
     chain = Route("all", ("gmail", "sendgrid"))
-    return asyncio.run(agent(transports, gates, forced=forced).walk_chain(entry("a@x.test"), b"body", chain, ["a@x.test"], CONFIG))
+    return uvloop.run(agent(transports, gates, forced=forced).walk_chain(entry("a@x.test"), b"body", chain, ["a@x.test"], CONFIG))
 
 
 def upstreams() -> dict[str, ScriptedTransport]:
@@ -193,7 +194,7 @@ def test_a_cancelled_attempt_still_ends_for_the_gates() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())
     assert recorder.told == [("started", "gmail", None, 0), ("ended", "gmail", AttemptEnd.ABANDONED, 0)]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import Awaitable, Callable
+from typing import Callable, Coroutine
 
 import uvloop
 
@@ -57,7 +57,7 @@ def queued(message_id: str, tenant: str = "acme", *, received_at: float = T0, ne
     return QueueEntry(envelope, (Recipient("r@x.test", state=state, next_attempt=next_attempt),))
 
 
-def run(scenario: Callable[[], Awaitable[None]]) -> None:
+def run(scenario: Callable[[], Coroutine[object, object, None]]) -> None:
     started = time.monotonic()
     uvloop.run(scenario())
     assert time.monotonic() - started < 2.0  # milliseconds of work, whatever the simulated span
