@@ -80,6 +80,11 @@ class TlsFiles:
     key_file: Path
 
 
+# The upstream AUTH mechanisms relayd implements (relayd.upstreamauth.MECHANISMS;
+# a test keeps the two equal), for `auth_mechanism:` in a transport.
+UPSTREAM_AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpTransportConfig:
     """An upstream SMTP server (Gmail, SendGrid, Mailgun, SES, ...)."""
@@ -99,6 +104,9 @@ class SmtpTransportConfig:
     max_messages_per_connection: int = 100
     idle_timeout: float = 10.0  # keep an idle upstream connection this long for reuse
     provider: str | None = None  # preset name (gmail, sendgrid, ...), for error hints
+    # The SASL mechanism to log in with (one of UPSTREAM_AUTH_MECHANISMS);
+    # None: the first of relayd.upstreamauth.PREFERENCE the upstream offers.
+    auth_mechanism: str | None = None
     # Deliveries the scheduler starts at once on this transport (None: see
     # RelayConfig.transport_max_parallel), so one slow provider cannot take
     # every delivery slot.

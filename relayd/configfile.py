@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar, Union
 import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
 
 from relayd.config import (
+    UPSTREAM_AUTH_MECHANISMS,
     CaptureTransportConfig,
     CredentialsConfig,
     DeliveryConfig,
@@ -384,7 +385,7 @@ _NETWORK_ONLY_KEYS = ("address", "port", "tls", "allow_plaintext_auth")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region",
-              "max_parallel")
+              "max_parallel", "auth_mechanism")
 _CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
                 "local_users", "max_recipients", "max_message_size", "enabled", "routes")
@@ -613,6 +614,15 @@ class _Reader:
             return None
 
         return conv
+
+    def auth_mechanism(self, node: _Node, key: str) -> str | None:
+        v = node.value if isinstance(node, _Scalar) else None
+        if isinstance(v, str) and v.strip().upper() in UPSTREAM_AUTH_MECHANISMS:
+            return v.strip().upper()
+        shown = f"'{v}'" if isinstance(v, str) else _kind(node)
+        allowed = ", ".join(m.lower() for m in UPSTREAM_AUTH_MECHANISMS)
+        self.add(node.pos, f"{key} must be one of {allowed}; {shown} is not")
+        return None
 
     def tls_mode(self, node: _Node, key: str) -> TlsMode | None:
         mode = self.choice(TlsMode)(node, key)
@@ -1127,6 +1137,10 @@ class _Reader:
         credential = self.get(tm, "credential", self.credential_name, None)
         verify = self.get(tm, "verify_certificate", self.boolean, d.verify_certificate)
         self.check_transport_safety(tm, host, tls, credential, verify)
+        mechanism = self.get(tm, "auth_mechanism", self.auth_mechanism, None)
+        if mechanism is not None and credential is None:
+            self.add(self.pos_of(tm, "auth_mechanism"),
+                     "auth_mechanism is only used with a credential: without one relayd does not log in")
         return SmtpTransportConfig(
             name=name,
             host=host,
@@ -1147,6 +1161,7 @@ class _Reader:
             idle_timeout=self.get(tm, "idle_timeout", self.duration(_IDLE), d.idle_timeout),
             provider=preset.name if preset else None,
             max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
+            auth_mechanism=mechanism,
         )
 
     def check_transport_safety(self, tm: _Map, host: str, tls: TlsMode, credential: str | None,

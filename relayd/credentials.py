@@ -37,7 +37,7 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NoReturn, Sequence
+from typing import Any, Literal, Mapping, NoReturn, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -132,6 +132,9 @@ class UpstreamCredential:
     name: str
     user: str
     password: Secret
+    # The kind of credential (relayd.upstreamauth.UpstreamLogin): which AUTH
+    # mechanisms can use it. The store holds password credentials only, so far.
+    kind: Literal["password"] = field(default="password", init=False)
 
 
 class KeySource(enum.Enum):

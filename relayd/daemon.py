@@ -37,14 +37,16 @@ from relayd.credentials import (
 from relayd.delivery import DeliveryAgent
 from relayd.dsn import build_dsn
 from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
+from relayd.gates import GateSet
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.mainlog import MainLog
 from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
 from relayd.queueview import queue_counts
-from relayd.scheduler import Scheduler, UpstreamHealth
+from relayd.scheduler import Scheduler
 from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
+from relayd.upstreamhealth import UpstreamHealth
 from relayd.values import Envelope, QueueEntry, Recipient
 
 
@@ -138,7 +140,7 @@ class Relay:
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            health=self.health,
+            gates=GateSet([self.health]),
             log=self.log,
             metrics=self.metrics,
             enqueue_bounce=self.enqueue_bounce,

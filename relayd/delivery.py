@@ -1,7 +1,7 @@
 """Delivery and outcome: walk each recipient's transport chain once, then record the result.
 
 Takes: a due `QueueEntry` from the scheduler; the current config; the
-transports; the upstream health table; the spool.
+transports; the gates (`relayd.gates`: may a transport take mail now); the spool.
 Emits: per recipient a `DeliveryReport` (delivered / deferred / failed), the
 matching mainlog lines and metrics, the new recipient states in the spool,
 and an RFC 3464 bounce to the sender for every permanent failure.
@@ -21,8 +21,9 @@ The failover policy itself (which error means "next transport", "defer" or
   (`unrecorded`): the message is delivered no further, every other delivery
   waits (`hold_until`), new mail is refused (`state_write_failure`), and the
   write is tried again every `state_retry_interval` until it works;
-* a transport in its retry wait (`UpstreamHealth`) is skipped without a
-  connection attempt;
+* a transport closed by a gate (its retry wait after a connection failure,
+  `relayd.upstreamhealth`, or any later limit) is skipped without a
+  connection attempt; every attempt's start and end are reported to the gates;
 * a recipient left over after the whole chain is deferred, except when every
   transport refused the sender permanently (5xx to MAIL FROM), which fails it;
 * a deferred recipient's next attempt follows the retry schedule of the last
@@ -32,9 +33,9 @@ The failover policy itself (which error means "next transport", "defer" or
   between can only duplicate a bounce, never lose one; a failed bounce (null
   sender) is logged and dropped, never bounced again;
 * a forced delivery (operator: deliver now, flush) ignores the transports'
-  retry waits, as Exim's -M and -qff ignore host retry data;
+  retry waits (forceable closures), as Exim's -M and -qff ignore host retry data;
 * `hold_until` tells the scheduler when a due message has nothing to try
-  because every transport of every due recipient is in its retry wait: it is
+  because every transport of every due recipient is closed by a gate: it is
   put back quietly instead of logging and recording one more deferral;
 * `give_up` is the operator's "cancel delivery" (Exim -Mg): every open
   recipient fails with "delivery cancelled by administrator" and the sender
@@ -56,8 +57,9 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 from relayd.config import RelayConfig
 from relayd.dsn import auto_submitted_keyword
 from relayd.fairness import Lane
+from relayd.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.router import domain_of, group_by_route, route
-from relayd.scheduler import UpstreamHealth
+from relayd.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
     AttemptResult,
@@ -163,13 +165,25 @@ def _report(route: Route, result: AttemptResult | None, rr: RecipientResult, tri
     )
 
 
-def leftover_report(route: Route, address: str, last: DeliveryReport | None, tried: list[str], all_refused_sender: bool) -> DeliveryReport:
+def leftover_report(
+    route: Route, address: str, last: DeliveryReport | None, tried: list[str], all_refused_sender: bool,
+    closed: Sequence[tuple[str, GateVerdict]] = (),
+) -> DeliveryReport:
     """The verdict for a recipient that no transport in its chain took."""
     if last is None:
-        reason = "all transports are in their retry wait" if tried else "no transport available"
+        reason = closed_reason(closed) if tried else "no transport available"
         return DeliveryReport(address, AttemptOutcome.DEFER, route.rule, reason=reason, tried=tuple(tried))
     outcome = AttemptOutcome.FAIL if all_refused_sender else AttemptOutcome.DEFER
     return replace(last, outcome=outcome, tried=tuple(tried))
+
+
+def closed_reason(closed: Sequence[tuple[str, GateVerdict]]) -> str:
+    """Why no transport was tried: every one was closed by a gate (or is not configured)."""
+    if all(verdict.reason == RETRY_WAIT for _name, verdict in closed):
+        return "all transports are in their retry wait"
+    return "no transport may take it now: " + "; ".join(
+        f"{name} {verdict.reason}" for name, verdict in closed
+    )
 
 
 def apply_reports(
@@ -224,7 +238,7 @@ class DeliveryAgent:
         config: Callable[[], RelayConfig],
         spool: Any,  # relayd.spool.Spool
         transports: Callable[[], Mapping[str, Any]],  # name -> relayd.transport.Transport
-        health: UpstreamHealth,
+        gates: Gate,
         log: Any,  # relayd.mainlog.MainLog
         metrics: Any = None,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
@@ -236,7 +250,7 @@ class DeliveryAgent:
         self._config = config
         self._spool = spool
         self._transports = transports
-        self._health = health
+        self._gates = gates
         self._log = log
         self._metrics = metrics
         self._enqueue_bounce = enqueue_bounce
@@ -417,8 +431,8 @@ class DeliveryAgent:
     def hold_until(self, entry: QueueEntry) -> float | None:
         """When a due message has something to try again; None if it has now.
 
-        Not None only when every transport of every due recipient is in its
-        retry wait (then: the earliest end of those waits). A recipient past
+        Not None only when every transport of every due recipient is closed by
+        a gate (then: the earliest reopening of those). A recipient past
         its schedule's maximum age is never held, so it can still time out.
         """
         if self._unrecorded:
@@ -431,36 +445,47 @@ class DeliveryAgent:
             # Others look again right after the next try (soon, if one runs now).
             next_try = min(h.retry_at for h in self._unrecorded.values())
             return next_try + _AFTER_RETRY if next_try > now else now + _AFTER_RETRY
+        return self.gate_hold(entry).until
+
+    def gate_hold(self, entry: QueueEntry) -> GateVerdict:
+        """Until when and why the gates hold a due message (OPEN: something is open now).
+
+        Closed only when every transport of every due recipient is closed;
+        the verdict is the earliest reopening among them, its reason the one
+        `mailq` can show ("retry wait", later a quota and its reset).
+        """
         config = self._config()
         tenant = config.tenants.get(entry.envelope.tenant)
         if tenant is None:
-            return None
+            return OPEN
         now = self._clock()
-        earliest: float | None = None
+        earliest: GateVerdict | None = None
         for recipient in entry.undelivered:
             if recipient.next_attempt is not None and recipient.next_attempt > now:
                 continue
             found = route(tenant, recipient.address)
             if found is None or not found.transports:
-                return None
+                return OPEN
             schedule = config.retry_for(found.transports[-1])
             since = recipient.first_failure if recipient.first_failure is not None else entry.envelope.received_at
             if now - since >= schedule.max_age:
-                return None
-            wait = self._chain_wait(found.transports)
-            if wait is None:
-                return None
-            earliest = wait if earliest is None else min(earliest, wait)
-        return earliest
+                return OPEN
+            wait = self._chain_wait(found.transports, now)
+            if wait.until is None:
+                return OPEN
+            if earliest is None or earliest.until is None or wait.until < earliest.until:
+                earliest = wait
+        return earliest or OPEN
 
     def lane_of(self, entry: QueueEntry) -> Lane:
         """The scheduler's lane of a message: its tenant and the transports it will try first.
 
-        For each open recipient, the first transport of its chain that is not
-        in its retry wait (the one a delivery would really use), or the
-        chain's first when all are waiting.
+        For each open recipient, the first transport of its chain that no
+        gate closes (the one a delivery would really use), or the chain's
+        first when all are closed.
         """
         config = self._config()
+        now = self._clock()
         if config is not self._chains_of or len(self._chains) > _CHAIN_CACHE_SIZE:
             self._chains_of, self._chains = config, {}
         tenant = config.tenants.get(entry.envelope.tenant)
@@ -474,20 +499,16 @@ class DeliveryAgent:
                 found = route(tenant, recipient.address)
                 chain = self._chains[key] = found.transports if found is not None else ()
             if chain:
-                usable = (t for t in chain if self._health.is_skipped(t) is None)
+                usable = (t for t in chain if self._gates.check(t, now).is_open)
                 firsts.add(next(usable, chain[0]))
         return Lane(entry.envelope.tenant, tuple(sorted(firsts)))
 
-    def _chain_wait(self, chain: Sequence[str]) -> float | None:
-        """The earliest end of the chain's retry waits; None if a transport is usable now."""
+    def _chain_wait(self, chain: Sequence[str], now: float) -> GateVerdict:
+        """The earliest reopening of the chain's gates; OPEN if a transport is usable now."""
         transports = self._transports()
-        ends: list[float] = []
-        for name in chain:
-            state = self._health.is_skipped(name)
-            if state is None or name not in transports:
-                return None
-            ends.append(state.next_try)
-        return min(ends)
+        if any(name not in transports for name in chain):
+            return OPEN
+        return earliest_reopening(self._gates, chain, now)
 
     def _plan(
         self, entry: QueueEntry, addresses: list[str], config: RelayConfig
@@ -517,13 +538,16 @@ class DeliveryAgent:
         last: dict[str, DeliveryReport] = {}
         refused_sender = {a: True for a in addresses}
         tried: list[str] = []
+        closed: list[tuple[str, GateVerdict]] = []
         forced = self._is_forced(entry.id)
         for name in route.transports:
             if not remaining:
                 break
             tried.append(name)
-            waiting = not forced and self._health.is_skipped(name) is not None
-            if waiting or name not in transports:
+            verdict = self._gates.check(name, self._clock())
+            if not verdict.admits(forced=forced) or name not in transports:
+                if not verdict.is_open:
+                    closed.append((name, verdict))
                 for a in remaining:
                     refused_sender[a] = False
                 continue
@@ -554,7 +578,7 @@ class DeliveryAgent:
                     self._metrics.failovers.labels(transport=name, reason=_reason_label(last[still[0]])).inc()
             remaining = still
         for address in remaining:
-            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address]))
+            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address], closed))
         return reports
 
     async def _attempt(
@@ -562,17 +586,20 @@ class DeliveryAgent:
     ) -> AttemptResult:
         delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
         started = time.monotonic()
-        result: AttemptResult = await transport.send(delivery)
+        # No await between the walk's gate check and this: a counting gate
+        # takes its token in the same step as it said yes.
+        self._gates.attempt_started(transport.name, self._clock())
+        try:
+            result: AttemptResult = await transport.send(delivery)
+        except BaseException:
+            # Cancelled (shutdown) or a bug: the attempt still ends for the gates.
+            self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
+            raise
         if self._metrics is not None:
             self._metrics.delivery_seconds.labels(transport=transport.name).observe(time.monotonic() - started)
-        if result.connection_failed:
-            self._health.failed(transport.name, config.retry_for(transport.name), result.detail or "connection failed")
-            if self._metrics is not None:
-                self._metrics.upstream_up.labels(transport=transport.name).set(0)
-        else:
-            self._health.succeeded(transport.name)
-            if self._metrics is not None:
-                self._metrics.upstream_up.labels(transport=transport.name).set(1)
+        self._gates.attempt_ended(transport.name, gate_report(transport.name, result, config), self._clock())
+        if self._metrics is not None:
+            self._metrics.upstream_up.labels(transport=transport.name).set(0 if result.connection_failed else 1)
         return result
 
     def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
@@ -633,6 +660,16 @@ class DeliveryAgent:
             reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
         )
         return True
+
+
+def gate_report(transport: str, result: AttemptResult, config: RelayConfig) -> GateReport:
+    """What an attempt tells the gates: reached or unreachable, and what the upstream accepted."""
+    if result.connection_failed:
+        return GateReport(
+            AttemptEnd.UNREACHABLE, result.detail or "connection failed", retry=config.retry_for(transport)
+        )
+    accepted = sum(1 for r in result.results if r.outcome is AttemptOutcome.DELIVERED)
+    return GateReport(AttemptEnd.REACHED, messages=1 if accepted else 0, recipients=accepted)
 
 
 def _reason_label(report: DeliveryReport) -> str:

@@ -19,13 +19,13 @@ one tenant's backlog does not delay another tenant's message, and one slow
 upstream cannot take every slot. Stale heap entries (a message whose due time
 or lane changed) are skipped lazily on pop.
 
-Also here: `UpstreamHealth`, Exim's host retry state. A transport whose
-connection failed is skipped by every other message until its own retry
-time, instead of each message waiting for the same timeout. A due message
-whose every transport is in that wait (the optional `hold_until` callable
-says until when) is not started at all but put back in the heap for that
-time, so a large queue behind a down upstream costs no disk writes and no
-log lines, only one real attempt per upstream retry time.
+A due message whose every transport is closed by a gate (`relayd.gates`:
+the host retry state of `relayd.upstreamhealth`, and any later limit; the
+optional `hold_until` callable says until when) is not started at all but
+put back in the heap for that time, so a large queue behind a down upstream
+costs no disk writes and no log lines, only one real attempt per upstream
+retry time. When a gate opens before that time, `gate_opened()` makes those
+messages due at once.
 
 Operator actions (freeze, thaw, remove, give up) go through `exclusive()`:
 it keeps the message out of delivery, waits (bounded) for an attempt already
@@ -40,11 +40,9 @@ import contextlib
 import heapq
 import itertools
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from relayd.fairness import DueLane, Lane, TransportLimit, pick_lane
-from relayd.retry import RetrySchedule
 from relayd.values import QueueEntry
 
 Deliver = Callable[[QueueEntry], Awaitable[QueueEntry | None]]
@@ -65,72 +63,6 @@ _POSTPONE_BATCH = 2000
 
 class MessageBusy(Exception):
     """A delivery attempt of the message did not finish within the operator's wait."""
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamState:
-    """Why and until when a transport is being skipped."""
-
-    first_failure: float
-    next_try: float
-    last_interval: float
-    last_error: str
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamRecord:
-    """Last success and last error of a transport, for `relayctl status`."""
-
-    last_success: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
-class UpstreamHealth:
-    """Per-transport retry state (connection-level failures only)."""
-
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._down: dict[str, UpstreamState] = {}
-        self._records: dict[str, UpstreamRecord] = {}
-
-    def is_skipped(self, name: str) -> UpstreamState | None:
-        state = self._down.get(name)
-        if state is None or self._clock() >= state.next_try:
-            return None
-        return state
-
-    def failed(self, name: str, schedule: RetrySchedule, error: str) -> UpstreamState:
-        now = self._clock()
-        old = self._down.get(name)
-        first = old.first_failure if old is not None else now
-        planned = schedule.next_attempt(first, now, old.last_interval if old else None)
-        # Past the schedule's end the upstream is still only skipped for the
-        # last interval: messages, not hosts, are what finally fail.
-        next_try, interval = planned or (now + schedule.rules[-1].interval, schedule.rules[-1].interval)
-        state = UpstreamState(first, next_try, interval, error)
-        self._down[name] = state
-        record = self._records.get(name, UpstreamRecord())
-        self._records[name] = UpstreamRecord(record.last_success, error, now)
-        return state
-
-    def succeeded(self, name: str) -> None:
-        self._down.pop(name, None)
-        record = self._records.get(name, UpstreamRecord())
-        self._records[name] = UpstreamRecord(self._clock(), record.last_error, record.last_error_at)
-
-    def noted_error(self, name: str, error: str) -> None:
-        """A per-message error (e.g. 550 on RCPT): recorded, but the upstream stays usable."""
-        record = self._records.get(name, UpstreamRecord())
-        self._records[name] = UpstreamRecord(record.last_success, error, self._clock())
-
-    def snapshot(self) -> dict[str, tuple[UpstreamRecord, UpstreamState | None]]:
-        names = set(self._records) | set(self._down)
-        return {n: (self._records.get(n, UpstreamRecord()), self.is_skipped(n)) for n in names}
-
-    def clear(self) -> None:
-        """Forget every retry wait (Exim's -qff ignores host retry state); records stay."""
-        self._down.clear()
 
 
 class Scheduler:
@@ -394,13 +326,36 @@ class Scheduler:
         future = [heap[0][0] for heap in self._lanes.values() if heap and heap[0][0] > now]
         return max(0.0, min(future) - now) if future else None
 
+    def start_due(self) -> list[str]:
+        """Start every due message the free slots, lanes and gates allow now; their ids.
+
+        One step of `run()`, also what a test with a fake clock calls after
+        moving the clock (the deliveries run as tasks of the running loop).
+        """
+        started: list[str] = []
+        while len(self._in_flight) < self._max_parallel:
+            message_id = self._pop_due()
+            if message_id is None:
+                break
+            self._start(message_id)
+            started.append(message_id)
+        return started
+
+    def gate_opened(self) -> None:
+        """A gate opened before the time it had named: look again now at every message it held.
+
+        Messages put back for a gate wait in the heap for its closing time;
+        this makes them due now instead (the ones still held are simply put
+        back again, in batches, by the next sweep).
+        """
+        now = self._clock()
+        for message_id in self._waiting:
+            self._push(message_id, now)
+        self._wakeup.set()
+
     async def run(self) -> None:
         while not self._stopping:
-            while len(self._in_flight) < self._max_parallel:
-                message_id = self._pop_due()
-                if message_id is None:
-                    break
-                self._start(message_id)
+            self.start_due()
             self._wakeup.clear()
             next_due = self._seconds_to_next()
             timeout: float | None = (

@@ -47,6 +47,7 @@ from aiosmtplib import (
 )
 
 from relayd import failover, mime7bit
+from relayd.upstreamauth import AuthNoReply, AuthRefused, NoMechanism, UpstreamLogin, choose_mechanism
 from relayd.config import CaptureTransportConfig, SmtpTransportConfig, TlsMode, TransportConfig
 from relayd.values import (
     AttemptOutcome,
@@ -61,21 +62,8 @@ _QUIT_TIMEOUT = 5.0  # seconds a polite QUIT may take before the socket is just 
 _MAX_REPLY_TEXT = 500  # characters of an upstream reply kept for logs and DSNs
 
 
-class SecretLike(Protocol):
-    """What `relayd.credentials.Secret` offers: the value only on request."""
-
-    def reveal(self) -> str: ...
-
-
-class CredentialLike(Protocol):
-    """What `relayd.credentials.UpstreamCredential` offers to a transport."""
-
-    @property
-    def user(self) -> str: ...
-
-    @property
-    def password(self) -> SecretLike: ...
-
+# A credential of any kind the AUTH mechanisms know (relayd.upstreamauth).
+CredentialLike = UpstreamLogin
 
 CredentialLookup = Callable[[str], CredentialLike | None]
 
@@ -379,21 +367,21 @@ async def _authenticate(
             "with a verified certificate"
         )
         raise _Stopped("AUTH", Stage.AUTH, None, detail)
-    methods = smtp.server_auth_methods
-    if "plain" in methods:
-        login = smtp.auth_plain
-    elif "login" in methods:
-        login = smtp.auth_login
-    else:
-        offered = " ".join(m.upper() for m in methods) or "nothing"
-        detail = f"{config.host} offers no AUTH PLAIN or LOGIN (offers {offered})"
-        raise _Stopped("AUTH", Stage.AUTH, None, detail)
     try:
-        await login(credential.user, credential.password.reveal(), timeout=config.command_timeout)
-    except SMTPResponseException as exc:  # SMTPAuthenticationError and odd codes alike
-        raise _Stopped("AUTH", Stage.AUTH, _reply_of(exc)) from None
-    except (SMTPServerDisconnected, SMTPTimeoutError) as exc:
-        detail = _no_reply_detail(exc, "AUTH", config.command_timeout)
+        mechanism = choose_mechanism(
+            smtp.server_auth_methods, kind=credential.kind, configured=config.auth_mechanism, host=config.host
+        )
+    except NoMechanism as exc:
+        raise _Stopped("AUTH", Stage.AUTH, None, str(exc)) from None
+    try:
+        await mechanism.exchange(smtp, credential, config.command_timeout)
+    except AuthRefused as exc:
+        raise _Stopped("AUTH", Stage.AUTH, _reply(exc.code, exc.message)) from None
+    except AuthNoReply as exc:
+        detail = (
+            f"timeout after {config.command_timeout:g}s waiting for the reply to AUTH"
+            if exc.timed_out else "connection lost after AUTH"
+        )
         raise _Stopped("AUTH", Stage.AUTH, None, detail) from None
     note("AUTH", f"logged in as {credential.user}")
 

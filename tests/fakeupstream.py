@@ -79,6 +79,7 @@ class _Records:
     auth_attempts: int = 0
     auth_passwords_seen: int = 0
     connections: int = 0
+    mechanisms: list[str] = field(default_factory=list)
 
 
 class FakeUpstream:
@@ -95,6 +96,7 @@ class FakeUpstream:
         no_starttls: bool = False,
         smtputf8: bool = True,
         eightbitmime: bool = True,
+        auth_exclude: tuple[str, ...] = (),
     ) -> None:
         if tls not in ("starttls", "implicit", "none"):
             raise ValueError(f"tls must be starttls, implicit or none, not {tls!r}")
@@ -106,6 +108,7 @@ class FakeUpstream:
         self.no_starttls = no_starttls
         self.smtputf8 = smtputf8
         self.eightbitmime = eightbitmime  # False: EHLO does not announce 8BITMIME (a 7-bit upstream)
+        self.auth_exclude = auth_exclude  # SASL mechanisms not offered, e.g. ("PLAIN",)
         self.host = "127.0.0.1"
         self.port = 0
         self._lock = threading.Lock()
@@ -237,6 +240,12 @@ class FakeUpstream:
     def logins(self) -> list[str]:
         with self._lock:
             return list(self._records.logins)
+
+    @property
+    def mechanisms(self) -> list[str]:
+        """The SASL mechanism of every AUTH received, in order."""
+        with self._lock:
+            return list(self._records.mechanisms)
 
     @property
     def auth_attempts(self) -> int:
@@ -407,6 +416,7 @@ class FakeUpstream:
             # password in the clear gets the chance to (and the test sees it).
             auth_require_tls=starttls,
             authenticator=_authenticator(self),
+            auth_exclude_mechanism=self.auth_exclude,
             enable_SMTPUTF8=self.smtputf8,
             loop=self._loop,
         )
@@ -418,6 +428,8 @@ def _authenticator(fake: FakeUpstream) -> Callable[..., AuthResult]:
     def authenticate(
         server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
+        with fake._lock:
+            fake._records.mechanisms.append(mechanism)
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         ok = fake.check_login(auth_data.login, auth_data.password)

@@ -8,7 +8,8 @@ from types import MappingProxyType
 
 from relayd.config import CredentialsConfig, ListenerConfig, RelayConfig, RouteRule, TenantConfig
 from relayd.delivery import RETRY_TIMEOUT, DeliveryAgent, apply_reports
-from relayd.scheduler import UpstreamHealth
+from relayd.gates import GateSet
+from relayd.upstreamhealth import UpstreamHealth
 from relayd.values import (
     AttemptOutcome, AttemptResult, Delivery, DeliveryReport, Envelope, QueueEntry, Recipient,
     RecipientResult, RecipientState, Route, SmtpReply, Stage,
@@ -85,7 +86,7 @@ class NullLog:
 
 def walk(transports: dict[str, ScriptedTransport], health: UpstreamHealth) -> list[DeliveryReport]:
     agent = DeliveryAgent(
-        config=lambda: CONFIG, spool=None, transports=lambda: transports, health=health, log=NullLog(),
+        config=lambda: CONFIG, spool=None, transports=lambda: transports, gates=GateSet([health]), log=NullLog(),
         enqueue_bounce=None, build_dsn=None,  # type: ignore[arg-type]
     )
     return asyncio.run(agent.walk_chain(entry("a@x.test"), b"body", Route("all", ("gmail", "sendgrid")), ["a@x.test"], CONFIG))
