@@ -93,7 +93,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(work: Path, port: int, max_parallel: int, size: int) -> Path:
+def write_config(work: Path, port: int, max_parallel: int, size: int, connections: int) -> Path:
     from relayd.passwords import hash_password
 
     closed = free_port()  # nothing listens there: deliveries are deferred
@@ -114,6 +114,9 @@ def write_config(work: Path, port: int, max_parallel: int, size: int) -> Path:
         f"    port: {port}",
         "    tls: none",
         f"    max_message_size: {max_size}",
+        # Every bench connection comes from the bound tenant's address, so none
+        # is an evictable stranger: room for all of them plus the legitimate client.
+        f"    max_connections: {connections}",
         "transports:",
         "  nowhere:",
         "    type: smtp",
@@ -125,6 +128,7 @@ def write_config(work: Path, port: int, max_parallel: int, size: int) -> Path:
         f'    password_hash: "{hash_password(os.urandom(16).hex())}"',  # bound address: no AUTH
         '    senders: ["*@bench.example"]',
         "    bind_addresses: [127.0.0.1]",
+        "    trust_every_local_user: true",  # the bench is the only local user
         "    routes:",
         '      - domains: ["*"]',
         "        via: [nowhere]",
@@ -314,7 +318,7 @@ def run(args: argparse.Namespace) -> Figures:
     work = Path(tempfile.mkdtemp(prefix="relayd-flood-", dir=args.work))
     watchdog = Watchdog(work / "notify.sock")
     port = free_port()
-    config = write_config(work, port, args.max_parallel, args.size)
+    config = write_config(work, port, args.max_parallel, args.size, args.idle + args.data_sessions + 100)
     env = dict(os.environ, NOTIFY_SOCKET=str(watchdog.path), WATCHDOG_USEC=str(WATCHDOG_USEC))
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(

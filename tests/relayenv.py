@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -322,3 +323,27 @@ class RelaydProcess:
     def __exit__(self, *exc: object) -> None:
         if self.proc.poll() is None:
             self.stop()
+
+
+
+def as_submitted(relayed: bytes, original: bytes) -> bytes:
+    """A message as it reached an upstream, less what relayd adds on the way.
+
+    relayd prepends one `Received:` field (folded over several lines) and
+    appends `Date:` and `Message-ID:` to the header block when `original`
+    had none; every other byte must be the client's. Fails if the first
+    field is not relayd's `Received:`.
+    """
+    assert relayed.startswith(b"Received: from "), relayed[:80]
+    at = 0
+    while True:
+        at = relayed.index(b"\r\n", at) + 2
+        if relayed[at:at + 1] not in (b" ", b"\t"):
+            break
+    head, sep, body = relayed[at:].partition(b"\r\n\r\n")
+    original_head = b"\r\n" + original.partition(b"\r\n\r\n")[0].lower()
+    if b"\r\nmessage-id:" not in original_head:
+        head = re.sub(rb"\r\nMessage-ID: <E[^@>\r\n]+@[^>\r\n]+>\Z", b"", head)
+    if b"\r\ndate:" not in original_head:
+        head = re.sub(rb"\r\nDate: [^\r\n]*\Z", b"", head)
+    return head + sep + body

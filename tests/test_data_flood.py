@@ -24,6 +24,7 @@ def test_idle_connections_and_big_data_sessions_keep_memory_bounded_and_the_rela
          "--rss-limit-mb", "120", "--deadline", "240", "--work", str(tmp_path), "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
+    assert out.exists(), f"the bench wrote no figures: {proc.stdout[-1000:]}{proc.stderr[-2000:]}"
     figures = json.loads(out.read_text())
     assert figures["idle_connections"] == 200 and figures["data_replies"] == {"250": 20}, figures
     assert figures["peak_rss_mb"] < 120, figures
