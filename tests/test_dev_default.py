@@ -235,6 +235,40 @@ def test_a_port_in_use_is_reported_with_its_holder_before_any_banner(tmp_path: P
     assert "Errno" not in run.stderr
 
 
+def test_a_busy_port_on_a_first_start_leaves_no_relay_yaml_and_another_port_just_works(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "relayd.daemon", "dev", "--dir", str(state), "--port", str(busy)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 69, run.stderr
+    assert f"start on another port with --port {busy + 1}" in run.stderr
+    assert "--reset" not in run.stderr  # nothing to reset: no hand edits exist yet
+    assert not (state / "relay.yaml").exists()
+    relay = DevRelay(state, "--port", str(free_port()))  # as advised: no --reset needed
+    relay.stop()
+
+
+def test_a_busy_port_in_a_kept_relay_yaml_says_to_change_it_there(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        config = prepare_dev(state, port=busy)
+        run = subprocess.run(
+            [sys.executable, "-m", "relayd.daemon", "dev", "--dir", str(state)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 69 and run.stdout == ""
+    assert f"change the port in {config.resolve()}" in run.stderr
+    assert "dropping its hand edits" in run.stderr
+
+
 def test_a_hand_edited_dev_relay_yaml_survives_a_restart_and_reset_rewrites_it(tmp_path: Path) -> None:
     state = tmp_path / "dev"
     config = prepare_dev(state, port=2525)
