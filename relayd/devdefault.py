@@ -288,7 +288,8 @@ relayd (development default) is starting on {listener.address}:{listener.port}
   user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
   TLS: {tls}
   Every message is captured, never sent: look in {capture}
-  Config: {config_path} (kept across restarts; `relayd dev --reset` writes a fresh one)
+  Config: {config_path} (kept across restarts, hand edits included; a fresh one:
+    {command('relayd')} dev --dir {shlex.quote(str(directory))} --port {listener.port} --reset
 
 {SHELL_HEADING}
   export {PASSWORD_ENV}='{password}'

@@ -180,6 +180,37 @@ def test_the_shell_lines_of_the_banner_run_as_pasted(dev_relay: DevRelay, tmp_pa
     assert b"Subject: hi" in captured and b"from cron" in captured
 
 
+def test_the_printed_reset_command_runs_as_pasted_and_rewrites_the_same_relay(tmp_path: Path) -> None:
+    relay = DevRelay(tmp_path / "dev", "--port", str(free_port()))
+    relay.stop()
+    config = relay.state / "relay.yaml"
+    config.write_text(config.read_text().replace("queue_run_interval: 10s", "queue_run_interval: 42s"))
+    reset_line = re.search(r"a fresh one:\n +(.+ --reset)$", relay.banner, re.M)
+    assert reset_line is not None, relay.banner
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_DEV_DIR"}
+    proc = subprocess.Popen(["bash", "-c", "exec " + reset_line.group(1)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        while b"Stop with Ctrl-C" not in out:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read().decode()
+            out += line
+        assert f"starting on 127.0.0.1:{relay.port}" in out.decode()  # same port, same directory
+        assert "queue_run_interval: 42s" not in config.read_text()
+        for _ in range(200):  # serving (and handling SIGTERM) once it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_relayd_sendmail_works_out_of_the_box_on_the_dev_default(dev_relay: DevRelay) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "relayd.sendmail", "-t"], env=dev_relay.env(), timeout=60,
