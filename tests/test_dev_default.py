@@ -250,6 +250,40 @@ def test_send_test_without_a_terminal_says_to_use_password_stdin(dev_relay: DevR
     assert "delivered (captured as" in piped.stdout
 
 
+def test_send_test_on_a_terminal_asks_for_the_password_without_echo_and_reports_the_capture(
+    dev_relay: DevRelay,
+) -> None:
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: relayctl on a terminal, as an operator types it
+        os.execve(RELAYCTL, [RELAYCTL, "send-test", "--tenant", "dev", "--to", "you@example.com"],
+                  dev_relay.env())
+    seen, answered = b"", False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([terminal], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if b"Password of tenant dev: " in seen and not answered:
+            os.write(terminal, dev_relay.exports["SMTP_PASSWORD"].encode() + b"\n")
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    text = seen.decode()
+    assert os.WEXITSTATUS(status) == 0, text
+    assert dev_relay.exports["SMTP_PASSWORD"] not in text  # not echoed
+    assert re.search(r"^delivered \(captured as \S+\)\r?$", text, re.M), text
+
+
 def test_a_port_in_use_is_reported_with_its_holder_before_any_banner(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
