@@ -864,6 +864,16 @@ def _queue_outcome(config: RelayConfig, message_id: str, recipient: str) -> tupl
     return None
 
 
+def _submit_failure(exc: BaseException) -> str:
+    """Why the submission failed, in words: `connection refused`, not `[Errno 111] ...`."""
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+        if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+            return f"{reason} (is relayd running? `{PROG} status` says)"
+        return sanitize(reason)
+    return sanitize(str(exc) or type(exc).__name__)
+
+
 def cmd_send_test(args: argparse.Namespace) -> int:
     config = _load_config(args)
     tenant = config.tenants.get(args.tenant)
@@ -871,7 +881,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         raise CliError(f"no tenant named {args.tenant!r} in {config.source}")
     recipient = args.to
     sender = args.sender or _default_sender(tenant, config.hostname)
-    host, _port = _listener_port(config)
+    host, port = _listener_port(config)
     bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
     source = bound[0] if bound else None
     password = None if source else _read_password(args, f"Password of tenant {tenant.name}: ", confirm=False)
@@ -881,7 +891,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     except smtplib.SMTPAuthenticationError:
         raise CliError(f"relayd refused the login of tenant {tenant.name} (wrong password?)") from None
     except (smtplib.SMTPException, ssl.SSLError, OSError) as exc:
-        raise CliError(f"could not submit to relayd: {sanitize(str(exc) or type(exc).__name__)}") from None
+        raise CliError(f"could not submit to relayd at {host}:{port}: {_submit_failure(exc)}") from None
     print(f"queued as {message_id}; following it for up to {args.timeout:g}s")
     found = _follow(config, message_id, recipient, args.timeout, offset)
     if found is None:

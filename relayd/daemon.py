@@ -573,16 +573,19 @@ def _harden_process() -> dict[str, str]:
 
 def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
     """Prepare the dev directory, check its port, print the banner; an int is an exit status."""
-    from relayd.devdefault import DevError, check_port_free, check_port_option, connection_help, \
-        dev_password, prepare_dev
+    from relayd.devdefault import DEFAULT_PORT, DevError, check_port_free, check_port_option, \
+        connection_help, dev_password, prepare_dev
 
     try:
+        kept = not args.reset and (args.dir / "relay.yaml").exists()
+        if not kept:  # nothing written yet: a busy port must not end up in a fresh relay.yaml
+            check_port_free("127.0.0.1", args.port or DEFAULT_PORT)
         config_path = prepare_dev(args.dir, port=args.port, reset=args.reset)
         config = load_config(config_path)
-        if not args.reset:
+        if kept:
             check_port_option(config, args.port)
         first = config.listeners[0]
-        check_port_free(first.address, first.port)
+        check_port_free(first.address, first.port, config_path if kept else None)
     except ConfigError as error:
         print(f"{error}\nrelayd: start with --reset to write a fresh development relay.yaml", file=sys.stderr)
         return 78

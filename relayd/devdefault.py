@@ -13,8 +13,9 @@ restart; `--reset` writes a fresh one. Besides `dev`, the config has a
 `local` tenant for relayd-sendmail (cron, PHP mail()): it needs no password
 because relayd knows it by the loopback address it submits from.
 
-Before anything is printed, the listener's port is tried, and a port in use is
-reported with the process holding it, rather than after the banner.
+Before anything is printed (and before a fresh relay.yaml is written, so a
+busy port does not end up in it), the listener's port is tried, and a port in
+use is reported with the process holding it, rather than after the banner.
 """
 
 from __future__ import annotations
@@ -188,8 +189,12 @@ def check_port_option(config: RelayConfig, port: int | None) -> None:
         )
 
 
-def check_port_free(address: str, port: int) -> None:
-    """Bind the listener's address and port once, the way the listener will, before any banner."""
+def check_port_free(address: str, port: int, kept_config: Path | None = None) -> None:
+    """Bind the listener's address and port once, the way the listener will, before any banner.
+
+    `kept_config` is the relay.yaml the port comes from when it was kept from an
+    earlier start: the way out is then to edit it, not to drop its hand edits.
+    """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -200,10 +205,12 @@ def check_port_free(address: str, port: int) -> None:
                 raise DevError(f"cannot listen on {address}:{port}: {exc.strerror}") from None
             holder = port_holder(port)
             who = f" by {holder}" if holder else " by another program"
-            raise DevError(
-                f"port {port} on {address} is already in use{who}; stop it, or run on another port "
-                f"(relayd dev --reset --port {port + 1})"
-            ) from None
+            if kept_config is None:
+                way_out = f"start on another port with --port {port + 1}"
+            else:
+                way_out = (f"change the port in {kept_config} (or --reset --port {port + 1} for a fresh "
+                           f"file, dropping its hand edits)")
+            raise DevError(f"port {port} on {address} is already in use{who}; stop it, or {way_out}") from None
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -281,7 +288,8 @@ relayd (development default) is starting on {listener.address}:{listener.port}
   user: {DEV_TENANT}    password: {password}    (kept in {directory / 'dev-password'})
   TLS: {tls}
   Every message is captured, never sent: look in {capture}
-  Config: {config_path} (kept across restarts; `relayd dev --reset` writes a fresh one)
+  Config: {config_path} (kept across restarts, hand edits included; a fresh one:
+    {command('relayd')} dev --dir {shlex.quote(str(directory))} --port {listener.port} --reset
 
 {SHELL_HEADING}
   export {PASSWORD_ENV}='{password}'

@@ -87,14 +87,16 @@ def usage_error(message: str) -> Failure:
     return Failure(Exit.USAGE, message)
 
 
-USAGE = f"""usage: {PROG} [-t] [-i] [-f sender] [-F "Full Name"] [-v] [--config relay.yaml] [--] [recipient ...]
+USAGE = f"""usage: {PROG} [-t] [-i] [-f sender] [-F "Full Name"] [-v] [--socket PATH] [--config relay.yaml] [--]
+                       [recipient ...]
 Reads one message from standard input and queues it in the running relayd.
   -t              also send to the To:, Cc: and Bcc: addresses of the message (Bcc: is removed)
   -i, -oi         a line with a single dot does not end the message
   -f ADDR, -r ADDR  envelope sender (default: the From: address, else user@hostname)
   -F NAME         full name for the From: header added when the message has none
   -v              say on stderr what happens
-  --socket PATH   relayd's unix listener (default: ${SOCKET_ENV}, else the one in relay.yaml, else {DEFAULT_SOCKET})
+  --socket PATH   relayd's unix listener (default: ${SOCKET_ENV}, else the one in relay.yaml, else {DEFAULT_SOCKET});
+                  a relay.yaml without one is reached from the address of a tenant with bind_addresses
   --config PATH   relay.yaml (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}); also -C PATH
 Accepted and ignored: -m -n -U -oem -oee -oep -oeq -oew -odb -odi -odq -odf -oQ... -om -oo -B TYPE -N DSN -R RET -V ENVID -h N -bm
 Exit status (sysexits): 0 queued, 64 usage, 65 bad message, 67 recipient refused, 69 refused,

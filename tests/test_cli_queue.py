@@ -405,6 +405,18 @@ def test_send_test_for_a_tenant_bound_to_a_loopback_address_needs_no_password(
     assert "[127.0.0.2]" in relay_files.mainlog()
 
 
+def test_send_test_to_a_stopped_relayd_says_connection_refused_without_an_errno(
+    relay_files: RelayFiles, upstreams: Callable[..., Any], relayctl: Run
+) -> None:
+    setup_relay(relay_files, upstreams)  # relay.yaml only: no relayd is listening on its port
+    code, out, err = relayctl("send-test", "--tenant", "acme", "--to", "me@customer.test",
+                              "--password-stdin", stdin=io.StringIO(ACME[1] + "\n"))
+    assert code == 1 and out == ""
+    assert re.search(r"could not submit to relayd at 127\.0\.0\.1:\d+: connection refused "
+                     r"\(is relayd running\? `relayctl status` says\)", err), err
+    assert "Errno" not in err
+
+
 # ------------------------------------------------------- pure formatting
 
 

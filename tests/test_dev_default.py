@@ -180,6 +180,37 @@ def test_the_shell_lines_of_the_banner_run_as_pasted(dev_relay: DevRelay, tmp_pa
     assert b"Subject: hi" in captured and b"from cron" in captured
 
 
+def test_the_printed_reset_command_runs_as_pasted_and_rewrites_the_same_relay(tmp_path: Path) -> None:
+    relay = DevRelay(tmp_path / "dev", "--port", str(free_port()))
+    relay.stop()
+    config = relay.state / "relay.yaml"
+    config.write_text(config.read_text().replace("queue_run_interval: 10s", "queue_run_interval: 42s"))
+    reset_line = re.search(r"a fresh one:\n +(.+ --reset)$", relay.banner, re.M)
+    assert reset_line is not None, relay.banner
+    env = {k: v for k, v in os.environ.items() if k != "RELAYD_DEV_DIR"}
+    proc = subprocess.Popen(["bash", "-c", "exec " + reset_line.group(1)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        while b"Stop with Ctrl-C" not in out:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read().decode()
+            out += line
+        assert f"starting on 127.0.0.1:{relay.port}" in out.decode()  # same port, same directory
+        assert "queue_run_interval: 42s" not in config.read_text()
+        for _ in range(200):  # serving (and handling SIGTERM) once it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_relayd_sendmail_works_out_of_the_box_on_the_dev_default(dev_relay: DevRelay) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "relayd.sendmail", "-t"], env=dev_relay.env(), timeout=60,
@@ -219,6 +250,40 @@ def test_send_test_without_a_terminal_says_to_use_password_stdin(dev_relay: DevR
     assert "delivered (captured as" in piped.stdout
 
 
+def test_send_test_on_a_terminal_asks_for_the_password_without_echo_and_reports_the_capture(
+    dev_relay: DevRelay,
+) -> None:
+    import pty
+    import select
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: relayctl on a terminal, as an operator types it
+        os.execve(RELAYCTL, [RELAYCTL, "send-test", "--tenant", "dev", "--to", "you@example.com"],
+                  dev_relay.env())
+    seen, answered = b"", False
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([terminal], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if b"Password of tenant dev: " in seen and not answered:
+            os.write(terminal, dev_relay.exports["SMTP_PASSWORD"].encode() + b"\n")
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    text = seen.decode()
+    assert os.WEXITSTATUS(status) == 0, text
+    assert dev_relay.exports["SMTP_PASSWORD"] not in text  # not echoed
+    assert re.search(r"^delivered \(captured as \S+\)\r?$", text, re.M), text
+
+
 def test_a_port_in_use_is_reported_with_its_holder_before_any_banner(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -233,6 +298,40 @@ def test_a_port_in_use_is_reported_with_its_holder_before_any_banner(tmp_path: P
     assert run.stdout == ""  # no banner, no snippets for a relay that never started
     assert f"port {port} on 127.0.0.1 is already in use by pid {os.getpid()}" in run.stderr
     assert "Errno" not in run.stderr
+
+
+def test_a_busy_port_on_a_first_start_leaves_no_relay_yaml_and_another_port_just_works(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "relayd.daemon", "dev", "--dir", str(state), "--port", str(busy)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 69, run.stderr
+    assert f"start on another port with --port {busy + 1}" in run.stderr
+    assert "--reset" not in run.stderr  # nothing to reset: no hand edits exist yet
+    assert not (state / "relay.yaml").exists()
+    relay = DevRelay(state, "--port", str(free_port()))  # as advised: no --reset needed
+    relay.stop()
+
+
+def test_a_busy_port_in_a_kept_relay_yaml_says_to_change_it_there(tmp_path: Path) -> None:
+    state = tmp_path / "dev"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        config = prepare_dev(state, port=busy)
+        run = subprocess.run(
+            [sys.executable, "-m", "relayd.daemon", "dev", "--dir", str(state)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    assert run.returncode == 69 and run.stdout == ""
+    assert f"change the port in {config.resolve()}" in run.stderr
+    assert "dropping its hand edits" in run.stderr
 
 
 def test_a_hand_edited_dev_relay_yaml_survives_a_restart_and_reset_rewrites_it(tmp_path: Path) -> None:

@@ -202,6 +202,15 @@ def test_a_refused_recipient_exits_67_and_nobody_gets_the_message(relay_files: R
     assert "<=" not in relay_files.mainlog()
 
 
+def test_help_names_every_option_in_its_usage_line() -> None:
+    run = subprocess.run([sys.executable, "-m", "relayd.sendmail", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    usage = run.stdout.split("\nReads one message")[0]
+    for option in ("-t", "-i", "-f", "-F", "-v", "--socket", "--config"):
+        assert f"[{option}" in usage, usage
+
+
 def test_unreachable_relayd_exits_75_with_one_clear_line(relay_files: RelayFiles) -> None:
     relay_files.write(upstreams=[], tenants=[CRON], capture=True)  # nothing listens on its port
     result = sendmail(relay_files, ["to@customer.test"], b"From: cron@relay.test\n\nx\n")
