@@ -51,3 +51,26 @@ def test_a_restart_while_the_disk_is_still_full_sends_nothing_twice_and_the_boun
     assert log.count("** gone@customer.test") == 1
     bounces = [m for m in up_b.messages if m.mail_from == ""]
     assert len(bounces) == 1 and bounces[0].rcpt_tos == ["billing@acme.example"]
+
+
+def test_a_flooding_tenant_is_held_to_its_share_others_go_on_and_its_share_frees_after_delivery(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    up_a, up_b = two_routes(relay_files, upstreams, min_free="1M")
+    with relay_files.config.open("a") as f:
+        f.write("  tenant_max_messages: 5\n")
+    up_b.refuse_connections()  # acme's mail to B queues up
+    with RelaydProcess(relay_files):
+        for n in range(5):
+            submit(relay_files, ACME, "billing@acme.example", [f"r{n}@elsewhere.test"])
+        for _ in range(3):
+            code, text = mail_from_reply(relay_files, ACME, "billing@acme.example")
+            assert code == 452 and text.startswith(b"4.3.1 Queue share of tenant acme is full")
+            submit(relay_files, GLOBEX, "news@globex.example", ["g@customer.test"])
+        up_a.wait_for_messages(3)
+        up_b.accept_connections()
+        wait_until(lambda: len(up_b.messages) == 5, 20, "acme's backlog delivered")
+        wait_until(lambda: mail_from_reply(relay_files, ACME, "billing@acme.example")[0] == 250, 10,
+                   "acme accepted again once its mail left the queue")
+        submit(relay_files, ACME, "billing@acme.example", ["again@elsewhere.test"])
+        wait_until(lambda: len(up_b.messages) == 6, 10, "acme's new mail delivered")
