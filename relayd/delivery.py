@@ -386,10 +386,13 @@ class DeliveryAgent:
         from relayd.spool import SpoolError
 
         for held in list(self._unrecorded.values()):
-            try:
-                await self._record_held(held)
-            except SpoolError:
-                self._release_room()
+            for _ in range(2):  # the second time into the room the emergency reserve leaves
+                try:
+                    await self._record_held(self._unrecorded.get(held.id, held))
+                    break
+                except SpoolError:
+                    if not self._release_room():
+                        break
 
     def forget(self, message_id: str) -> None:
         """The message left the queue by other means (operator): drop any held outcome."""

@@ -74,3 +74,24 @@ def test_a_flooding_tenant_is_held_to_its_share_others_go_on_and_its_share_frees
                    "acme accepted again once its mail left the queue")
         submit(relay_files, ACME, "billing@acme.example", ["again@elsewhere.test"])
         wait_until(lambda: len(up_b.messages) == 6, 10, "acme's new mail delivered")
+
+
+def test_a_held_outcome_is_written_at_stop_when_the_disk_works_again_so_a_restart_sends_nothing_twice(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    import uvloop
+
+    from tests.relayenv import RelayThread
+    from tests.test_durability import BrokenStateWrites
+
+    up_a, up_b = two_routes(relay_files, upstreams)
+    io = BrokenStateWrites()
+    io.broken.set()
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+        message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "second@elsewhere.test"])
+        relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
+        io.broken.clear()  # the disk works again, and relayd stops before its next try
+    assert f"{message_id} stopping with its last delivery outcome unrecorded" not in relay_files.mainlog()
+    with RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop):
+        relay_files.wait_for_log(f"{message_id} Completed", timeout=15)
+    assert copies(up_a, "first@customer.test") == 1 and copies(up_b, "second@elsewhere.test") == 1
