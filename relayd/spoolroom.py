@@ -172,6 +172,7 @@ class SpoolRoom:
             "free_files": room.free_files if room is not None else None,
             "reserve_bytes": self.reserve(),
             "state_write_failure": self._state_failure(),
+            "emergency_reserve_used": self._reserve_released,
         }
 
     def reserve(self) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from relayd.control import ControlClient
+from relayd.queueview import status_lines
 from tests.relayenv import RelaydProcess, RelayFiles, submit
 from tests.test_durability import (
     ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes, wait_until,
@@ -35,6 +36,7 @@ def test_a_restart_while_the_disk_is_still_full_sends_nothing_twice_and_the_boun
             assert mail_from_reply(relay_files, GLOBEX, "news@globex.example")[0] == 452
             status = ControlClient(spool_dir / "control.sock", timeout=30).request("status")
             assert status["spool"]["unrecorded"] == {}
+            assert any("emergency reserve file is used" in line for line in status_lines(status, time.time()))
             relay.stop()  # a restart while the disk is still full
             relay = RelaydProcess(relay_files)
             time.sleep(4)  # queue runs go by on the full disk
