@@ -146,6 +146,8 @@ class Relay:
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
             is_forced=lambda message_id: self.scheduler.is_forced(message_id),
+            release_room=self.room.release_emergency_reserve,
+            keep_room=self.room.keep_emergency_reserve,
         )
         self.scheduler = Scheduler(
             self.agent.deliver,
@@ -297,9 +299,11 @@ class Relay:
         await self.spool.start()
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
+        await asyncio.to_thread(self.room.keep_emergency_reserve)
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         if self.config.metrics.port is not None:
             self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(
@@ -361,6 +365,7 @@ class Relay:
         await self.control.stop()
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
+        await self.agent.record_unrecorded()
         for message_id, reason in self.agent.unrecorded().items():
             self.log.error(
                 f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "

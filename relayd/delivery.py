@@ -246,6 +246,8 @@ class DeliveryAgent:
         is_forced: Callable[[str], bool] = lambda _id: False,
         clock: Callable[[], float] = time.time,
         state_retry_interval: float = STATE_RETRY_INTERVAL,
+        release_room: Callable[[], bool] = lambda: False,
+        keep_room: Callable[[], bool] = lambda: False,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -258,6 +260,10 @@ class DeliveryAgent:
         self._is_forced = is_forced
         self._clock = clock
         self._state_retry_interval = state_retry_interval
+        # The spool's emergency reserve file: removed when a full disk refuses
+        # an outcome (then it is written at once), put back once recorded.
+        self._release_room = release_room
+        self._keep_room = keep_room
         self._unrecorded: dict[str, Unrecorded] = {}
         # Route chains per (tenant, domain) for lane_of, valid for one config object.
         self._chains_of: RelayConfig | None = None
@@ -359,9 +365,14 @@ class DeliveryAgent:
 
     def _hold(self, held: "Unrecorded", error: BaseException) -> QueueEntry:
         """Keep an outcome the spool refused in memory; stop delivering the message."""
+        from relayd.spool import SpoolFullError
+
         now = self._clock()
         first = held.id not in self._unrecorded
-        held = replace(held, reason=str(error), retry_at=now + self._state_retry_interval)
+        retry_at = now + self._state_retry_interval
+        if isinstance(error, SpoolFullError) and self._release_room():
+            retry_at = now  # room was made: write it on the next pick, not in 5 s
+        held = replace(held, reason=str(error), retry_at=retry_at)
         self._unrecorded[held.id] = held
         if first:
             self._log.error(
@@ -380,7 +391,22 @@ class DeliveryAgent:
         recorded = await self._record_final(held.entry)
         self._unrecorded.pop(held.id, None)
         self._log.info(f"{held.id} delivery state recorded; the spool can write again")
+        if not self._unrecorded:
+            await asyncio.to_thread(self._keep_room)
         return recorded
+
+    async def record_unrecorded(self) -> None:
+        """One more try to write every held outcome (at stop: what is not written may go out again)."""
+        from relayd.spool import SpoolError
+
+        for held in list(self._unrecorded.values()):
+            for _ in range(2):  # the second time into the room the emergency reserve leaves
+                try:
+                    await self._record_held(self._unrecorded.get(held.id, held))
+                    break
+                except SpoolError:
+                    if not self._release_room():
+                        break
 
     def forget(self, message_id: str) -> None:
         """The message left the queue by other means (operator): drop any held outcome."""

@@ -114,11 +114,34 @@ def auto_submitted_keyword(message: bytes) -> str | None:
     block = _BLANK_LINE.split(message if end < 0 else message[: end + 2], maxsplit=1)[0]
     for name, value in _fields(block):
         if name.lower() == b"auto-submitted":
-            keyword = value.split(b";", 1)[0].strip().lower()
+            keyword = _without_comments(value).split(b";", 1)[0].strip().lower()
             if keyword == b"no":
                 return None
             return _printable(keyword.decode("ascii", "replace"))[:64] or "yes"
     return None
+
+
+def _without_comments(value: bytes) -> bytes:
+    """A header value with its RFC 5322 comments removed: `No (typed by hand)` reads as `no`.
+
+    Nested parentheses and quoted pairs are followed; an unclosed comment
+    swallows the rest of the value.
+    """
+    kept = bytearray()
+    depth = 0
+    escaped = False
+    for byte in value:
+        if escaped:
+            escaped = False
+        elif depth and byte == 0x5C:  # backslash: quoted pair inside a comment
+            escaped = True
+        elif byte == 0x28:  # (
+            depth += 1
+        elif byte == 0x29 and depth:  # )
+            depth -= 1
+        elif not depth:
+            kept.append(byte)
+    return bytes(kept)
 
 
 def describe_failure(report: DeliveryReport) -> FailedRecipient:

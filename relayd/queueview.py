@@ -628,6 +628,9 @@ def spool_lines(spool: Mapping[str, Any]) -> list[str]:
     if isinstance(free, int) and isinstance(reserve, int):
         state = "new mail refused (452 4.3.1)" if free < reserve else "ok"
         lines.append(f"spool: {format_size(free)} free, reserve {format_size(reserve)}: {state}")
+    if spool.get("emergency_reserve_used"):
+        lines.append("spool: the disk filled up and the emergency reserve file is used; "
+                     "new mail refused (452 4.3.1) until there is room to put it back")
     failure = spool.get("state_write_failure")
     held = spool.get("unrecorded") or {}
     if failure:

@@ -20,10 +20,21 @@ tenant is refused.
 
 `statvfs` is asked at most once per `cache_seconds`; a MAIL FROM costs a dict
 lookup and two comparisons otherwise.
+
+The emergency reserve file (`EMERGENCY_RESERVE`, as CockroachDB's ballast):
+the reserve above only holds while relayd is the one filling the disk. When
+another process takes the last block, recording what was delivered fails,
+and a restart before space returns would send it all again. So relayd keeps
+a pre-allocated file of `emergency_reserve_size` bytes in the spool; the
+first delivery-state write that fails with ENOSPC removes it, and the
+outcome is written into the room it leaves. It is put back once there is
+room for it above the reserve again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -44,6 +55,11 @@ RESERVE_MESSAGES = 4
 # message and every bounce is a file.
 MIN_FREE_FILES = 1000
 STATVFS_CACHE_SECONDS = 1.0
+EMERGENCY_RESERVE = "emergency-reserve"
+# Size of the emergency reserve file: enough for thousands of state records
+# and a few bounces, and never more than 1/64 of a small file system.
+EMERGENCY_RESERVE_BYTES = 8 * 1024 * 1024
+EMERGENCY_RESERVE_CHECK_SECONDS = 2.0
 
 
 def default_reserve(largest_message: int) -> int:
@@ -72,6 +88,10 @@ def read_disk_room(path: Path) -> DiskRoom:
     st = os.statvfs(path)
     free_files = st.f_favail if st.f_files > 0 else MIN_FREE_FILES * 2
     return DiskRoom(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, free_files)
+
+
+def emergency_reserve_size(total_bytes: int) -> int:
+    return max(0, min(EMERGENCY_RESERVE_BYTES, total_bytes // 64))
 
 
 def tenant_over_share(message: str, tenant: str) -> str:
@@ -108,6 +128,9 @@ class SpoolRoom:
         self._usage: dict[str, TenantUsage] = {}
         self._state_failure = state_failure
         self._low_reported = False
+        # The emergency reserve file was removed and is not back yet: new mail
+        # waits until there is room to put it back.
+        self._reserve_released = False
 
     # -- queue accounting ------------------------------------------------------
 
@@ -149,6 +172,7 @@ class SpoolRoom:
             "free_files": room.free_files if room is not None else None,
             "reserve_bytes": self.reserve(),
             "state_write_failure": self._state_failure(),
+            "emergency_reserve_used": self._reserve_released,
         }
 
     def reserve(self) -> int:
@@ -174,6 +198,8 @@ class SpoolRoom:
         if room is None:
             return replies.SPOOL_FULL
         needed = self.reserve() + max(0, declared_size)
+        if self._reserve_released:
+            needed += 2 * emergency_reserve_size(room.total_bytes)
         if room.free_bytes < needed or room.free_files < MIN_FREE_FILES:
             self._report_low(room)
             return replies.SPOOL_FULL
@@ -191,6 +217,70 @@ class SpoolRoom:
         if used.bytes + max(0, declared_size) > max_bytes:
             return tenant_over_share(f"{used.bytes} bytes queued", tenant)
         return None
+
+    # -- the emergency reserve file ------------------------------------------------
+
+    @property
+    def emergency_reserve(self) -> Path:
+        return self._root / EMERGENCY_RESERVE
+
+    def keep_emergency_reserve(self) -> bool:
+        """Create the emergency reserve file if it is missing and there is room for it (blocking I/O).
+
+        Returns whether the file is in place. Room means: its size on top of
+        the free-space reserve, so making it never starts refusing mail.
+        """
+        path = self.emergency_reserve
+        if path.exists():
+            return True
+        try:
+            room = self._disk_room(self._root)
+        except OSError:
+            return False
+        size = emergency_reserve_size(room.total_bytes)
+        if size == 0:
+            return False
+        if room.free_bytes < self.reserve() + 2 * size:
+            self._reserve_released = True  # e.g. a start on a full disk: wait for room as after a release
+            return False
+        partial = path.with_name(path.name + ".new")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(partial, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            return False
+        self._room_at = float("-inf")
+        self._reserve_released = False
+        return True
+
+    async def keep_emergency_reserve_in_place(self, interval: float = EMERGENCY_RESERVE_CHECK_SECONDS) -> None:
+        """Put the emergency reserve file back whenever it is gone and there is room (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._reserve_released:
+                await asyncio.to_thread(self.keep_emergency_reserve)
+
+    def release_emergency_reserve(self) -> bool:
+        """Remove the emergency reserve file so delivery state can be written; False if there was none."""
+        try:
+            os.unlink(self.emergency_reserve)
+        except OSError:
+            return False
+        self._room_at = float("-inf")
+        self._reserve_released = True
+        if self._log is not None:
+            self._log(
+                f"spool: the disk is full; emergency reserve file {self.emergency_reserve} removed "
+                "so that delivery outcomes can be recorded"
+            )
+        return True
 
     def _report_low(self, room: DiskRoom) -> None:
         if self._low_reported or self._log is None:

@@ -50,3 +50,21 @@ def test_a_failed_auto_submitted_message_is_logged_but_gets_no_bounce(
     assert f"<= <> R={person}" in log
     assert bounce.mail_from == "" and bounce.rcpt_tos == ["robot@acme.example"]
     assert b"Re: hello" in bounce.data and b"Out of office" not in bounce.data
+
+
+def test_auto_submitted_no_with_comments_is_a_persons_message_and_gets_its_bounce(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    gmail = upstreams(users={"acme@gmail.com": "acme-app-password"})
+    gmail.reply_to("RCPT", "550 5.1.1 no such user", for_address="nobody@customer.test")
+    relay_files.write(
+        upstreams=[UpstreamSpec("gmail_acme", gmail.port, "acme-gmail", "acme@gmail.com", "acme-app-password")],
+        tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], ["gmail_acme"])])],
+    )
+    with RelaydProcess(relay_files):
+        person = submit(relay_files, ACME, "clerk@acme.example", ["nobody@customer.test"],
+                        auto_reply("Re: invoice", "No (a person wrote this)"))
+        (bounce,) = gmail.wait_for_messages(1, timeout=15)
+        relay_files.wait_for_log(f"{person} Completed")
+    assert bounce.mail_from == "" and bounce.rcpt_tos == ["clerk@acme.example"]
+    assert "no bounce sent" not in relay_files.mainlog()

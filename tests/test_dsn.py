@@ -6,7 +6,7 @@ import email
 import email.policy
 from email.message import EmailMessage, Message
 
-from relayd.dsn import build_dsn, describe_failure, is_auto_submitted, original_headers
+from relayd.dsn import auto_submitted_keyword, build_dsn, describe_failure, is_auto_submitted, original_headers
 from relayd.values import AttemptOutcome, DeliveryReport, Envelope, SmtpReply
 
 NOW = 1767400000.0  # 2026-01-03 00:26:40 UTC
@@ -278,3 +278,15 @@ def test_enhanced_code_of_the_wrong_class_is_not_trusted() -> None:
         reply=SmtpReply(550, "2.1.5 nonsense from a confused server"),
     )
     assert describe_failure(report).status == "5.0.0"
+
+
+def test_auto_submitted_keyword_ignores_comments_around_it() -> None:
+    def keyword(value: bytes) -> str | None:
+        return auto_submitted_keyword(b"From: a@b\r\nAuto-Submitted: " + value + b"\r\n\r\nbody")
+
+    assert keyword(b"No (a person wrote this)") is None
+    assert keyword(b"(typed by hand) no") is None
+    assert keyword(b"(outer (nested)) NO ; reason=x") is None
+    assert keyword(b"auto-replied (vacation)") == "auto-replied"
+    assert keyword(b"(robot) auto-generated") == "auto-generated"
+    assert keyword(b"(unclosed comment") == "yes"

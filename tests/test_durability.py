@@ -134,8 +134,9 @@ def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answer
             message_id = submit(relay_files, ACME, "billing@acme.example", recipients)
             up_a.wait_for_messages(1)
             # A's recipient is on disk as delivered; B has the message and
-            # answers in 2 s. Now the disk fills up.
+            # answers in 2 s. Now the disk fills up, emergency reserve and all.
             wait_until(lambda: b'"delivered"' in _spool_file(spool_dir, message_id), 5, "A's outcome recorded")
+            (spool_dir / "emergency-reserve").unlink()
             filler = fill(spool_dir)
             relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
             assert len(up_b.wait_for_messages(1)) == 1

@@ -109,3 +109,30 @@ def test_example_config_documents_the_spool_limits() -> None:
     config = load_config(HERE.parent / "config" / "relay.yaml", check_files=False)
     assert config.spool_limits == SpoolLimits(min_free=200 * MB, tenant_max_bytes=10 * 1024 * MB,
                                               tenant_max_messages=50_000)
+
+
+def test_the_emergency_reserve_file_is_made_released_on_a_full_disk_and_put_back_when_there_is_room(
+    tmp_path: Path,
+) -> None:
+    disk = Disk(free=500 * MB)
+    r = SpoolRoom(tmp_path, lambda: SpoolLimits(), lambda: 25 * MB, disk_room=disk, clock=Clock(), cache_seconds=0)
+    assert r.keep_emergency_reserve()
+    assert r.emergency_reserve.stat().st_size == 8 * MB
+    assert r.release_emergency_reserve() and not r.emergency_reserve.exists()
+    assert not r.release_emergency_reserve()  # only once
+    # The released reserve is not room for new mail: it must be put back first.
+    disk.free = 164 * MB + 8 * MB
+    assert r.refusal("acme") is not None
+    assert not r.keep_emergency_reserve() and not r.emergency_reserve.exists()
+    disk.free = 164 * MB + 16 * MB
+    assert r.refusal("acme") is None
+    assert r.keep_emergency_reserve() and r.emergency_reserve.exists()
+
+
+def test_a_start_without_room_for_the_emergency_reserve_refuses_new_mail_until_there_is(tmp_path: Path) -> None:
+    disk = Disk(free=164 * MB + MB)
+    r = SpoolRoom(tmp_path, lambda: SpoolLimits(), lambda: 25 * MB, disk_room=disk, clock=Clock(), cache_seconds=0)
+    assert not r.keep_emergency_reserve()
+    assert r.refusal("acme") is not None
+    disk.free = 200 * MB
+    assert r.refusal("acme") is None

@@ -161,3 +161,78 @@ def test_a_raw_utf8_subject_sent_without_smtputf8_is_carried_as_8bit_data_not_bo
     assert "SMTPUTF8" not in delivered.mail_options
     assert as_submitted(delivered.data, raw_subject) == raw_subject
     assert "** reader@customer.test" not in relay_files.mainlog()
+
+
+def _decoded_leaves(data: bytes) -> list[tuple[str, bytes]]:
+    """(content type, decoded payload) of each leaf; fails on any parser defect."""
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    leaves: list[tuple[str, bytes]] = []
+    for part in message.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
+        if not part.is_multipart() and part.get_content_type() != "message/rfc822":
+            leaves.append((part.get_content_type(), part.get_payload(decode=True)))
+    return leaves
+
+
+def test_to_7bit_takes_a_body_part_without_headers_or_blank_line_as_body_not_as_8bit_headers() -> None:
+    broken = (
+        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\nsecond line\r\n--b--\r\n"
+    )
+    out = to_7bit(broken)
+    assert out.isascii()
+    assert [payload for _, payload in _decoded_leaves(out)] == ["Grüße aus Köln\r\nsecond line".encode()]
+
+
+def test_to_7bit_gives_parts_it_cannot_walk_a_type_that_may_be_base64() -> None:
+    """A multipart without a boundary, or message/rfc822 past the nesting bound, goes as an attachment."""
+    no_boundary = "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\nnaïve\r\n".encode()
+    assert _decoded_leaves(to_7bit(no_boundary)) == [("application/octet-stream", "naïve\r\n".encode())]
+    inner = "Subject: in\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nnaïve\r\n".encode()
+    for _ in range(30):
+        inner = b"Subject: wrapped\r\nContent-Type: message/rfc822\r\n\r\n" + inner
+    leaves = _decoded_leaves(to_7bit(b"From: a@b\r\nMIME-Version: 1.0\r\n" + inner))
+    assert [kind for kind, _ in leaves] == ["application/octet-stream"]
+    assert leaves[0][1].endswith("naïve\r\n".encode())
+
+
+def test_to_7bit_relabels_a_converted_multipart_that_said_8bit() -> None:
+    message = (
+        "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nnaïve\r\n--b--\r\n"
+    ).encode()
+    out = to_7bit(message)
+    assert b"Content-Transfer-Encoding: 8bit" not in out
+    assert headers_of(out).endswith(b"Content-Transfer-Encoding: 7bit")
+    assert [payload for _, payload in _decoded_leaves(out)] == ["naïve".encode()]
+
+
+def _peak_memory_of_to_7bit(message: bytes) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        to_7bit(message)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_to_7bit_memory_stays_a_few_times_the_message_for_many_tiny_parts_and_8bit_preambles() -> None:
+    size = 4 * 1024 * 1024
+    head = b"From: a@b\r\nSubject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+    tiny_parts = head + b"--b\r\nContent-Type: text/plain\r\n\r\n\xc3\xa9\r\n" * (size // 40) + b"--b--\r\n"
+    eight_bit_preamble = head + b"\xc3\xa9" * (size // 2) + b"\r\n--b\r\n\r\nx\r\n--b--\r\n"
+    for message in (tiny_parts, eight_bit_preamble):
+        assert _peak_memory_of_to_7bit(message) < 6 * len(message)
+
+
+def test_to_7bit_walks_at_most_max_parts_and_encodes_a_bigger_multipart_whole() -> None:
+    from relayd.mime7bit import MAX_PARTS
+
+    parts = b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\xc3\xa9\r\n" * (MAX_PARTS + 1)
+    message = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--\r\n"
+    leaves = _decoded_leaves(to_7bit(message))
+    assert leaves == [("application/octet-stream", parts + b"--b--\r\n")]
+    fits = message.replace(parts, parts[: len(parts) // (MAX_PARTS + 1) * MAX_PARTS])
+    assert len(_decoded_leaves(to_7bit(fits))) == MAX_PARTS
