@@ -1025,6 +1025,13 @@ class _Reader:
         return int(text.strip(), 8)
 
     def group(self, node: _Node, key: str) -> int | None:
+        """A gid, written as a number or a group name of this machine."""
+        return self.system_id(node, key, lambda name: grp.getgrnam(name).gr_gid,
+                              "group named", "getent group", "an existing group or a gid number")
+
+    def system_id(self, node: _Node, key: str, lookup: Callable[[str], int], what: str, command: str,
+                  advice: str) -> int | None:
+        """A uid or gid written as a number, or a name `lookup` resolves on this machine."""
         v = node.value if isinstance(node, _Scalar) else None
         if isinstance(v, int) and not isinstance(v, bool):
             return self.integer(_UID)(node, key)
@@ -1032,10 +1039,9 @@ class _Reader:
         if name is None:
             return None
         try:
-            return grp.getgrnam(name).gr_gid
+            return lookup(name)
         except KeyError:
-            self.add(node.pos, f"{key}: there is no group named '{name}' on this machine "
-                               "(getent group); write an existing group or a gid number")
+            self.add(node.pos, f"{key}: there is no {what} '{name}' on this machine ({command}); write {advice}")
             return None
 
     def check_unique_listener(self, lm: _Map, listener: ListenerConfig, names: dict[str, _Pos],
@@ -1277,18 +1283,9 @@ class _Reader:
         return good if len(good) == len(uids) else None
 
     def local_user(self, node: _Node, key: str) -> int | None:
-        v = node.value if isinstance(node, _Scalar) else None
-        if isinstance(v, int) and not isinstance(v, bool):
-            return self.integer(_UID)(node, key)
-        name = self.text(node, key)
-        if name is None:
-            return None
-        try:
-            return pwd.getpwnam(name).pw_uid
-        except KeyError:
-            self.add(node.pos, f"{key}: there is no local user named '{name}' on this machine "
-                               "(getent passwd); write an existing user name or a uid number")
-            return None
+        """A uid, written as a number or a user name of this machine."""
+        return self.system_id(node, key, lambda name: pwd.getpwnam(name).pw_uid,
+                              "local user named", "getent passwd", "an existing user name or a uid number")
 
     def routes(self, tenant: str, tm: _Map, transport_names: frozenset[str]) -> tuple[RouteRule, ...]:
         e = tm.entry("routes")
