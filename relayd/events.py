@@ -342,6 +342,10 @@ class FanOut:
         self._sinks = tuple(sinks)
         self.sink_errors = 0
 
+    def add(self, sink: EventSink) -> None:
+        """Hand every later event to `sink` as well (after the sinks already there)."""
+        self._sinks = (*self._sinks, sink)
+
     def emit(self, event: Event) -> None:
         for sink in self._sinks:
             try:
