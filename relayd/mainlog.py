@@ -1,7 +1,10 @@
 """The main log: one line per mail event, in the shape of Exim's mainlog.
 
-Takes: queue entries, delivery reports and session facts from the stages that
-see them happen, plus an injected clock.
+Takes: events (`relayd.events`) through `MainLog.emit`, as one sink of the
+daemon's fan-out, plus an injected clock. `format_event` is the one place
+that says which line each event becomes. The older per-kind methods
+(`arrival`, `delivered`, `info`...) write the same lines; relayctl uses them
+for its edits while relayd is stopped.
 Emits: lines such as ``2026-01-01 12:00:00 1abc-000001 => x@gmail.com
 R=acme T=gmail H=smtp.gmail.com [1.2.3.4]:587 X=TLS1.3 C="250 2.0.0 OK"``
 to a file opened in append mode (0640) or to a stream.
@@ -483,7 +486,7 @@ def _open_append(path: Path) -> TextIO:
 
 
 class MainLog:
-    """Writes timestamped mainlog lines; one method per event kind; thread-safe.
+    """Writes timestamped mainlog lines: `emit(event)` (the `EventSink` method) or one method per kind; thread-safe.
 
     With `path` None the lines go to `stream` (stderr by default), which is
     what a service under systemd wants. `utc` stamps lines in UTC instead of

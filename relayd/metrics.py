@@ -1,7 +1,7 @@
 """Every Prometheus metric relayd exposes, declared once, with help text.
 
-Takes: counts and timings from the stages, at the same places the main log
-writes its lines.
+Takes: events (`relayd.events`) through `emit`, as one sink of the daemon's
+fan-out, beside the main log; the stages never touch a metric themselves.
 Emits: the Prometheus text exposition format, from `render()` or from an HTTP
 endpoint started with `start_http_server()`.
 Untrusted input: none. Label values are tenant names, transport names and

@@ -7,6 +7,9 @@ and "what became of recipient R of message X" (`outcome`), so relayctl's
 the text log back.
 Untrusted input: the events' addresses and replies; the lines are the main
 log's own (sanitised) text.
+Formatting is left to the reader: recording an event costs an append, the
+line is made (with `mainlog.format_event`, the same text as the log file)
+only when the control socket asks.
 Bounds: at most `max_messages` queue ids (the least recently touched is
 dropped first) and `max_per_message` lines each, so memory stays fixed
 whatever the traffic. Nothing survives a restart; the main log file is the
@@ -27,10 +30,9 @@ MAX_PER_MESSAGE = 64
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """One event about a message: its order number, its main log line (with time) and the event."""
+    """One event about a message and its order number; its log line is only made when asked for."""
 
     seq: int
-    line: str
     event: ev.Event
 
 
@@ -62,17 +64,15 @@ class RecentOutcomes:
         ids = _queue_ids(event)
         if not ids:
             return
-        text = format_event(event, utc=self._utc)
-        if text is None:
-            return
         self._seq += 1
-        record = Recorded(self._seq, f"{format_timestamp(event.at, utc=self._utc)} {text}", event)
+        record = Recorded(self._seq, event)
         for queue_id in ids:
             self._remember(queue_id, record)
 
     def lines_since(self, queue_id: str, mark: int = 0) -> list[str]:
         """The main log lines about `queue_id` recorded after `mark`, oldest first."""
-        return [r.line for r in self._by_id.get(queue_id, ()) if r.seq > mark]
+        lines = (self._line(r.event) for r in self._by_id.get(queue_id, ()) if r.seq > mark)
+        return [line for line in lines if line is not None]
 
     def outcome(self, queue_id: str, recipient: str, mark: int = 0) -> RecipientVerdict | None:
         """The first verdict for `recipient` of `queue_id` after `mark`; None while there is none."""
@@ -82,10 +82,15 @@ class RecentOutcomes:
                 continue
             if event.queue_id != queue_id or event.recipient != recipient:
                 continue
-            marker = f"{queue_id} "
-            text = record.line.partition(marker)[2][3:]  # after "=> ", "-> ", "** " or "== "
-            return RecipientVerdict(_verdict(event), text)
+            text = format_event(event, utc=self._utc) or ""
+            detail = text.partition(f"{queue_id} ")[2][3:]  # after "=> ", "-> ", "** " or "== "
+            return RecipientVerdict(_verdict(event), detail)
         return None
+
+    def _line(self, event: ev.Event) -> str | None:
+        """The main log line for `event`, stamped with the time the event happened."""
+        text = format_event(event, utc=self._utc)
+        return None if text is None else f"{format_timestamp(event.at, utc=self._utc)} {text}"
 
     def _remember(self, queue_id: str, record: Recorded) -> None:
         lines = self._by_id.get(queue_id)
