@@ -36,7 +36,7 @@ import time
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
 from relayd.cli import CliError, UsageError, _load_config, _read_password
 from relayd.control import (
@@ -45,9 +45,7 @@ from relayd.control import (
     DaemonNotRunning,
     SpoolLock,
     lock_path,
-    log_size,
     read_log_lines,
-    read_log_since,
 )
 from relayd.msgid import is_message_id
 from relayd.queueview import (
@@ -74,7 +72,6 @@ from relayd.queueview import (
     wire_row,
 )
 from relayd.retry import parse_duration
-from relayd.values import RecipientState
 
 if TYPE_CHECKING:
     from relayd.config import RelayConfig, TenantConfig
@@ -793,40 +790,26 @@ def _submit(
     return found.group(1)
 
 
-def _outcome(lines: Iterable[str], message_id: str, recipient: str) -> tuple[str, str] | None:
-    """delivered / failed / deferred and the reason, from the message's main log lines."""
-    for line in lines:
-        rest = line.partition(f"{message_id} ")[2]
-        for mark, outcome in (("=> ", "delivered"), ("-> ", "delivered"), ("** ", "failed"), ("== ", "deferred")):
-            if rest.startswith(mark + recipient):
-                return outcome, rest[len(mark):]
-    return None
+def _follow(config: RelayConfig, message_id: str, recipient: str, timeout: float) -> tuple[str, str] | None:
+    """Ask relayd until the recipient is delivered, deferred or failed (or the message left the queue).
 
-
-def _follow(
-    config: RelayConfig, message_id: str, recipient: str, timeout: float, offset: int
-) -> tuple[str, str] | None:
-    """Watch the main log (from `offset`) until the recipient is delivered, deferred or failed.
-
-    Without a log file (relayd logging to stderr) the queue state is watched instead.
+    relayd answers from the events it keeps in memory, never from its log file.
     """
     deadline = time.monotonic() + timeout
+    client = _client(config)
     while True:
-        if config.log_file is not None:
-            lines = _log_since(config, offset, message_id)
-            found = _outcome(lines, message_id, recipient)
-        else:
-            found = _queue_outcome(config, message_id, recipient)
-        if found is not None or time.monotonic() >= deadline:
-            return found
+        try:
+            reply = client.request("queue.outcome", id=message_id, recipient=recipient)
+        except ControlUnavailable as exc:
+            raise CliError(str(exc)) from None
+        if not reply.get("ok"):
+            raise CliError(f"relayd could not say what became of {message_id}: {reply.get('error', 'no answer')}")
+        outcome = reply.get("outcome")
+        if isinstance(outcome, str):
+            return outcome, str(reply.get("detail", ""))
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(SEND_TEST_POLL)
-
-
-def _log_since(config: RelayConfig, offset: int, message_id: str) -> list[str]:
-    try:
-        return read_log_since(config.log_file, offset, [message_id])[message_id]
-    except OSError:
-        return []
 
 
 def captured_file(config: RelayConfig, tenant: TenantConfig, recipient: str, queue_id: str) -> Path | None:
@@ -845,22 +828,6 @@ def captured_file(config: RelayConfig, tenant: TenantConfig, recipient: str, que
             for sub in ("new", "cur"):
                 for path in sorted((transport.maildir / sub).glob(f"*.{queue_id}*")):
                     return path
-    return None
-
-
-def _queue_outcome(config: RelayConfig, message_id: str, recipient: str) -> tuple[str, str] | None:
-    try:
-        reply = _client(config).request("queue.show", id=message_id)
-    except ControlUnavailable as exc:
-        raise CliError(str(exc)) from None
-    if not reply.get("ok"):
-        return "completed", "the message left the queue; relayd logs to stderr, see its journal for how"
-    entry = entry_from_json(reply["message"])
-    for r in entry.recipients:
-        if r.address == recipient and r.state in (RecipientState.DEFERRED, RecipientState.FAILED):
-            return r.state.value, f"{recipient}: {r.last_error or 'no reason recorded'}"
-        if r.address == recipient and r.state is RecipientState.DELIVERED:
-            return "delivered", recipient
     return None
 
 
@@ -885,7 +852,6 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
     source = bound[0] if bound else None
     password = None if source else _read_password(args, f"Password of tenant {tenant.name}: ", confirm=False)
-    offset = log_size(config.log_file)
     try:
         message_id = _submit(config, tenant, sender, recipient, password, source)
     except smtplib.SMTPAuthenticationError:
@@ -893,7 +859,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     except (smtplib.SMTPException, ssl.SSLError, OSError) as exc:
         raise CliError(f"could not submit to relayd at {host}:{port}: {_submit_failure(exc)}") from None
     print(f"queued as {message_id}; following it for up to {args.timeout:g}s")
-    found = _follow(config, message_id, recipient, args.timeout, offset)
+    found = _follow(config, message_id, recipient, args.timeout)
     if found is None:
         raise CliError(f"no outcome for {message_id} within {args.timeout:g}s; see `{PROG} queue show {message_id} --log`")
     outcome, detail = found

@@ -45,7 +45,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
+from relayd.events import EventSink, MessageCompleted, OperatorAction
 from relayd.msgid import is_message_id
+from relayd.outcomes import RecentOutcomes
 from relayd.queueview import entry_to_json, queue_counts, wire_row
 from relayd.values import QueueEntry, RecipientState
 
@@ -398,34 +400,6 @@ def read_log_lines(path: Path | None, message_id: str, *, cap: int = LOG_READ_CA
     ]
 
 
-def log_size(path: Path | None) -> int:
-    if path is None:
-        return 0
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-def read_log_since(path: Path | None, offset: int, ids: Sequence[str]) -> dict[str, list[str]]:
-    """Lines written after `offset` that mention each id (what one attempt logged)."""
-    found: dict[str, list[str]] = {i: [] for i in ids}
-    if path is None or not ids:
-        return found
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(LOG_READ_CAP)
-    except OSError:
-        return found
-    for raw in data.split(b"\n"):
-        line = raw.decode("utf-8", "replace")
-        for message_id in ids:
-            if message_id in line:
-                found[message_id].append(line)
-    return found
-
-
 # ---------------------------------------------------------- the commands
 
 
@@ -454,8 +428,9 @@ class QueueControl:
     """The commands, over the daemon's own stages (all handed in; nothing global).
 
     `scheduler` is a relayd.scheduler.Scheduler, `spool` a relayd.spool.Spool,
-    `agent` a relayd.delivery.DeliveryAgent, `health` an UpstreamHealth, `log`
-    the MainLog. `reload` re-reads the configuration and returns its problems
+    `agent` a relayd.delivery.DeliveryAgent, `health` an UpstreamHealth, `events`
+    where operator actions are emitted, `outcomes` the recent events the
+    daemon keeps, which `deliver` and `queue.outcome` answer from. `reload` re-reads the configuration and returns its problems
     (empty when it took); `listeners` gives the bound (name, address, port).
     """
 
@@ -467,7 +442,8 @@ class QueueControl:
         spool: Any,
         agent: Any,
         health: Any,
-        log: Any,
+        events: EventSink,
+        outcomes: RecentOutcomes,
         reload: Callable[[], Awaitable[list[str]]],
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
@@ -478,7 +454,8 @@ class QueueControl:
         self._spool = spool
         self._agent = agent
         self._health = health
-        self._log = log
+        self._events = events
+        self._outcomes = outcomes
         self._reload = reload
         self._listeners = listeners
         self._clock = clock
@@ -495,6 +472,7 @@ class QueueControl:
             "queue.count": self.queue_count,
             "queue.show": self.queue_show,
             "queue.log": self.queue_log,
+            "queue.outcome": self.queue_outcome,
             "deliver": self.deliver,
             "flush": self.flush,
             "freeze": self.freeze,
@@ -585,7 +563,7 @@ class QueueControl:
         entry = self._scheduler.get(message_id)
         answer: dict[str, Any] = {"message": None, "in_flight": False}
         if request.args.get("log"):
-            answer["log"] = await asyncio.to_thread(read_log_lines, self._config().log_file, message_id)
+            answer["log"] = await self._log_lines(message_id)
         if entry is None:
             if "log" in answer:
                 return answer
@@ -610,8 +588,35 @@ class QueueControl:
         message_id = request.args.get("id")
         if not isinstance(message_id, str) or not is_message_id(message_id):
             raise ControlError('"id" must be a message id')
-        lines = await asyncio.to_thread(read_log_lines, self._config().log_file, message_id)
+        lines = await self._log_lines(message_id)
         return {"log": lines, "queued": self._scheduler.get(message_id) is not None}
+
+    async def _log_lines(self, message_id: str) -> list[str]:
+        """A message's history for a human: the main log file, or (logging to stderr) the recent events."""
+        log_file = self._config().log_file
+        if log_file is None:
+            return self._outcomes.lines_since(message_id)
+        return await asyncio.to_thread(read_log_lines, log_file, message_id)
+
+    async def queue_outcome(self, request: Request) -> dict[str, Any]:
+        """What became of one recipient of a message, from the recent events (send-test follows this).
+
+        `outcome` is delivered, deferred or failed with the log line's detail;
+        "completed" when the message left the queue without a verdict still
+        remembered; None while the attempt is still to come.
+        """
+        message_id = request.args.get("id")
+        recipient = request.args.get("recipient")
+        if not isinstance(message_id, str) or not is_message_id(message_id):
+            raise ControlError('"id" must be a message id')
+        if not isinstance(recipient, str):
+            raise ControlError('"recipient" must be an address')
+        verdict = self._outcomes.outcome(message_id, recipient)
+        if verdict is not None:
+            return {"outcome": verdict.outcome, "detail": verdict.detail}
+        if self._scheduler.get(message_id) is None:
+            return {"outcome": "completed", "detail": "the message left the queue; see the main log for how"}
+        return {"outcome": None, "detail": ""}
 
     # -- actions ---------------------------------------------------------------
 
@@ -670,16 +675,14 @@ class QueueControl:
 
     async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, Any]:
         """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
-        unchanged, done, verb = (
-            ("already frozen", "frozen", "frozen") if frozen else ("not frozen", "thawed", "unfrozen")
-        )
+        unchanged, done = ("already frozen", "frozen") if frozen else ("not frozen", "thawed")
 
         async def set_flag(message_id: str, entry: QueueEntry) -> str:
             if entry.frozen == frozen:
                 return unchanged
             if await self._write_frozen(entry, frozen) is None:
                 return "not in queue"
-            self._log.info(f"{message_id} {verb} by {request.user}")
+            self._events.emit(OperatorAction(action="freeze" if frozen else "thaw", user=request.user, queue_id=message_id))
             return done
 
         return await self._on_each_exclusively(request, set_flag)
@@ -691,8 +694,8 @@ class QueueControl:
             self._agent.forget(message_id)
             if not gone:
                 return "not in queue"
-            self._log.info(f"{message_id} removed by {request.user}")
-            self._log.completed(message_id)
+            self._events.emit(OperatorAction(action="remove", user=request.user, queue_id=message_id))
+            self._events.emit(MessageCompleted(queue_id=message_id))
             return "removed"
 
         return await self._on_each_exclusively(request, remove_one)
@@ -701,7 +704,7 @@ class QueueControl:
         from relayd.spool import SpoolCorruptError
 
         async def give_up_one(message_id: str, entry: QueueEntry) -> str:
-            self._log.info(f"{message_id} delivery cancelled by {request.user}")
+            self._events.emit(OperatorAction(action="giveup", user=request.user, queue_id=message_id))
             try:
                 done = await self._agent.give_up(entry)
             except SpoolCorruptError:
@@ -723,8 +726,7 @@ class QueueControl:
         ids = _ids(request.args)
         results: dict[str, str] = {}
         started: dict[str, asyncio.Future[None]] = {}
-        log_file = self._config().log_file
-        offset = log_size(log_file)
+        mark = self._outcomes.mark()
         for message_id in ids:
             try:
                 async with self._scheduler.exclusive(message_id, busy_wait) as entry:
@@ -735,18 +737,17 @@ class QueueControl:
                         if await self._write_frozen(entry, False) is None:
                             results[message_id] = "not in queue"
                             continue
-                        self._log.info(f"{message_id} unfrozen by {request.user}")
+                        self._events.emit(OperatorAction(action="thaw", user=request.user, queue_id=message_id))
                     started[message_id] = self._scheduler.attempt_finished(message_id)
             except MessageBusy:
                 results[message_id] = "busy"
         self._scheduler.force(list(started))
         if started:
             await self._wait_attempts(request, started, attempt_wait)
-        lines = await asyncio.to_thread(read_log_since, log_file, offset, list(started))
         out = []
         for message_id in ids:
             result = results.get(message_id) or self._after_attempt(message_id, started[message_id])
-            out.append({"id": message_id, "result": result, "log": lines.get(message_id, [])})
+            out.append({"id": message_id, "result": result, "log": self._outcomes.lines_since(message_id, mark)})
         return {"results": out}
 
     async def _wait_attempts(
@@ -797,7 +798,7 @@ class QueueControl:
                     async with self._scheduler.exclusive(message_id, DEFAULT_BUSY_WAIT) as current:
                         if current is None or await self._write_frozen(current, False) is None:
                             continue
-                        self._log.info(f"{message_id} unfrozen by {request.user}")
+                        self._events.emit(OperatorAction(action="thaw", user=request.user, queue_id=message_id))
                         thawed += 1
                 except MessageBusy:
                     continue
@@ -805,5 +806,5 @@ class QueueControl:
             if n % (PROGRESS_EVERY * 20) == 0:
                 await request.emit({"progress": n, "total": len(ids)})
         self._scheduler.force(forced)
-        self._log.info(f"queue flush by {request.user}: {len(forced)} message(s) forced")
+        self._events.emit(OperatorAction(action="flush", user=request.user, count=len(forced)))
         return {"forced": len(forced), "thawed": thawed}

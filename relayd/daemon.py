@@ -39,8 +39,10 @@ from relayd.dsn import build_dsn
 from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.gates import GateSet
 from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
+from relayd import events as ev
 from relayd.mainlog import MainLog
 from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.outcomes import RecentOutcomes
 from relayd.queueview import queue_counts
 from relayd.scheduler import Scheduler
 from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
@@ -51,15 +53,6 @@ from relayd.values import Envelope, QueueEntry, Recipient
 
 
 _INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
-
-
-def arrival_auth(env: Envelope) -> str:
-    """Exim's A= value, `authenticator:id`: `plain:acme` or `login:acme` after SMTP AUTH,
-    `local:cron` for a tenant known by the uid of a local user on the Unix socket
-    (U= names the user), `bind:cron` for one known by its loopback address."""
-    if env.auth_mechanism:
-        return f"{env.auth_mechanism}:{env.tenant}"
-    return f"{'local' if env.local_user else 'bind'}:{env.tenant}"
 
 
 def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -124,6 +117,9 @@ class Relay:
         self.environ = dict(os.environ if environ is None else environ)
         self.log = MainLog(config.log_file)
         self.metrics = RelayMetrics()
+        self.outcomes = RecentOutcomes()
+        # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
+        self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
@@ -131,7 +127,7 @@ class Relay:
             lambda: self.config.spool_limits,
             lambda: max(listener.max_message_size for listener in self.config.listeners),
             state_failure=lambda: self.agent.state_write_failure(),
-            log=self.log.warning,
+            log=self.warn,
         )
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
@@ -141,8 +137,7 @@ class Relay:
             spool=self.spool,
             transports=lambda: self.transports,
             gates=GateSet([self.health]),
-            log=self.log,
-            metrics=self.metrics,
+            events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
             is_forced=lambda message_id: self.scheduler.is_forced(message_id),
@@ -153,9 +148,9 @@ class Relay:
             self.agent.deliver,
             max_parallel=config.delivery.max_parallel,
             sweep_interval=config.delivery.queue_run_interval,
-            on_error=lambda message_id, error: self.log.error(
-                f"{message_id} delivery error: {type(error).__name__}: {error}"
-            ),
+            on_error=lambda message_id, error: self.events.emit(ev.Notice(
+                text=f"{message_id} delivery error: {type(error).__name__}: {error}", level="error"
+            )),
             hold_until=self.agent.hold_until,
             lane_of=self.agent.lane_of,
             transport_limit=lambda name: self.config.transport_max_parallel(name),
@@ -169,8 +164,7 @@ class Relay:
                 new_id=self.spool.new_id,
                 admit=self.room.refusal,
                 guard=self.guard,
-                log=self.log,
-                metrics=self.metrics,
+                events=self.events,
                 receive=self.receive,
             ),
             make_server_tls_context(config),
@@ -183,12 +177,13 @@ class Relay:
                 spool=self.spool,
                 agent=self.agent,
                 health=self.health,
-                log=self.log,
+                events=self.events,
+                outcomes=self.outcomes,
                 reload=self.reload_report,
                 listeners=lambda: self.server.bound,
                 spool_room=self.room.status,
             ).handlers(),
-            log_error=self.log.error,
+            log_error=lambda text: self.events.emit(ev.Notice(text=text, level="error")),
             ready=self.wait_index_loaded,
         )
         self._spool_lock: SpoolLock | None = None
@@ -196,6 +191,10 @@ class Relay:
         self._tasks: list[asyncio.Task[Any]] = []
         self.index_loaded: asyncio.Task[None] | None = None
         self._metrics_server: Any = None
+
+    def warn(self, text: str) -> None:
+        """A warning for the operator, through the event fan-out."""
+        self.events.emit(ev.Notice(text=text, level="warning"))
 
     # -- construction helpers --------------------------------------------------
 
@@ -224,10 +223,10 @@ class Relay:
         try:
             entry = await self.spool.accept(envelope, body)
         except SpoolFullError as error:
-            self.log.error(f"spool full, message refused: {error}")
+            self.events.emit(ev.SpoolRefusedMessage(full=True, error=str(error)))
             raise SubmissionRefused(replies.SPOOL_FULL) from None
         except SpoolWriteError as error:
-            self.log.error(f"spool write failed, message refused: {error}")
+            self.events.emit(ev.SpoolRefusedMessage(full=False, error=str(error)))
             raise SubmissionRefused(replies.SPOOL_ERROR) from None
         self.queued(entry)
         return entry.id
@@ -243,25 +242,16 @@ class Relay:
     def _refusal(self, error: SpoolError) -> SubmissionRefused:
         """Log a spool failure while taking a message; the reply the client gets."""
         if isinstance(error, SpoolFullError):
-            self.log.error(f"spool full, message refused: {error}")
+            self.events.emit(ev.SpoolRefusedMessage(full=True, error=str(error)))
             return SubmissionRefused(replies.SPOOL_FULL)
-        self.log.error(f"spool write failed, message refused: {error}")
+        self.events.emit(ev.SpoolRefusedMessage(full=False, error=str(error)))
         return SubmissionRefused(replies.SPOOL_ERROR)
 
     def queued(self, entry: QueueEntry) -> None:
         """A new message is durable: count it against its tenant's share, log it, schedule it."""
         self.room.track(entry)
-        self._note_arrival(entry)
+        self.events.emit(ev.MessageArrived(entry=entry))
         self.scheduler.add(entry)
-
-    def _note_arrival(self, entry: QueueEntry) -> None:
-        env = entry.envelope
-        self.log.arrival(
-            entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
-            protocol=env.protocol, tls=env.tls or None, auth=arrival_auth(env), user=env.local_user,
-        )
-        self.metrics.messages_received.labels(tenant=env.tenant).inc()
-        self.metrics.bytes_received.labels(tenant=env.tenant).inc(env.size)
 
     async def enqueue_bounce(self, original: Envelope, dsn: bytes) -> None:
         bounce = Envelope(
@@ -276,7 +266,9 @@ class Relay:
         )
         entry = await self.spool.accept(bounce, dsn)
         self.room.track(entry)
-        self.log.bounce_created(original.id, bounce_id=entry.id, sender=original.sender, size=len(dsn))
+        self.events.emit(ev.BounceCreated(
+            queue_id=original.id, bounce_id=entry.id, tenant=original.tenant, sender=original.sender, size=len(dsn),
+        ))
         self.scheduler.add(entry)
 
     # -- lifecycle -------------------------------------------------------------
@@ -298,7 +290,7 @@ class Relay:
     async def _start_stages(self) -> None:
         await self.spool.start()
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
-            self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
+            self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
         await self.server.start(self.config.listeners)
         await self.control.start()
@@ -310,7 +302,7 @@ class Relay:
                 self.config.metrics.address, self.config.metrics.port
             )
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
-        self.log.info(f"relayd started: listening on {listening}; loading the queue index")
+        self.events.emit(ev.DaemonStarted(listening=listening))
         self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
         self._tasks.append(self.index_loaded)
         sdnotify.notify("READY=1\nSTATUS=accepting mail", self.environ)
@@ -340,9 +332,9 @@ class Relay:
         started = time.monotonic()
         loaded = await asyncio.to_thread(self.spool.load)
         for problem in loaded.problems:
-            self.log.warning(f"spool: {problem}")
+            self.warn(f"spool: {problem}")
         for message_id in loaded.discarded:
-            self.log.info(f"{message_id} incomplete message from a stopped receiver discarded")
+            self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         for entry in loaded.entries:
             self.room.track(entry)
         added = 0
@@ -354,23 +346,21 @@ class Relay:
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
         gc.freeze()
-        self.log.info(
-            f"queue index loaded: {added} message(s) in {time.monotonic() - started:.2f}s"
-        )
+        self.events.emit(ev.Notice(text=f"queue index loaded: {added} message(s) in {time.monotonic() - started:.2f}s"))
 
     async def stop(self) -> None:
         sdnotify.notify("STOPPING=1", self.environ)
-        self.log.info("relayd stopping: no longer accepting connections")
+        self.events.emit(ev.DaemonStopping())
         self.server.stop_accepting()
         await self.control.stop()
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
         await self.agent.record_unrecorded()
         for message_id, reason in self.agent.unrecorded().items():
-            self.log.error(
-                f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
-                "recipients it delivered may be sent again after the restart"
-            )
+            self.events.emit(ev.Notice(
+                text=f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
+                "recipients it delivered may be sent again after the restart", level="error",
+            ))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -381,7 +371,7 @@ class Relay:
             server, _thread = self._metrics_server
             server.shutdown()
         self.passwords.close()
-        self.log.info("relayd stopped")
+        self.events.emit(ev.DaemonStopped())
         self.log.close()
         if self._spool_lock is not None:
             self._spool_lock.release()
@@ -411,12 +401,12 @@ class Relay:
             problems = []
         if problems:
             for line in problems:
-                self.log.error(f"reload failed, keeping the running configuration: {line}")
+                self.events.emit(ev.Notice(text=f"reload failed, keeping the running configuration: {line}", level="error"))
             return problems
         if new.listeners != self.config.listeners or new.tls != self.config.tls:
-            self.log.warning("listener or TLS changes take effect at the next restart")
+            self.warn("listener or TLS changes take effect at the next restart")
         if new.control_path != self.config.control_path:
-            self.log.warning("a new control_socket path takes effect at the next restart")
+            self.warn("a new control_socket path takes effect at the next restart")
         old_transports = self.transports
         self.credentials = credentials
         self.config = new
@@ -424,7 +414,7 @@ class Relay:
         self.passwords.clear()
         for transport in old_transports.values():
             await transport.close()
-        self.log.info(f"configuration reloaded from {new.source}")
+        self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []
 
@@ -456,7 +446,7 @@ class Relay:
                     f"{error}; credential(s) {', '.join(missing)} are not among those relayd holds "
                     f"and {restart} to load them", store_key_id=error.store_key_id,
                 ) from None
-            self.log.warning(
+            self.warn(
                 f"{new.credentials.store}: {restart} to use the new key; until then the "
                 f"{len(held.names())} credential(s) loaded before stay in use"
             )
@@ -494,7 +484,7 @@ async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -
     loop = asyncio.get_running_loop()
     _install_signals(relay, loop)
     await relay.start()
-    relay.log.info(hardening.describe())
+    relay.events.emit(ev.Notice(text=hardening.describe()))
     if config.pid_file is not None:
         config.pid_file.write_text(f"{os.getpid()}\n")
     try:

@@ -3,7 +3,7 @@
 Takes: a due `QueueEntry` from the scheduler; the current config; the
 transports; the gates (`relayd.gates`: may a transport take mail now); the spool.
 Emits: per recipient a `DeliveryReport` (delivered / deferred / failed), the
-matching mainlog lines and metrics, the new recipient states in the spool,
+matching events (relayd.events: the main log and metrics are sinks), the new recipient states in the spool,
 and an RFC 3464 bounce to the sender for every permanent failure.
 Untrusted input: upstream replies (only logged, sanitised by the log).
 How it fails: a spool file whose body no longer checks out is set aside and
@@ -54,6 +54,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
+from relayd import events as ev
 from relayd.config import RelayConfig
 from relayd.dsn import auto_submitted_keyword
 from relayd.fairness import Lane
@@ -239,8 +240,7 @@ class DeliveryAgent:
         spool: Any,  # relayd.spool.Spool
         transports: Callable[[], Mapping[str, Any]],  # name -> relayd.transport.Transport
         gates: Gate,
-        log: Any,  # relayd.mainlog.MainLog
-        metrics: Any = None,
+        events: ev.EventSink,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
         build_dsn: Callable[..., bytes],
         is_forced: Callable[[str], bool] = lambda _id: False,
@@ -253,8 +253,7 @@ class DeliveryAgent:
         self._spool = spool
         self._transports = transports
         self._gates = gates
-        self._log = log
-        self._metrics = metrics
+        self._events = events
         self._enqueue_bounce = enqueue_bounce
         self._build_dsn = build_dsn
         self._is_forced = is_forced
@@ -291,7 +290,7 @@ class DeliveryAgent:
             except SpoolCorruptError as error:
                 self.forget(entry.id)
                 self._spool.set_aside(entry.id, str(error))
-                self._log.error(f"{entry.id} spool file set aside: {error}")
+                self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
                 return None
             except SpoolError as error:
                 return self._hold(self._unrecorded.get(entry.id, held), error)
@@ -304,7 +303,7 @@ class DeliveryAgent:
             return None  # removed by an operator meanwhile
         except SpoolCorruptError as error:
             self._spool.set_aside(entry.id, str(error))
-            self._log.error(f"{entry.id} spool file set aside: {error}")
+            self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
             return None
         config = self._config()
         now = self._clock()
@@ -356,7 +355,7 @@ class DeliveryAgent:
             # Unlinking frees the file's blocks, which the kernel does in the
             # caller's time: keep that off the event loop.
             await asyncio.to_thread(self._spool.complete, known.id)
-            self._log.completed(known.id)
+            self._events.emit(ev.MessageCompleted(queue_id=known.id))
             return None
         await self._spool.update(known, durable=True)
         return known
@@ -375,9 +374,7 @@ class DeliveryAgent:
         held = replace(held, reason=str(error), retry_at=retry_at)
         self._unrecorded[held.id] = held
         if first:
-            self._log.error(
-                f"{held.id} cannot record delivery state, delivery held until the spool can write: {error}"
-            )
+            self._events.emit(ev.SpoolCannotRecord(queue_id=held.id, error=str(error)))
         view = without_unbounced(held.entry, held.on_disk, held.unbounced)
         # The scheduler forgets a complete entry; this one must stay until recorded.
         return held.on_disk if view.is_complete else view
@@ -390,7 +387,7 @@ class DeliveryAgent:
             self._unrecorded[held.id] = replace(held, unbounced=())
         recorded = await self._record_final(held.entry)
         self._unrecorded.pop(held.id, None)
-        self._log.info(f"{held.id} delivery state recorded; the spool can write again")
+        self._events.emit(ev.SpoolRecovered(queue_id=held.id))
         if not self._unrecorded:
             await asyncio.to_thread(self._keep_room)
         return recorded
@@ -438,7 +435,7 @@ class DeliveryAgent:
             return False
         except SpoolCorruptError as error:
             self._spool.set_aside(entry.id, str(error))
-            self._log.error(f"{entry.id} spool file set aside: {error}")
+            self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
             raise
         config = self._config()
         reports = [
@@ -451,7 +448,7 @@ class DeliveryAgent:
             await self._bounce(entry, body, outcome.newly_failed, config)
         await asyncio.to_thread(self._spool.complete, entry.id)
         self.forget(entry.id)
-        self._log.completed(entry.id)
+        self._events.emit(ev.MessageCompleted(queue_id=entry.id))
         return True
 
     def hold_until(self, entry: QueueEntry) -> float | None:
@@ -599,9 +596,10 @@ class DeliveryAgent:
                 else:
                     reports.append(report)
             if still and result.connection_failed:
-                self._log.host_failed(entry.id, transport=name, host=result.host, ip=result.ip, port=result.port, reason=result.detail or last[still[0]].reason)
-                if self._metrics is not None:
-                    self._metrics.failovers.labels(transport=name, reason=_reason_label(last[still[0]])).inc()
+                self._events.emit(ev.HostFailed(
+                    queue_id=entry.id, transport=name, host=result.host, ip=result.ip, port=result.port,
+                    reason=result.detail or last[still[0]].reason, reason_label=_reason_label(last[still[0]]),
+                ))
             remaining = still
         for address in remaining:
             reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address], closed))
@@ -621,34 +619,38 @@ class DeliveryAgent:
             # Cancelled (shutdown) or a bug: the attempt still ends for the gates.
             self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
             raise
-        if self._metrics is not None:
-            self._metrics.delivery_seconds.labels(transport=transport.name).observe(time.monotonic() - started)
+        seconds = time.monotonic() - started
         self._gates.attempt_ended(transport.name, gate_report(transport.name, result, config), self._clock())
-        if self._metrics is not None:
-            self._metrics.upstream_up.labels(transport=transport.name).set(0 if result.connection_failed else 1)
+        self._events.emit(ev.UpstreamAttempted(
+            transport=transport.name, seconds=seconds, reachable=not result.connection_failed
+        ))
         return result
 
     def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
-        """One log line per verdict; returns whether the next delivery is still the first (=> vs ->)."""
+        """One event per verdict; returns whether the next delivery is still the first (=> vs ->)."""
         first_delivered = first
-        tenant = entry.envelope.tenant
+        env = entry.envelope
         for report in outcome.reports:
+            state = next((r for r in outcome.entry.recipients if r.address == report.address), None)
+            attempt = state.attempts if state is not None else 0
+            event: ev.Event
             if report.outcome is AttemptOutcome.DELIVERED:
-                self._log.delivered(entry.id, report, first=first_delivered)
+                event = ev.RecipientDelivered(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, first=first_delivered,
+                )
                 first_delivered = False
-                result = "delivered"
             elif report.outcome is AttemptOutcome.FAIL:
-                if entry.envelope.is_bounce:
-                    self._log.bounce_dropped(entry.id, report)
-                else:
-                    self._log.failed(entry.id, report)
-                result = "failed"
+                event = ev.RecipientFailed(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, bounce_discarded=env.is_bounce,
+                )
             else:
-                state = next(r for r in outcome.entry.recipients if r.address == report.address)
-                self._log.deferred(entry.id, report, next_attempt=state.next_attempt)
-                result = "deferred"
-            if self._metrics is not None:
-                self._metrics.deliveries.labels(tenant=tenant, transport=report.transport or "none", result=result).inc()
+                event = ev.RecipientDeferred(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, next_attempt=state.next_attempt if state is not None else None,
+                )
+            self._events.emit(event)
         return first_delivered
 
     async def _bounce(
@@ -667,8 +669,6 @@ class DeliveryAgent:
             message_id_domain=config.hostname,
         )
         await self._enqueue_bounce(entry.envelope, dsn)
-        if self._metrics is not None:
-            self._metrics.bounces.labels(tenant=entry.envelope.tenant).inc()
 
 
     def _bounce_would_loop(self, entry: QueueEntry, body: bytes) -> bool:
@@ -681,10 +681,10 @@ class DeliveryAgent:
         keyword = auto_submitted_keyword(body)
         if keyword is None:
             return False
-        self._log.bounce_suppressed(
-            entry.id, sender=entry.envelope.sender,
+        self._events.emit(ev.BounceSuppressed(
+            queue_id=entry.id, sender=entry.envelope.sender,
             reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
-        )
+        ))
         return True
 
 

@@ -45,6 +45,10 @@ from relayd import policy, replies
 from relayd.authguard import Attempt, AuthGuard, limits_of
 from relayd.config import ListenerConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.datastream import DataDecoder
+from relayd.events import (
+    AuthFailed, AuthThrottled, ConnectionRefused, EventSink, Notice, RejectionsNotLogged, SessionClosed,
+    SessionDropped, SessionOpened, SmtpRefused,
+)
 from relayd.intake import DataTurns, IncomingBody, MessageIntake
 from relayd.intake import SubmissionRefused as SubmissionRefused  # raised by the services' accept and receive
 from relayd.router import route  # a pure function of the config: RCPT is refused, not bounced later
@@ -76,8 +80,7 @@ class ListenerServices:
     accept: Callable[[Envelope, bytes], Awaitable[str]]  # returns the queue id
     new_id: Callable[[], str]
     guard: AuthGuard
-    log: Any  # relayd.mainlog.MainLog
-    metrics: Any = None  # relayd.metrics.RelayMetrics | None
+    events: EventSink  # relayd.events: the main log and the metrics are sinks
     clock: Callable[[], float] = time.time
     # Room on the spool for a tenant's new message of a declared size: a 452
     # reply, or None (relayd.spoolroom.SpoolRoom.refusal).
@@ -254,8 +257,7 @@ class SubmissionProtocol(SMTP):
         self._last_command_at = self.loop.time()
         self._activity = next(_ACTIVITY)
         self._sessions.add(self)
-        if self.services.metrics is not None:
-            self.services.metrics.sessions.inc()
+        self.services.events.emit(SessionOpened())
         return True
 
     def _evict_idle_stranger(self) -> bool:
@@ -266,10 +268,10 @@ class SubmissionProtocol(SMTP):
         victim = min(strangers, key=lambda s: (s._last_command_at, s._activity))
         write, suppressed = self._connections.log_gate.admit(self.loop.time())
         if write:
-            self.services.log.session_dropped(
+            self.services.events.emit(SessionDropped(
                 client_ip=victim.client_ip,
                 reason=f"idle before authentication while {self.listener.name} is at max_connections "
-                       f"{self.listener.max_connections}" + (f" ({suppressed} similar line(s) not logged)" if suppressed else ""))
+                       f"{self.listener.max_connections}" + (f" ({suppressed} similar line(s) not logged)" if suppressed else "")))
         victim._drop(replies.evicted(self.hostname), "", log=False)
         victim._release()  # now, not at connection_lost: the new connection needs the slot
         return True
@@ -278,15 +280,12 @@ class SubmissionProtocol(SMTP):
         return self._counted and not self._closing and not self._in_data and not self._identified()
 
     def _log_connection_refused(self, refused: str) -> None:
-        if self.services.metrics is not None:
-            self.services.metrics.smtp_rejections.labels(reason="CONNECT").inc()
         write, suppressed = self._connections.log_gate.admit(self.loop.time())
-        if write:
-            limit = (f"max_connections_per_ip {self.listener.max_connections_per_ip}" if refused == "address"
-                     else f"max_connections {self.listener.max_connections}")
-            self.services.log.connection_refused(
-                client_ip=self._peer_ip, reason=f"too many connections ({limit} on {self.listener.name})",
-                suppressed=suppressed)
+        limit = (f"max_connections_per_ip {self.listener.max_connections_per_ip}" if refused == "address"
+                 else f"max_connections {self.listener.max_connections}")
+        self.services.events.emit(ConnectionRefused(
+            client_ip=self._peer_ip, reason=f"too many connections ({limit} on {self.listener.name})",
+            suppressed=suppressed, logged=write))
 
     def data_received(self, data: bytes) -> None:
         if self._admitted:
@@ -302,8 +301,7 @@ class SubmissionProtocol(SMTP):
         self._counted = False
         self._connections.release(self._peer_ip)
         self._sessions.discard(self)
-        if self.services.metrics is not None:
-            self.services.metrics.sessions.dec()
+        self.services.events.emit(SessionClosed())
 
     def connection_lost(self, error: Optional[Exception]) -> None:
         if not self._admitted:
@@ -312,7 +310,7 @@ class SubmissionProtocol(SMTP):
         self._release()
         suppressed = self._rejection_log.take_suppressed()
         if suppressed:
-            self.services.log.rejections_suppressed(client_ip=self._peer_ip, count=suppressed)
+            self.services.events.emit(RejectionsNotLogged(client_ip=self._peer_ip, count=suppressed))
         super().connection_lost(error)
 
     @property
@@ -366,7 +364,7 @@ class SubmissionProtocol(SMTP):
         if self._closing:
             return
         if log:
-            self.services.log.session_dropped(client_ip=self.client_ip, reason=reason)
+            self.services.events.emit(SessionDropped(client_ip=self.client_ip, reason=reason))
         self.close_with(reply)
         handler_task = self._handler_coroutine
         if handler_task is not None and not handler_task.done():
@@ -505,10 +503,10 @@ class SubmissionProtocol(SMTP):
         # Counted before the (slow) check starts, so parallel attempts are counted too.
         attempt = self.services.guard.begin(login, self.auth_source, limits_of(self.listener))
         if not isinstance(attempt, Attempt):
-            self.services.log.auth_throttled(
+            self.services.events.emit(AuthThrottled(
                 client_ip=self.client_ip or self.auth_source, login=login,
                 reason=attempt.reason, retry_after=attempt.retry_after,
-            )
+            ))
             await self._reply_and_close(replies.AUTH_TOO_MANY)
             return
         tenant = await self.services.authenticate(login, password) if login else None
@@ -523,9 +521,7 @@ class SubmissionProtocol(SMTP):
 
     async def _auth_failed(self, login: str, attempt: Attempt) -> None:
         delay = self.services.guard.failed(attempt)
-        self.services.log.auth_failed(client_ip=self.client_ip or self.auth_source, login=login)
-        if self.services.metrics is not None:
-            self.services.metrics.auth_failures.inc()
+        self.services.events.emit(AuthFailed(client_ip=self.client_ip or self.auth_source, login=login))
         if delay:
             await asyncio.sleep(delay)
         await self.push(replies.AUTH_INVALID)
@@ -740,10 +736,10 @@ class SubmissionHandler:
         self, session: SubmissionSession, stage: str, reply: str, detail: str, address: str | None = None
     ) -> str:
         peer = session.peer[0] if session.peer else ""
-        if session.may_log is None or session.may_log():
-            self.services.log.rejected(client_ip=str(peer), stage=stage, reply=reply, detail=detail, address=address)
-        if self.services.metrics is not None:
-            self.services.metrics.smtp_rejections.labels(reason=stage).inc()
+        logged = session.may_log is None or session.may_log()
+        self.services.events.emit(SmtpRefused(
+            client_ip=str(peer), stage=stage, reply=reply, detail=detail, address=address, logged=logged
+        ))
         return reply
 
     async def handle_MAIL(
@@ -865,7 +861,7 @@ class SubmissionHandler:
         )
 
     async def handle_exception(self, error: Exception) -> str:
-        self.services.log.error(f"SMTP session error: {type(error).__name__}: {error}")
+        self.services.events.emit(Notice(text=f"SMTP session error: {type(error).__name__}: {error}", level="error"))
         return replies.INTERNAL_ERROR
 
 

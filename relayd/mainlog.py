@@ -1,7 +1,10 @@
 """The main log: one line per mail event, in the shape of Exim's mainlog.
 
-Takes: queue entries, delivery reports and session facts from the stages that
-see them happen, plus an injected clock.
+Takes: events (`relayd.events`) through `MainLog.emit`, as one sink of the
+daemon's fan-out, plus an injected clock. `format_event` is the one place
+that says which line each event becomes. The older per-kind methods
+(`arrival`, `delivered`, `info`...) write the same lines; relayctl uses them
+for its edits while relayd is stopped.
 Emits: lines such as ``2026-01-01 12:00:00 1abc-000001 => x@gmail.com
 R=acme T=gmail H=smtp.gmail.com [1.2.3.4]:587 X=TLS1.3 C="250 2.0.0 OK"``
 to a file opened in append mode (0640) or to a stream.
@@ -29,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from relayd.values import DeliveryReport, QueueEntry
+from relayd import events as ev
+from relayd.values import DeliveryReport, Envelope, QueueEntry
 
 # Long enough for any real address or SMTP reply line, short enough that a
 # hostile client cannot turn one event into megabytes of log.
@@ -318,6 +322,117 @@ def format_daemon(text: str, *, level: str = "") -> str:
     return f"{level}: {sanitize(text)}" if level else sanitize(text)
 
 
+_OPERATOR_VERBS = {
+    "freeze": "frozen", "thaw": "unfrozen", "remove": "removed", "giveup": "delivery cancelled",
+}
+
+
+def format_operator_action(action: ev.OperatorAction) -> str:
+    """``<id> frozen by <user>``; for a flush ``queue flush by <user>: N message(s) forced``."""
+    if action.action == "flush":
+        return sanitize(f"queue flush by {action.user}: {action.count} message(s) forced")
+    verb = _OPERATOR_VERBS.get(action.action, action.action)
+    return sanitize(f"{action.queue_id} {verb} by {action.user}")
+
+
+def format_event(event: ev.Event, *, utc: bool = False) -> str | None:
+    """The main log line for `event`, without its timestamp; None for an event the log does not show.
+
+    The one place that decides the text log's shape for each event, so the
+    file and the control socket's recent lines cannot drift apart.
+    """
+    if isinstance(event, ev.MessageArrived):
+        env = event.entry.envelope
+        return format_arrival(
+            event.entry, client_ip=env.client_ip, client_port=env.client_port, helo=env.client_helo,
+            protocol=env.protocol, tls=env.tls or None, auth=arrival_auth(env), user=env.local_user,
+        )
+    if isinstance(event, ev.RecipientDelivered):
+        return format_delivered(event.queue_id, event.report, first=event.first)
+    if isinstance(event, ev.RecipientDeferred):
+        return format_deferred(event.queue_id, event.report, next_attempt=event.next_attempt, utc=utc)
+    if isinstance(event, ev.RecipientFailed):
+        if event.bounce_discarded:
+            return format_bounce_dropped(event.queue_id, event.report)
+        return format_failed(event.queue_id, event.report)
+    if isinstance(event, ev.HostFailed):
+        return format_host_failed(
+            event.queue_id, transport=event.transport, host=event.host, ip=event.ip, port=event.port,
+            reason=event.reason,
+        )
+    if isinstance(event, ev.MessageCompleted):
+        return format_completed(event.queue_id)
+    if isinstance(event, ev.BounceCreated):
+        return format_bounce_created(event.queue_id, bounce_id=event.bounce_id, sender=event.sender, size=event.size)
+    if isinstance(event, ev.BounceSuppressed):
+        return format_bounce_suppressed(event.queue_id, sender=event.sender, reason=event.reason)
+    return _format_session_event(event) or _format_daemon_event(event)
+
+
+def _format_session_event(event: ev.Event) -> str | None:
+    if isinstance(event, ev.SmtpRefused):
+        if not event.logged:
+            return None
+        return format_rejected(
+            client_ip=event.client_ip, stage=event.stage, reply=event.reply, detail=event.detail,
+            address=event.address,
+        )
+    if isinstance(event, ev.RejectionsNotLogged):
+        return format_rejections_suppressed(client_ip=event.client_ip, count=event.count)
+    if isinstance(event, ev.AuthFailed):
+        return format_auth_failed(client_ip=event.client_ip, login=event.login)
+    if isinstance(event, ev.AuthThrottled):
+        return format_auth_throttled(
+            client_ip=event.client_ip, login=event.login, reason=event.reason, retry_after=event.retry_after
+        )
+    if isinstance(event, ev.ConnectionRefused):
+        if not event.logged:
+            return None
+        return format_connection_refused(client_ip=event.client_ip, reason=event.reason, suppressed=event.suppressed)
+    if isinstance(event, ev.SessionDropped):
+        return format_session_dropped(client_ip=event.client_ip, reason=event.reason)
+    return None
+
+
+def _format_daemon_event(event: ev.Event) -> str | None:
+    if isinstance(event, ev.OperatorAction):
+        return format_operator_action(event)
+    if isinstance(event, ev.SpoolRefusedMessage):
+        what = "spool full" if event.full else "spool write failed"
+        return format_daemon(f"{what}, message refused: {event.error}", level="error")
+    if isinstance(event, ev.SpoolSetAside):
+        return format_daemon(f"{event.queue_id} spool file set aside: {event.error}", level="error")
+    if isinstance(event, ev.SpoolCannotRecord):
+        return format_daemon(
+            f"{event.queue_id} cannot record delivery state, delivery held until the spool can write: "
+            f"{event.error}", level="error",
+        )
+    if isinstance(event, ev.SpoolRecovered):
+        return format_daemon(f"{event.queue_id} delivery state recorded; the spool can write again")
+    if isinstance(event, ev.IncompleteDiscarded):
+        return format_daemon(f"{event.queue_id} incomplete message from a stopped receiver discarded")
+    if isinstance(event, ev.DaemonStarted):
+        return format_daemon(f"relayd started: listening on {event.listening}; loading the queue index")
+    if isinstance(event, ev.DaemonStopping):
+        return format_daemon("relayd stopping: no longer accepting connections")
+    if isinstance(event, ev.DaemonStopped):
+        return format_daemon("relayd stopped")
+    if isinstance(event, ev.ConfigReloaded):
+        return format_daemon(f"configuration reloaded from {event.source}")
+    if isinstance(event, ev.Notice):
+        return format_daemon(event.text, level=event.level)
+    return None  # UpstreamAttempted, SessionOpened, SessionClosed: metrics only
+
+
+def arrival_auth(env: Envelope) -> str:
+    """Exim's A= value, `authenticator:id`: `plain:acme` or `login:acme` after SMTP AUTH,
+    `local:cron` for a tenant known by the uid of a local user on the Unix socket
+    (U= names the user), `bind:cron` for one known by its loopback address."""
+    if env.auth_mechanism:
+        return f"{env.auth_mechanism}:{env.tenant}"
+    return f"{'local' if env.local_user else 'bind'}:{env.tenant}"
+
+
 def _sender(address: str) -> str:
     return "<>" if address == "" else sanitize(address)
 
@@ -371,7 +486,7 @@ def _open_append(path: Path) -> TextIO:
 
 
 class MainLog:
-    """Writes timestamped mainlog lines; one method per event kind; thread-safe.
+    """Writes timestamped mainlog lines: `emit(event)` (the `EventSink` method) or one method per kind; thread-safe.
 
     With `path` None the lines go to `stream` (stderr by default), which is
     what a service under systemd wants. `utc` stamps lines in UTC instead of
@@ -414,6 +529,12 @@ class MainLog:
             old, self._file = self._file, None
         if old is not None:
             old.close()
+
+    def emit(self, event: ev.Event) -> None:
+        """The event's line, if the main log shows this kind of event (the `EventSink` method)."""
+        text = format_event(event, utc=self._utc)
+        if text is not None:
+            self._write(text)
 
     def arrival(
         self,

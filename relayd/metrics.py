@@ -1,7 +1,7 @@
 """Every Prometheus metric relayd exposes, declared once, with help text.
 
-Takes: counts and timings from the stages, at the same places the main log
-writes its lines.
+Takes: events (`relayd.events`) through `emit`, as one sink of the daemon's
+fan-out, beside the main log; the stages never touch a metric themselves.
 Emits: the Prometheus text exposition format, from `render()` or from an HTTP
 endpoint started with `start_http_server()`.
 Untrusted input: none. Label values are tenant names, transport names and
@@ -43,6 +43,8 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
+
+from relayd import events as ev
 
 DELIVERY_RESULTS = frozenset({"delivered", "deferred", "failed"})
 QUEUE_STATES = frozenset({"active", "frozen", "deferred"})
@@ -271,6 +273,40 @@ class RelayMetrics:
         """
         return prometheus_client.start_http_server(port, addr=address, registry=self.registry)
 
+    def emit(self, event: ev.Event) -> None:
+        """Move the metrics an event moves (the `EventSink` method); other events are ignored.
+
+        Label values come only from tenant and transport names and fixed
+        words (`SmtpRefused.stage`, `HostFailed.reason_label`), never from
+        addresses or reply texts.
+        """
+        if isinstance(event, (ev.RecipientDelivered, ev.RecipientDeferred, ev.RecipientFailed)):
+            self.count_delivery(tenant=event.tenant, transport=event.transport or "none", result=_result(event))
+        elif isinstance(event, ev.MessageArrived):
+            self.messages_received.labels(tenant=event.tenant).inc()
+            self.bytes_received.labels(tenant=event.tenant).inc(event.entry.envelope.size)
+        elif isinstance(event, ev.UpstreamAttempted):
+            self.delivery_seconds.labels(transport=event.transport).observe(event.seconds)
+            self.upstream_up.labels(transport=event.transport).set(1 if event.reachable else 0)
+        elif isinstance(event, ev.HostFailed):
+            self.failovers.labels(transport=event.transport, reason=event.reason_label).inc()
+        elif isinstance(event, ev.BounceCreated):
+            self.bounces.labels(tenant=event.tenant).inc()
+        else:
+            self._emit_session(event)
+
+    def _emit_session(self, event: ev.Event) -> None:
+        if isinstance(event, ev.SmtpRefused):
+            self.smtp_rejections.labels(reason=event.stage).inc()
+        elif isinstance(event, ev.ConnectionRefused):
+            self.smtp_rejections.labels(reason="CONNECT").inc()
+        elif isinstance(event, ev.AuthFailed):
+            self.auth_failures.inc()
+        elif isinstance(event, ev.SessionOpened):
+            self.sessions.inc()
+        elif isinstance(event, ev.SessionClosed):
+            self.sessions.dec()
+
     def count_delivery(self, *, tenant: str, transport: str, result: str) -> None:
         """Count one recipient outcome; `result` must be delivered, deferred or failed."""
         if result not in DELIVERY_RESULTS:
@@ -326,3 +362,9 @@ class RelayMetrics:
     @property
     def sessions(self) -> Gauge:
         return self._gauges.sessions
+
+
+def _result(event: ev.RecipientOutcome) -> str:
+    if isinstance(event, ev.RecipientDelivered):
+        return "delivered"
+    return "failed" if isinstance(event, ev.RecipientFailed) else "deferred"

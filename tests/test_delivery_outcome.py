@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 from relayd.config import CredentialsConfig, ListenerConfig, RelayConfig, RouteRule, TenantConfig
 from relayd.delivery import RETRY_TIMEOUT, DeliveryAgent, apply_reports
+from relayd.events import NullSink
 from relayd.gates import GateSet
 from relayd.upstreamhealth import UpstreamHealth
 from relayd.values import (
@@ -79,14 +80,9 @@ class ScriptedTransport:
         pass
 
 
-class NullLog:
-    def __getattr__(self, name: str):  # every log event is accepted and ignored
-        return lambda *a, **k: None
-
-
 def walk(transports: dict[str, ScriptedTransport], health: UpstreamHealth) -> list[DeliveryReport]:
     agent = DeliveryAgent(
-        config=lambda: CONFIG, spool=None, transports=lambda: transports, gates=GateSet([health]), log=NullLog(),
+        config=lambda: CONFIG, spool=None, transports=lambda: transports, gates=GateSet([health]), events=NullSink(),
         enqueue_bounce=None, build_dsn=None,  # type: ignore[arg-type]
     )
     return asyncio.run(agent.walk_chain(entry("a@x.test"), b"body", Route("all", ("gmail", "sendgrid")), ["a@x.test"], CONFIG))

@@ -15,7 +15,8 @@ from relayd.gates import (
 from relayd.retry import parse_retry_schedule
 from relayd.upstreamhealth import UpstreamHealth
 from relayd.values import AttemptOutcome, Delivery, AttemptResult, DeliveryReport, Route, SmtpReply, Stage
-from tests.test_delivery_outcome import CONFIG, NullLog, ScriptedTransport, entry
+from relayd.events import NullSink
+from tests.test_delivery_outcome import CONFIG, ScriptedTransport, entry
 
 T0 = 1_800_000_000.0
 SCHEDULE = parse_retry_schedule("F,1h,15m; G,16h,1h,2")
@@ -45,7 +46,7 @@ def quota_closed(until: float) -> GateVerdict:
 
 def agent(transports: dict[str, ScriptedTransport], gates: GateSet, *, forced: bool = False) -> DeliveryAgent:
     return DeliveryAgent(
-        config=lambda: CONFIG, spool=None, transports=lambda: transports, gates=gates, log=NullLog(),
+        config=lambda: CONFIG, spool=None, transports=lambda: transports, gates=gates, events=NullSink(),
         enqueue_bounce=None, build_dsn=None,  # type: ignore[arg-type]
         is_forced=lambda _id: forced, clock=lambda: T0,
     )

@@ -324,13 +324,14 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
 
     from relayd.authguard import AuthGuard
     from relayd.config import ListenerConfig
+    from relayd.events import NullSink
     from relayd.listener import ListenerServices, SubmissionHandler, SubmissionProtocol
 
     async def build() -> tuple[set[str], set[str]]:
         reference = SMTP(object(), hostname="relay.test")
         services = ListenerServices(
             config=lambda: None, authenticate=None, accept=None, new_id=None,  # type: ignore[arg-type]
-            guard=AuthGuard(), log=None,
+            guard=AuthGuard(), events=NullSink(),
         )
         listener = ListenerConfig()
         ours = SubmissionProtocol(
