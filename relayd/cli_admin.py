@@ -121,7 +121,7 @@ def reload_daemon(config: RelayConfig) -> str:
     """Ask the running relayd to reload; returns one sentence saying what happened."""
     fallback = f"run `{PROG} reload` (or systemctl reload relayd) so relayd reads the change"
     try:
-        from relayd.control import ControlClient, ControlUnavailable
+        from relayd.controlclient import ControlClient, ControlUnavailable
     except ImportError:
         return fallback
     try:
@@ -627,7 +627,7 @@ def retry_view(health: Mapping[str, object] | None, transport: str) -> RetryView
 
 def _ask_health(config: RelayConfig) -> Mapping[str, object] | None:
     try:
-        from relayd.control import ControlClient, ControlUnavailable
+        from relayd.controlclient import ControlClient, ControlUnavailable
     except ImportError:
         return None
     try:

@@ -50,29 +50,17 @@ from relayd.clicommon import (
     load_relay_config,
     read_password,
 )
-from relayd.control import (
-    ControlClient,
-    ControlUnavailable,
-    DaemonNotRunning,
-    SpoolLock,
-    lock_path,
-    log_size,
-    read_log_lines,
-    read_log_since,
-)
+from relayd.control import log_size, read_log_lines, read_log_since
+from relayd.controlclient import ControlClient, ControlUnavailable, DaemonNotRunning
 from relayd.msgid import is_message_id
 from relayd.queueview import (
     QueueFilter,
     backlog_transport,
     QueueRow,
     compile_address_pattern,
-    entry_from_json,
-    entry_to_json,
     listing_lines,
     listing_text,
     printable_block,
-    queue_counts,
-    row_from_wire,
     row_to_json,
     sanitize,
     select,
@@ -82,9 +70,10 @@ from relayd.queueview import (
     summarize,
     summary_lines,
     summary_to_json,
-    wire_row,
 )
+from relayd.queuewire import entry_from_json, entry_to_json, queue_counts, row_from_wire, wire_row
 from relayd.retry import parse_duration
+from relayd.spoollock import SpoolLock, lock_path
 from relayd.values import RecipientState
 
 if TYPE_CHECKING:

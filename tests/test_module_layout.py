@@ -106,3 +106,23 @@ def test_relayctl_run_as_python_m_relayd_cli_reports_an_ordinary_error_as_one_li
     assert result.returncode == 1
     assert result.stderr == f"relayctl: {missing}: cannot read the file: No such file or directory\n"
     assert "internal error" not in result.stderr
+
+
+def _imported_from(start: str) -> set[str]:
+    graph = _imports_by_module()
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        for target, _ in graph.get(module, []):
+            if target in graph and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_the_daemon_loads_neither_the_cli_nor_its_queue_formatting() -> None:
+    loaded = _imported_from("relayd.daemon")
+    cli_side = {"relayd.cli", "relayd.cli_admin", "relayd.cli_queue", "relayd.clicommon", "relayd.queueview"}
+    assert "relayd.control" in loaded
+    assert loaded & cli_side == set()
