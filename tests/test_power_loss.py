@@ -34,6 +34,22 @@ from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, ma
 ACME = ("acme", "acme-relay-password")
 MESSAGES = 30
 
+def as_submitted(data: bytes) -> bytes:
+    """The message minus what relayd adds on arrival: its Received: field (first)
+    and the Date: field it appends to a header block that had none."""
+    lines = data.split(b"\r\n")
+    if lines[0].startswith(b"Received: from "):
+        end = 1
+        while lines[end][:1] in (b" ", b"\t"):
+            end += 1
+        if b"(relayd)" in b"\r\n".join(lines[:end]):
+            lines = lines[end:]
+    blank = lines.index(b"") if b"" in lines else len(lines)
+    if blank > 0 and lines[blank - 1].startswith(b"Date: "):
+        del lines[blank - 1]
+    return b"\r\n".join(lines)
+
+
 
 def _run(*cmd: str) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -114,7 +130,7 @@ def surviving(snapshot: Path, where: Path, acknowledged: dict[str, bytes]) -> di
         indexed = {e.id for e in loaded.entries}
         for message_id in acknowledged:
             try:
-                found[message_id] = spool.read_body(message_id) if message_id in indexed else None
+                found[message_id] = as_submitted(spool.read_body(message_id)) if message_id in indexed else None
             except SpoolEntryMissing:
                 found[message_id] = None
     return found
