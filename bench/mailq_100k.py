@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from relayd.control import ControlClient, ControlUnavailable
+from relayd.controlclient import ControlClient, ControlUnavailable
 from relayd.msgid import ALPHABET, new_message_id
 from relayd.passwords import hash_password
 from relayd.spool import format_message

@@ -13,20 +13,37 @@ Layout, for adding verbs: each group registers its commands in an
 command is `cmd_<group>_<verb>(args) -> int` and raises `CliError` for an
 ordinary failure. `main()` puts the environment and stdin on the namespace as
 `args.environ` and `args.stdin`, so commands read those rather than globals,
-and a test can hand in its own. Load relay.yaml with `_load_config(args)`.
+and a test can hand in its own. What every command module shares (errors,
+exit codes, relay.yaml via `load_relay_config(args)`, password input, tables)
+is in relayd.clicommon; the command modules never import each other.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
-import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Mapping, TextIO
 
 from relayd.audit import audited
+from relayd.cli_admin import add_admin_commands, add_tenant_verbs
+from relayd.cli_queue import add_queue_commands
+from relayd.clicommon import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    UsageError,
+    audit_failure,
+    load_relay_config,
+    print_json,
+    print_table,
+    read_password,
+)
 from relayd.config import CredentialsConfig
 from relayd.credentials import (
     CredentialError,
@@ -44,114 +61,7 @@ from relayd.credentials import (
 from relayd.passwords import hash_password
 
 if TYPE_CHECKING:
-    from relayd.config import RelayConfig
-
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-PROG = "relayctl"
-DEFAULT_CONFIG = Path("/etc/relayd/relay.yaml")
-CONFIG_ENV = "RELAYD_CONFIG"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-MAX_PASSWORD_LENGTH = 4096  # the credential store's field limit
-
-
-class CliError(Exception):
-    """An ordinary failure: `message` is printed as one line, `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class UsageError(CliError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_USAGE)
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    if args.config is not None:
-        return Path(args.config)
-    from_env = args.environ.get(CONFIG_ENV, "")
-    return Path(from_env) if from_env else DEFAULT_CONFIG
-
-
-def _load_config(args: argparse.Namespace, *, check_files: bool = False) -> RelayConfig:
-    """relay.yaml, parsed; a broken config becomes one `relay.yaml:LINE:COL: ...` line."""
-    from relayd.configfile import ConfigError, load_config
-
-    path = _config_path(args)
-    try:
-        return load_config(path, check_files=check_files)
-    except ConfigError as exc:
-        raise CliError(str(exc) + _dev_config_hint(path)) from None
-
-
-DEV_CONFIG = Path(".relayd-dev") / "relay.yaml"  # where `relayd dev` (scripts/dev) keeps its config
-
-
-def _dev_config_hint(path: Path) -> str:
-    """When the default config is missing but a dev relay's is here, say how to use it."""
-    if path != DEFAULT_CONFIG or path.exists() or not DEV_CONFIG.exists():
-        return ""
-    return (f"\n(the development relay's config is {DEV_CONFIG.resolve()}: "
-            f"export {CONFIG_ENV}={DEV_CONFIG.resolve()}, or give --config)")
-
-
-def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool) -> str:
-    """A password from a no-echo prompt on a terminal, else one line of stdin."""
-    stdin: TextIO | None = args.stdin
-    if stdin is None:
-        raise CliError("no stdin to read the password from")
-    from_stdin = bool(getattr(args, "password_stdin", False))
-    at_end = False
-    if from_stdin or not stdin.isatty():
-        password, at_end = _read_password_line(stdin)
-    else:
-        password = _prompt_password(prompt, confirm=confirm)
-    if at_end and not from_stdin:  # nothing at all on stdin, and no terminal to ask on
-        raise CliError("no password given: there is no terminal to ask on; pipe it in with "
-                       f"--password-stdin (e.g. printf '%s\\n' \"$SMTP_PASSWORD\" | {PROG} ... --password-stdin)")
-    if not password:
-        raise CliError("refusing an empty password")
-    return password
-
-
-def _read_password_line(stdin: TextIO) -> tuple[str, bool]:
-    """One line of stdin without its line end, and whether stdin was already at its end."""
-    try:
-        line = stdin.readline(MAX_PASSWORD_LENGTH + 2)
-    except UnicodeDecodeError:
-        raise CliError("the password on stdin is not valid UTF-8") from None
-    password = line.removesuffix("\n").removesuffix("\r")
-    if len(password) > MAX_PASSWORD_LENGTH:
-        raise CliError(f"the password is longer than {MAX_PASSWORD_LENGTH} characters")
-    return password, line == ""
-
-
-def _prompt_password(prompt: str, *, confirm: bool) -> str:
-    try:
-        password = getpass.getpass(prompt)
-        if confirm and password and getpass.getpass("Repeat it: ") != password:
-            raise CliError("the two passwords differ")
-    except EOFError:
-        raise CliError("no password given") from None
-    return password
-
-
-def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    for row in [headers, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True))
+    from relayd.clicommon import Subparsers
 
 
 # ------------------------------------------------------ secret: upstream logins
@@ -161,7 +71,7 @@ def _credentials_target(args: argparse.Namespace) -> CredentialsConfig:
     """Where the store and key file are: --store/--key-file, else relay.yaml."""
     if args.store is not None:
         return CredentialsConfig(store=args.store, master_key_file=args.key_file)
-    configured = _load_config(args).credentials
+    configured = load_relay_config(args).credentials
     if args.key_file is not None:
         return CredentialsConfig(store=configured.store, master_key_file=args.key_file)
     return configured
@@ -173,25 +83,14 @@ def _open_store(args: argparse.Namespace) -> tuple[CredentialStore, MasterKeys]:
     return CredentialStore.open(target.store, found.keys), found
 
 
-def _audit_failure(exc: BaseException) -> str:
-    """The sentence main() prints for a failure, for the audit log; none holds a secret."""
-    if isinstance(exc, CliError):
-        return exc.message.splitlines()[0]
-    if isinstance(exc, (CredentialError, ValueError)) and str(exc):
-        return str(exc).splitlines()[0]
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return type(exc).__name__
-
-
 def _secret_audit_log(args: argparse.Namespace) -> Path:
     """relay.yaml's audit_log; with --store (relay.yaml not read), audit.log beside the store."""
-    return args.store.parent / "audit.log" if args.store is not None else _load_config(args).audit_path
+    return args.store.parent / "audit.log" if args.store is not None else load_relay_config(args).audit_path
 
 
 def _audited(action: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Record a secret command in the audit log (relayd.audit): who, what, which name, outcome."""
-    return audited(action, locate=_secret_audit_log, describe=_audit_failure,
+    return audited(action, locate=_secret_audit_log, describe=audit_failure,
                    target=lambda a: str(getattr(a, "name", None) or "credential store"))
 
 
@@ -210,7 +109,7 @@ def cmd_secret_set(args: argparse.Namespace) -> int:
         new_key = generate_master_key()
         keys = (new_key,)
     store = CredentialStore.open(target.store, keys)
-    password = _read_password(args, f"Password for {args.name}: ", confirm=True)
+    password = read_password(args, f"Password for {args.name}: ", confirm=True)
     store.set(args.name, args.user, password)
     if new_key is not None and target.master_key_file is not None:
         write_key_file(target.master_key_file, [new_key], replace=False)
@@ -227,11 +126,11 @@ def cmd_secret_list(args: argparse.Namespace) -> int:
     store, _ = _open_store(args)
     users = store.users()
     if args.json:
-        _print_json([{"name": name, "user": user} for name, user in users.items()])
+        print_json([{"name": name, "user": user} for name, user in users.items()])
     elif not users:
         print(f"no credentials in {store.path}")
     else:
-        _print_table(["NAME", "USER"], [[name, user] for name, user in users.items()])
+        print_table(["NAME", "USER"], [[name, user] for name, user in users.items()])
     return EXIT_OK
 
 
@@ -375,7 +274,7 @@ def _add_key_commands(subparsers: Subparsers) -> None:
 
 
 def cmd_tenant_hash_password(args: argparse.Namespace) -> int:
-    password = _read_password(args, "Tenant password: ", confirm=True)
+    password = read_password(args, "Tenant password: ", confirm=True)
     print(hash_password(password))
     return EXIT_OK
 
@@ -393,22 +292,16 @@ def _add_tenant_commands(subparsers: Subparsers) -> None:
         help="read the password as one line of stdin even on a terminal",
     )
     p.set_defaults(func=cmd_tenant_hash_password)
-    from relayd.cli_admin import add_tenant_verbs  # imports this module: load it late
-
     add_tenant_verbs(verbs)
 
 
 def _add_admin_commands(subparsers: Subparsers) -> None:
     """config check, route test, transport verify (relayd.cli_admin)."""
-    from relayd.cli_admin import add_admin_commands
-
     add_admin_commands(subparsers)
 
 
 def _add_queue_commands(subparsers: Subparsers) -> None:
     """queue ..., reload, status, send-test (relayd.cli_queue)."""
-    from relayd.cli_queue import add_queue_commands  # imports this module: load it late
-
     add_queue_commands(subparsers)
 
 

@@ -36,18 +36,18 @@ from cryptography.hazmat.primitives import serialization
 
 from relayd import router
 from relayd.audit import audited
-from relayd.cli import (
+from relayd.clicommon import (
     EXIT_FAILURE,
     EXIT_OK,
     PROG,
     CliError,
     UsageError,
-    _audit_failure,
-    _config_path,
-    _load_config,
-    _print_json,
-    _print_table,
-    _read_password,
+    audit_failure,
+    config_path,
+    load_relay_config,
+    print_json,
+    print_table,
+    read_password,
 )
 from relayd.clienthelp import PASSWORD_ENV, SubmissionAccess, client_snippets, sender_for
 from relayd.config import (
@@ -66,7 +66,7 @@ from relayd.tenants import ManagedTenants, TenantRejected, TenantsFileLocked
 from relayd.transport import VerifyStep, verify_transport
 
 if TYPE_CHECKING:
-    from relayd.cli import Subparsers
+    from relayd.clicommon import Subparsers
 
 CONTROL_TIMEOUT = 30.0  # seconds; a reload or a health answer takes well under one
 
@@ -75,7 +75,7 @@ CONTROL_TIMEOUT = 30.0  # seconds; a reload or a health answer takes well under 
 
 
 def _shown(config: RelayConfig, args: argparse.Namespace, path: Path) -> str:
-    return shown_path(str(_config_path(args)), config.source, path)
+    return shown_path(str(config_path(args)), config.source, path)
 
 
 def _managed(config: RelayConfig, args: argparse.Namespace) -> ManagedTenants:
@@ -121,7 +121,7 @@ def reload_daemon(config: RelayConfig) -> str:
     """Ask the running relayd to reload; returns one sentence saying what happened."""
     fallback = f"run `{PROG} reload` (or systemctl reload relayd) so relayd reads the change"
     try:
-        from relayd.control import ControlClient, ControlUnavailable
+        from relayd.controlclient import ControlClient, ControlUnavailable
     except ImportError:
         return fallback
     try:
@@ -138,13 +138,13 @@ def reload_daemon(config: RelayConfig) -> str:
 
 
 def _audit_log_of(args: argparse.Namespace) -> Path:
-    return _load_config(args).audit_path
+    return load_relay_config(args).audit_path
 
 
 def _tenant_audited(action: str) -> Callable[[Callable[[argparse.Namespace], int]],
                                              Callable[[argparse.Namespace], int]]:
     return audited(action, locate=_audit_log_of, target=lambda a: str(a.name),
-                   describe=_audit_failure)
+                   describe=audit_failure)
 
 
 # ------------------------------------------------------------- tenant add
@@ -222,7 +222,7 @@ def connection_details(access: SubmissionAccess, password: str) -> str:
 
 @_tenant_audited("tenant.add")
 def cmd_tenant_add(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     _refuse_if_in_relay_yaml(config, args.name)
     rules = routes_from_args(args.name, args.route or (), args.via)
     _check_transports_known(config, rules)
@@ -252,9 +252,9 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
 
 @_tenant_audited("tenant.passwd")
 def cmd_tenant_passwd(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     given = args.password_stdin
-    password = _read_password(args, f"New password for {args.name}: ", confirm=True) if given \
+    password = read_password(args, f"New password for {args.name}: ", confirm=True) if given \
         else generate_password()
     new_hash = hash_password(password)
     tenant = config.tenants.get(args.name)
@@ -280,7 +280,7 @@ def cmd_tenant_passwd(args: argparse.Namespace) -> int:
 
 
 def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     tenant = config.tenants.get(args.name)
     if tenant is not None and not tenant.managed:
         raise CliError(
@@ -319,7 +319,7 @@ def cmd_tenant_enable(args: argparse.Namespace) -> int:
 def cmd_tenant_remove(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError(f"removing tenant {args.name} stops its logins at once; add --yes to confirm")
-    config = _load_config(args)
+    config = load_relay_config(args)
     _refuse_if_in_relay_yaml(config, args.name)
 
     def change(tenants: dict[str, TenantConfig]) -> None:
@@ -349,10 +349,10 @@ def tenant_summary(tenant: TenantConfig) -> dict[str, object]:
 
 
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     tenants = sorted(config.tenants.values(), key=lambda t: t.name)
     if args.json:
-        _print_json([tenant_summary(t) for t in tenants])
+        print_json([tenant_summary(t) for t in tenants])
         return EXIT_OK
     if not tenants:
         print(f"no tenants; add one with `{PROG} tenant add NAME --sender ADDR --via TRANSPORT`")
@@ -363,7 +363,7 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
          t.origin]
         for t in tenants
     ]
-    _print_table(["NAME", "ENABLED", "SENDERS", "ROUTES", "DEFINED IN"], rows)
+    print_table(["NAME", "ENABLED", "SENDERS", "ROUTES", "DEFINED IN"], rows)
     return EXIT_OK
 
 
@@ -566,7 +566,7 @@ def counted(n: int, noun: str) -> str:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    path = Path(args.file) if args.file is not None else _config_path(args)
+    path = Path(args.file) if args.file is not None else config_path(args)
     file = str(path)
     from relayd.configfile import load_config
 
@@ -627,7 +627,7 @@ def retry_view(health: Mapping[str, object] | None, transport: str) -> RetryView
 
 def _ask_health(config: RelayConfig) -> Mapping[str, object] | None:
     try:
-        from relayd.control import ControlClient, ControlUnavailable
+        from relayd.controlclient import ControlClient, ControlUnavailable
     except ImportError:
         return None
     try:
@@ -726,7 +726,7 @@ def _describe_retry(retry: object) -> str:
 
 
 def cmd_route_test(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     tenant = config.tenants.get(args.tenant)
     if tenant is None:
         raise CliError(f"no tenant named {args.tenant!r} (see `{PROG} tenant list`)")
@@ -738,7 +738,7 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     reports = [route_report(tenant, a, config.transports, store=store, health=health)
                for a in args.addresses]
     if args.json:
-        _print_json(reports)
+        print_json(reports)
     else:
         if not tenant.enabled:
             print(f"note: tenant {tenant.name} is disabled; its logins are refused")
@@ -784,7 +784,7 @@ def _verify_timeouts(transport: SmtpTransportConfig, timeout: float) -> SmtpTran
 
 
 def cmd_transport_verify(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     transport = config.transports.get(args.name)
     if transport is None:
         raise CliError(f"no transport named {args.name!r}; relay.yaml defines: "

@@ -38,28 +38,29 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
-from relayd.cli import CliError, UsageError, _load_config, _read_password
-from relayd.control import (
-    ControlClient,
-    ControlUnavailable,
-    DaemonNotRunning,
-    SpoolLock,
-    lock_path,
-    read_log_lines,
+from relayd.clicommon import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    UsageError,
+    load_relay_config,
+    read_password,
 )
+from relayd.control import read_log_lines
+from relayd.controlclient import ControlClient, ControlUnavailable, DaemonNotRunning
 from relayd.msgid import is_message_id
 from relayd.queueview import (
     QueueFilter,
     backlog_transport,
     QueueRow,
     compile_address_pattern,
-    entry_from_json,
-    entry_to_json,
     listing_lines,
     listing_text,
     printable_block,
-    queue_counts,
-    row_from_wire,
     row_to_json,
     sanitize,
     select,
@@ -69,18 +70,17 @@ from relayd.queueview import (
     summarize,
     summary_lines,
     summary_to_json,
-    wire_row,
 )
+from relayd.queuewire import entry_from_json, entry_to_json, queue_counts, row_from_wire, wire_row
 from relayd.retry import parse_duration
+from relayd.spoollock import SpoolLock, lock_path
 
 if TYPE_CHECKING:
     from relayd.config import RelayConfig, TenantConfig
     from relayd.values import QueueEntry
 
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    from relayd.clicommon import Subparsers
 
-PROG = "relayctl"
-EXIT_OK, EXIT_FAILURE = 0, 1
 OFFLINE_LOCK_WAIT = 5.0  # seconds relayctl waits for another relayctl editing the stopped spool
 PER_ID_LINES = 20  # up to this many messages, actions print one line per message
 SEND_TEST_TIMEOUT = 60.0
@@ -227,7 +227,7 @@ def _filter_options() -> argparse.ArgumentParser:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     selection = _selection(args)
     out: TextIO = sys.stdout
     now = time.time()
@@ -266,7 +266,7 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
 
 
 def cmd_queue_count(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     selection = _selection(args)
     now = time.time()
     if selection.is_empty:
@@ -302,7 +302,7 @@ def _retry_waits(config: RelayConfig) -> dict[str, float]:
 def cmd_queue_summary(args: argparse.Namespace) -> int:
     from relayd.router import route
 
-    config = _load_config(args)
+    config = load_relay_config(args)
     selection = _selection(args)
     now = time.time()
     waits = _retry_waits(config)
@@ -373,7 +373,7 @@ def _offline_show(
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     message_id = _message_id(args.id)
     want_body = not args.log
     data = _show_data(config, message_id, body=want_body, log=args.log or args.json)
@@ -589,7 +589,7 @@ def _report(verb: str, results: Sequence[dict[str, Any]], one_by_one: bool) -> i
 
 def _action(verb: str, *, confirm: bool = False) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        config = _load_config(args)
+        config = load_relay_config(args)
         ids, one_by_one = _targets(args, config)
         if ids and confirm:
             _confirm(args, verb, len(ids))
@@ -609,7 +609,7 @@ def _action(verb: str, *, confirm: bool = False) -> Callable[[argparse.Namespace
 
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     extra: dict[str, Any] = {"include_frozen": not args.skip_frozen}
     if args.ids or not _selection(args).is_empty:
         ids, _ = _targets(args, config)
@@ -640,7 +640,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     try:
-        config = _load_config(args)
+        config = load_relay_config(args)
     except CliError as exc:  # relayd would refuse it the same way; say where, without asking it
         raise CliError(f"not reloading: relayd would keep its running configuration:\n{exc.message}") from None
     try:
@@ -655,7 +655,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     try:
         status = _checked(_client(config).request("status"))
     except DaemonNotRunning as why:
@@ -842,7 +842,7 @@ def _submit_failure(exc: BaseException) -> str:
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_relay_config(args)
     tenant = config.tenants.get(args.tenant)
     if tenant is None:
         raise CliError(f"no tenant named {args.tenant!r} in {config.source}")
@@ -851,7 +851,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     host, port = _listener_port(config)
     bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
     source = bound[0] if bound else None
-    password = None if source else _read_password(args, f"Password of tenant {tenant.name}: ", confirm=False)
+    password = None if source else read_password(args, f"Password of tenant {tenant.name}: ", confirm=False)
     try:
         message_id = _submit(config, tenant, sender, recipient, password, source)
     except smtplib.SMTPAuthenticationError:
@@ -964,8 +964,6 @@ def mailq_main(argv: list[str] | None = None) -> int:
     It builds only its own small parser (not every relayctl group), because
     an operator types it often and expects it at once.
     """
-    from relayd.cli import CONFIG_ENV, DEFAULT_CONFIG, EXIT_USAGE
-
     parser = argparse.ArgumentParser(prog="mailq", parents=[_filter_options()],
                                      description="List relayd's queue in exim -bp shape.")
     parser.add_argument("--config", metavar="PATH",

@@ -7,23 +7,24 @@ table, main log) handed in through `QueueControl`'s constructor.
 Emits: one or more JSON lines per request; the last has ``"done": true`` and
 either ``"ok": true`` plus data or ``"ok": false, "error": "sentence"``. Long
 actions send ``{"progress": n, "total": m}`` lines first; `queue.list` sends
-``{"rows": [...]}`` chunks of compact rows (`queueview.wire_row`).
+``{"rows": [...]}`` chunks of compact rows (`queuewire.wire_row`).
 Untrusted input: request lines (size-capped, parsed as JSON, every argument
 checked; message ids must have the id shape before they touch a path). Only
 relayd's user and root can connect, but a malformed request still only gets
 an error line.
 How it fails: a handler raises `ControlError` for an ordinary refusal (sent as
-``ok: false``); anything else is logged and answered "internal error". On the
-client side `ControlUnavailable` says, in one sentence, that the daemon is not
-running (socket missing or refused), or that it stopped answering.
+``ok: false``); anything else is logged and answered "internal error". The
+client side is relayd.controlclient (its `ControlUnavailable` says, in one
+sentence, that the daemon is not running or that it stopped answering).
 
 Every change to a queued message goes through the daemon, which owns the
 index and the set of messages in delivery: `Scheduler.exclusive` keeps the
 message out of delivery and waits (bounded) for a running attempt, so a
 removal can never be undone by a delivery finishing later, and two operators
 never overwrite each other. While relayd runs it holds an exclusive flock on
-``<spool_dir>/daemon.lock``; relayctl takes the same lock before touching the
-spool directly, so offline edits and a starting daemon never overlap.
+``<spool_dir>/daemon.lock`` (relayd.spoollock); relayctl takes the same lock
+before touching the spool directly, so offline edits and a starting daemon
+never overlap.
 
 Commands: health, status, reload, queue.list, queue.count, queue.show,
 queue.log, deliver, flush, freeze, thaw, remove, giveup.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import pwd
@@ -45,21 +45,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
+from relayd.controlclient import socket_name
 from relayd.events import EventSink, MessageCompleted, OperatorAction
 from relayd.msgid import is_message_id
 from relayd.outcomes import RecentOutcomes
-from relayd.queueview import entry_to_json, queue_counts, wire_row
+from relayd.queuewire import entry_to_json, queue_counts, wire_row
 from relayd.values import QueueEntry, RecipientState
 
 MAX_REQUEST = 32 * 1024 * 1024  # an id list for 100,000 messages is about 2 MB
-MAX_REPLY_LINE = 256 * 1024 * 1024  # a shown body can be a whole 25 MB message, JSON-escaped
 LIST_CHUNK = 5000  # rows per queue.list line: big enough to be cheap, small enough to stream
 PROGRESS_EVERY = 50  # messages between progress lines of a long action
 DEFAULT_BUSY_WAIT = 60.0  # seconds an operator action waits for a running delivery attempt
 DEFAULT_DELIVER_WAIT = 120.0  # seconds `deliver` waits for its attempts to end
 LOG_READ_CAP = 64 * 1024 * 1024  # the tail of the main log searched for a message's history
-LOCK_NAME = "daemon.lock"
-_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room for the terminator
 _PEERCRED = struct.Struct("3i")
 
 
@@ -70,139 +68,6 @@ class ControlError(Exception):
         super().__init__(message)
         self.message = message
         self.extra = extra
-
-
-class ControlUnavailable(Exception):
-    """The daemon cannot be reached; the text says why in one sentence."""
-
-
-class DaemonNotRunning(ControlUnavailable):
-    """No daemon listens on the socket (missing or refused): the spool may be used directly."""
-
-
-class SpoolInUse(OSError):
-    """Another process holds the spool's daemon lock."""
-
-
-# ------------------------------------------------------------- daemon lock
-
-
-def lock_path(spool_dir: Path) -> Path:
-    return spool_dir / LOCK_NAME
-
-
-class SpoolLock:
-    """An flock on ``<spool_dir>/daemon.lock``: exclusive for relayd, for relayctl's offline edits."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-
-    @classmethod
-    def acquire(cls, path: Path, *, exclusive: bool, timeout: float) -> "SpoolLock | None":
-        """Take the lock, polling up to `timeout` seconds; None when it stays taken."""
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, mode)
-                return cls(fd)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.05)
-            except OSError:
-                os.close(fd)
-                raise
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
-
-
-# ------------------------------------------------------ socket path helper
-
-
-@contextlib.contextmanager
-def _reachable(path: Path) -> Iterator[str]:
-    """A name for `path` short enough for sockaddr_un (via /proc/self/fd when it is long)."""
-    if len(os.fsencode(str(path))) <= _SUN_PATH_MAX:
-        yield str(path)
-        return
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{dir_fd}/{path.name}"
-    finally:
-        os.close(dir_fd)
-
-
-# ------------------------------------------------------------------ client
-
-
-class ControlClient:
-    """relayctl's side: one connection per request, blocking, bounded by `timeout` per line."""
-
-    def __init__(self, path: Path, *, timeout: float = 180.0) -> None:
-        self.path = Path(path)
-        self.timeout = timeout
-
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """The final answer (``ok`` true or false); intermediate lines are skipped."""
-        final: dict[str, Any] = {}
-        for message in self.stream(cmd, **args):
-            final = message
-        return final
-
-    def stream(self, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
-        """Every answer line, the final one (``done: true``) last."""
-        sock = self._connect()
-        with sock, sock.makefile("rb") as reader:
-            line = json.dumps({"cmd": cmd, **args}, separators=(",", ":")).encode() + b"\n"
-            try:
-                sock.sendall(line)
-                while True:
-                    raw = reader.readline(MAX_REPLY_LINE)
-                    if not raw:
-                        raise ControlUnavailable(
-                            "relayd closed the control connection before answering (is it stopping?)"
-                        )
-                    message = json.loads(raw)
-                    if not isinstance(message, dict):
-                        raise ControlUnavailable("relayd sent an answer that is not a JSON object")
-                    yield message
-                    if message.get("done"):
-                        return
-            except socket.timeout:
-                raise ControlUnavailable(f"relayd did not answer within {self.timeout:g}s") from None
-            except (BrokenPipeError, ConnectionResetError):
-                raise ControlUnavailable("relayd closed the control connection (is it stopping?)") from None
-            except ValueError:
-                raise ControlUnavailable("relayd sent an answer that is not JSON") from None
-
-    def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            with _reachable(self.path) as name:
-                sock.connect(name)
-        except FileNotFoundError:
-            sock.close()
-            raise DaemonNotRunning(f"relayd is not running (no control socket at {self.path})") from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise DaemonNotRunning(f"relayd is not running (nothing listens on {self.path})") from None
-        except PermissionError:
-            sock.close()
-            raise ControlUnavailable(
-                f"permission denied on {self.path}: run relayctl as relayd's user or root"
-            ) from None
-        except OSError as exc:
-            sock.close()
-            raise ControlUnavailable(f"cannot reach relayd at {self.path}: {exc.strerror or exc}") from None
-        return sock
 
 
 # ------------------------------------------------------------------ server
@@ -272,7 +137,7 @@ class ControlServer:
         try:
             private = Path(tempfile.mkdtemp(prefix=".control-", dir=self.path.parent))
             try:
-                with _reachable(private / "s") as name:
+                with socket_name(private / "s") as name:
                     sock.bind(name)
                 os.chmod(private / "s", 0o600)
                 os.replace(private / "s", self.path)

@@ -43,6 +43,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relayd.config import CredentialsConfig
+from relayd.safeio import write_private_file
 
 MASTER_KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # 96 bits, the size GCM is designed for
@@ -291,68 +292,6 @@ def load_master_keys(config: CredentialsConfig, environ: Mapping[str, str]) -> l
 
 
 # ------------------------------------------------------------ durable writes
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _owner_for(path: Path) -> tuple[int, int] | None:
-    """The owner a rewritten file should keep: the old file's, else its directory's.
-
-    Only root can give a file away; when root runs relayctl, the store must stay
-    readable by the relayd user that owns the state directory.
-    """
-    if os.geteuid() != 0:
-        return None
-    for candidate in (path, path.parent):
-        try:
-            st = candidate.stat()
-        except OSError:
-            continue
-        return st.st_uid, st.st_gid
-    return None
-
-
-def write_private_file(
-    path: Path, data: bytes, *, replace: bool = True, keep_owner: bool = False
-) -> None:
-    """Write `data` to `path` with mode 0600, atomically and durably.
-
-    With `keep_owner`, a file rewritten by root keeps the owner of the file it
-    replaces (or of its directory), so the daemon's user can still read it.
-
-    A temporary file in the same directory is written and fsync'd, then
-    renamed over `path` (or hard-linked, when `replace` is false, so an
-    existing file is never overwritten: FileExistsError), then the directory
-    is fsync'd so the new name survives a power cut. A missing directory is
-    created with mode 0700.
-    """
-    directory = path.parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    owner = _owner_for(path) if keep_owner else None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        if owner is not None:
-            os.fchown(fd, *owner)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-            tmp.unlink()
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
 
 
 def write_key_file(path: Path, keys: Sequence[bytes], *, replace: bool = True) -> None:

@@ -25,7 +25,7 @@ from relayd.authcheck import PasswordChecker
 from relayd.authguard import AuthGuard
 from relayd.config import RelayConfig, SmtpTransportConfig, TenantConfig
 from relayd.configfile import ConfigError, load_config
-from relayd.control import ControlServer, QueueControl, SpoolInUse, SpoolLock, lock_path
+from relayd.control import ControlServer, QueueControl
 from relayd.credentials import (
     MASTER_KEY_ENV,
     CredentialError,
@@ -43,9 +43,10 @@ from relayd import events as ev
 from relayd.mainlog import MainLog
 from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
 from relayd.outcomes import RecentOutcomes
-from relayd.queueview import queue_counts
+from relayd.queuewire import queue_counts
 from relayd.scheduler import Scheduler
 from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.spoolroom import SpoolRoom
 from relayd.transport import Transport, build_transports
 from relayd.upstreamhealth import UpstreamHealth

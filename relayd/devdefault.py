@@ -38,7 +38,8 @@ from cryptography.x509.oid import NameOID
 
 from relayd.clienthelp import PASSWORD_ENV, SubmissionAccess, client_snippets
 from relayd.config import RelayConfig, TlsMode
-from relayd.credentials import generate_master_key, write_key_file, write_private_file
+from relayd.credentials import generate_master_key, write_key_file
+from relayd.safeio import write_private_file
 from relayd.passwords import generate_password, hash_password
 
 DEV_TENANT = "dev"

@@ -3,8 +3,10 @@
 Takes: `QueueEntry` values (on the daemon side, or read from the spool when
 the daemon is stopped), compact rows as they travel over the control socket,
 filter options, and the current time (always passed in).
-Emits: compact JSON-ready rows, `QueueRow` values, text lines in the shapes
-Exim operators know (`exim -bp`, exiqsumm), and dicts for `--json`.
+Emits: `QueueRow` values, text lines in the shapes Exim operators know
+(`exim -bp`, exiqsumm), and dicts for `--json`. The rows and messages as they
+travel over the control socket are relayd.queuewire's, which the daemon uses
+without this module.
 Untrusted input: addresses, HELO names and headers come from SMTP clients;
 every field printed for a human goes through `mainlog.sanitize` (header
 blocks through `printable_block`), so no client can put terminal escape
@@ -18,11 +20,14 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from relayd.mainlog import MAX_FIELD
 from relayd.mainlog import sanitize as _sanitize
-from relayd.values import Envelope, QueueEntry, Recipient, RecipientState
+from relayd.queuewire import QueueRow as QueueRow
+from relayd.queuewire import RecipientRow as RecipientRow
+from relayd.queuewire import row_from_wire, wire_row
+from relayd.values import QueueEntry, Recipient, RecipientState
 
 def sanitize(text: str, limit: int = MAX_FIELD) -> str:
     """`mainlog.sanitize`, with a fast path for the common plain field (100,000 rows add up)."""
@@ -30,15 +35,6 @@ def sanitize(text: str, limit: int = MAX_FIELD) -> str:
         return text
     return _sanitize(text, limit)
 
-
-# One letter per recipient state on the wire (keeps 100,000 rows small).
-_STATE_LETTER = {
-    RecipientState.PENDING: "P",
-    RecipientState.DELIVERED: "D",
-    RecipientState.DEFERRED: "Z",
-    RecipientState.FAILED: "F",
-}
-_LETTER_STATE = {letter: state for state, letter in _STATE_LETTER.items()}
 
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
     ("<5m", 300.0),
@@ -50,71 +46,7 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 NO_ROUTE = "(no route)"
 
 
-@dataclass(frozen=True, slots=True)
-class RecipientRow:
-    address: str
-    state: RecipientState
-    attempts: int
-    next_attempt: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueRow:
-    """One queued message as `mailq` needs it (no body, no last errors)."""
-
-    id: str
-    tenant: str
-    sender: str
-    received_at: float
-    size: int
-    frozen: bool
-    in_flight: bool
-    recipients: tuple[RecipientRow, ...]
-
-    @property
-    def open_recipients(self) -> tuple[RecipientRow, ...]:
-        return tuple(r for r in self.recipients if not r.state.is_final)
-
-    def next_due(self) -> float | None:
-        times = [
-            r.next_attempt if r.next_attempt is not None else self.received_at
-            for r in self.open_recipients
-        ]
-        return min(times) if times else None
-
-
 # --------------------------------------------------------------- wire rows
-
-
-def wire_row(entry: QueueEntry, in_flight: bool) -> list[Any]:
-    """A compact JSON array for one message (what `queue.list` sends)."""
-    env = entry.envelope
-    return [
-        env.id,
-        env.tenant,
-        env.sender,
-        env.received_at,
-        env.size,
-        1 if entry.frozen else 0,
-        1 if in_flight else 0,
-        [[r.address, _STATE_LETTER[r.state], r.attempts, r.next_attempt] for r in entry.recipients],
-    ]
-
-
-def row_from_wire(obj: Any) -> QueueRow:
-    """Read a `wire_row` back; ValueError when it does not have that shape."""
-    try:
-        mid, tenant, sender, received, size, frozen, in_flight, rcpts = obj
-        recipients = tuple(
-            RecipientRow(str(a), _LETTER_STATE[s], int(n), None if t is None else float(t))
-            for a, s, n, t in rcpts
-        )
-        return QueueRow(
-            str(mid), str(tenant), str(sender), float(received), int(size),
-            bool(frozen), bool(in_flight), recipients,
-        )
-    except (TypeError, ValueError, KeyError):
-        raise ValueError("malformed queue row") from None
 
 
 def row_from_entry(entry: QueueEntry, in_flight: bool = False) -> QueueRow:
@@ -140,32 +72,6 @@ def row_to_json(row: QueueRow, now: float) -> dict[str, Any]:
     }
 
 
-def entry_to_json(entry: QueueEntry) -> dict[str, Any]:
-    """Every envelope and recipient field (what `queue.show` sends)."""
-    env = entry.envelope
-    envelope = {name: getattr(env, name) for name in Envelope.__dataclass_fields__}
-    envelope["recipients"] = list(env.recipients)
-    recipients = [
-        {name: getattr(r, name) for name in Recipient.__dataclass_fields__} | {"state": r.state.value}
-        for r in entry.recipients
-    ]
-    return {"envelope": envelope, "recipients": recipients, "frozen": entry.frozen}
-
-
-def entry_from_json(obj: Any) -> QueueEntry:
-    """Read `entry_to_json` back; ValueError when it does not have that shape."""
-    try:
-        env_fields = dict(obj["envelope"])
-        env_fields["recipients"] = tuple(str(a) for a in env_fields["recipients"])
-        envelope = Envelope(**env_fields)
-        recipients = tuple(
-            Recipient(**(dict(r) | {"state": RecipientState(r["state"])})) for r in obj["recipients"]
-        )
-        return QueueEntry(envelope, recipients, bool(obj["frozen"]))
-    except (TypeError, ValueError, KeyError):
-        raise ValueError("malformed message description") from None
-
-
 # ----------------------------------------------------------------- states
 
 
@@ -180,56 +86,6 @@ def _state(frozen: bool, in_flight: bool, due: float | None, now: float) -> str:
     if in_flight:
         return "in delivery"
     return "deferred" if due is not None and due > now else "active"
-
-
-def queue_counts(
-    entries: Iterable[QueueEntry],
-    in_flight: Collection[str],
-    now: float,
-    waiting: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """Messages by state (active/deferred/frozen) and the oldest message's age.
-
-    A message in delivery counts as active; one that is due but held back
-    because every transport is in its retry wait (`waiting`) as deferred.
-    Written as one plain loop: it runs on the daemon's event loop over the
-    whole queue.
-    """
-    waiting = waiting or {}
-    active = deferred = frozen = total = 0
-    oldest: float | None = None
-    final = (RecipientState.DELIVERED, RecipientState.FAILED)
-    for entry in entries:
-        total += 1
-        env = entry.envelope
-        received = env.received_at
-        if oldest is None or received < oldest:
-            oldest = received
-        if entry.frozen:
-            frozen += 1
-            continue
-        mid = env.id
-        if mid in in_flight:
-            active += 1
-            continue
-        due: float | None = None
-        for r in entry.recipients:
-            if r.state in final:
-                continue
-            t = received if r.next_attempt is None else r.next_attempt
-            if due is None or t < due:
-                due = t
-        held = waiting.get(mid)
-        if held is not None and (due is None or held > due):
-            due = held
-        if due is not None and due > now:
-            deferred += 1
-        else:
-            active += 1
-    return {
-        "total": total, "active": active, "deferred": deferred, "frozen": frozen,
-        "oldest_age": None if oldest is None else max(0.0, now - oldest),
-    }
 
 
 # ---------------------------------------------------------------- filters

@@ -16,7 +16,7 @@ written then); OSError for I/O.
 Every change is lock, read, change, check, write: the lock (a sibling
 `.lock` file held with flock) serialises relayctl runs, so two `tenant add`s
 at once both survive; the write is atomic and durable (temporary file, fsync,
-rename, directory fsync; relayd.credentials.write_private_file) with mode 0600.
+rename, directory fsync; relayd.safeio.write_private_file) with mode 0600.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
 
 from relayd.config import TenantConfig
 from relayd.configfile import MAX_CONFIG_BYTES, ConfigError, ConfigProblem, parse_managed_tenants
-from relayd.credentials import write_private_file
+from relayd.safeio import write_private_file
 
 T = TypeVar("T")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import socket
 import ssl
@@ -46,7 +45,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from relayd import failover, mime7bit
+from relayd import failover, mime7bit, safeio
 from relayd.upstreamauth import AuthNoReply, AuthRefused, NoMechanism, UpstreamLogin, choose_mechanism
 from relayd.config import CaptureTransportConfig, SmtpTransportConfig, TlsMode, TransportConfig
 from relayd.values import (
@@ -949,26 +948,9 @@ def _write_maildir(maildir: Path, name: str, content: bytes) -> None:
     """Maildir delivery: write to tmp/, fsync, rename into new/, fsync new/."""
     for sub in ("", "tmp", "new", "cur"):
         (maildir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp_path = maildir / "tmp" / name
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(content)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp_path, maildir / "new" / name)
-    except OSError:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(maildir / "new", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    safeio.write_file(
+        maildir / "new" / name, content, mode=0o600, directory_mode=None, temp_path=maildir / "tmp" / name
+    )
 
 
 # --- wiring ---------------------------------------------------------------------------------

@@ -3,10 +3,10 @@
 Takes: a transport name, whether the verification passed, and the step that
 decided it (the failing step's detail, or the last step when all passed).
 Emits: `<spool_dir>/transport-verify.json`, `{NAME: {"ok": bool, "at": epoch
-seconds, "detail": text}}`, written whole through a temporary file and a
-rename, so a reader never sees half a file. `relayctl status` shows it next to
-what the daemon knows, so a transport that was never used but whose password
-was found wrong says so before the first message fails on it.
+seconds, "detail": text}}`, written whole through relayd.safeio (temporary
+file, fsync, rename), so a reader never sees half a file. `relayctl status`
+shows it next to what the daemon knows, so a transport that was never used but
+whose password was found wrong says so before the first message fails on it.
 Untrusted input: the file itself (anything unreadable, or of the wrong
 shape, is ignored: it is a note for the operator, not state relayd acts on).
 Fails: `record()` returns a sentence instead of raising when the file cannot
@@ -16,11 +16,11 @@ be written (relayctl run without write access to the spool).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping
+
+from relayd import safeio
 
 FILE_NAME = "transport-verify.json"
 MAX_DETAIL = 300  # characters of a step's detail kept: one upstream reply line
@@ -56,16 +56,8 @@ def record(spool_dir: Path, name: str, ok: bool, detail: str, *, now: float | No
     }
     target = path_for(spool_dir)
     try:
-        spool_dir.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".transport-verify-", dir=spool_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(results, f, sort_keys=True)
-            os.chmod(temp, 0o644)
-            os.replace(temp, target)
-        except BaseException:
-            os.unlink(temp)
-            raise
+        data = json.dumps(results, sort_keys=True).encode("utf-8")
+        safeio.write_file(target, data, mode=0o644, directory_mode=0o777)
     except OSError as exc:
         return f"the result was not recorded for `relayctl status` ({target}: {exc.strerror or exc})"
     return None

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from relayd.cli import main
-from relayd.control import ControlClient
+from relayd.controlclient import ControlClient
 from relayd.queueview import (
     QueueFilter,
     QueueRow,

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.control import ControlClient, DaemonNotRunning
+from relayd.controlclient import ControlClient, DaemonNotRunning
 from relayd.msgid import new_message_id
 from relayd.spool import Spool, format_message
 from relayd.values import Envelope

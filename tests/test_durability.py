@@ -21,7 +21,7 @@ import pytest
 import uvloop
 
 from relayd.cli_queue import mailq_main
-from relayd.control import ControlClient
+from relayd.controlclient import ControlClient
 from relayd.queueview import status_lines
 from relayd.spool import Spool, SpoolIO
 from relayd.values import Envelope

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relayd.control import ControlClient
+from relayd.controlclient import ControlClient
 from relayd.metrics import RelayMetrics
 from tests.relayenv import RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, free_port, submit
 
