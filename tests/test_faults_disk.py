@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from relayd.control import ControlClient
+from relayd.controlclient import ControlClient
 from relayd.queueview import status_lines
 from tests.relayenv import RelaydProcess, RelayFiles, submit
 from tests.test_durability import (
