@@ -466,7 +466,7 @@ def test_recipients_over_the_message_limit_are_not_counted_as_errors(relay_files
         assert {code for code, _ in refused.values()} == {452}
 
 
-# -- issue 9 item 15: the sessions gauge ------------------------------------------------
+# -- the sessions gauge: one count per connection, STARTTLS or not -----------------------------
 
 
 def sessions_gauge(thread: RelayThread) -> float:
