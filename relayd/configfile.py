@@ -447,6 +447,14 @@ class _Reader:
 
     # -- shape ---------------------------------------------------------------
 
+    def section(self, m: _Map, name: str, keys: Sequence[str]) -> _Map | None:
+        """The optional top-level mapping `name` with its keys checked; None when absent or not a mapping."""
+        node = m.value(name)
+        s = self.as_map(node, name) if node is not None else None
+        if s is not None:
+            self.check_keys(s, keys, name)
+        return s
+
     def as_map(self, node: _Node, what: str) -> _Map | None:
         if isinstance(node, _Map):
             return node
@@ -829,11 +837,9 @@ class _Reader:
         return self.get(m, "log_file", self.path, None)
 
     def tls_files(self, m: _Map) -> TlsFiles | None:
-        node = m.value("tls")
-        t = self.as_map(node, "tls") if node is not None else None
+        t = self.section(m, "tls", _TLS_KEYS)
         if t is None:
             return None
-        self.check_keys(t, _TLS_KEYS, "tls")
         cert = self.need(t, "cert", self.existing_file, None, " (the certificate chain, PEM)")
         key = self.need(t, "key", self.existing_file, None, " (the private key, PEM)")
         return TlsFiles(cert, key) if cert is not None and key is not None else None
@@ -856,11 +862,9 @@ class _Reader:
 
     def delivery(self, m: _Map) -> DeliveryConfig:
         d = DeliveryConfig()
-        node = m.value("delivery")
-        s = self.as_map(node, "delivery") if node is not None else None
+        s = self.section(m, "delivery", _DELIVERY_KEYS)
         if s is None:
             return d
-        self.check_keys(s, _DELIVERY_KEYS, "delivery")
         return DeliveryConfig(
             max_parallel=self.get(s, "max_parallel", self.integer(_PARALLEL), d.max_parallel),
             queue_run_interval=self.get(s, "queue_run_interval", self.duration(_QUEUE_RUN),
@@ -871,11 +875,9 @@ class _Reader:
 
     def spool_limits(self, m: _Map) -> SpoolLimits:
         d = SpoolLimits()
-        node = m.value("spool_limits")
-        s = self.as_map(node, "spool_limits") if node is not None else None
+        s = self.section(m, "spool_limits", _SPOOL_LIMITS_KEYS)
         if s is None:
             return d
-        self.check_keys(s, _SPOOL_LIMITS_KEYS, "spool_limits")
         return SpoolLimits(
             min_free=self.get(s, "min_free", self.size(_SPOOL_BYTES), d.min_free),
             tenant_max_bytes=self.get(s, "tenant_max_bytes", self.size(_SPOOL_BYTES), d.tenant_max_bytes),
@@ -885,11 +887,9 @@ class _Reader:
 
     def metrics(self, m: _Map) -> MetricsConfig:
         d = MetricsConfig()
-        node = m.value("metrics")
-        s = self.as_map(node, "metrics") if node is not None else None
+        s = self.section(m, "metrics", _METRICS_KEYS)
         if s is None:
             return d
-        self.check_keys(s, _METRICS_KEYS, "metrics")
         return MetricsConfig(
             address=self.get(s, "address", self.ip_literal, d.address),
             port=self.get(s, "port", self.integer(_PORT), d.port),
