@@ -607,16 +607,23 @@ class Spool:
         envelope, path, fd = await self._off_loop(
             self._write_new, (envelope, body), self._abandon_new
         )
+        await self._commit_new(_FlushRequest(fd, (path.parent,)), path, envelope.id)
+        return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
+
+    async def _commit_new(self, request: _FlushRequest, path: Path, message_id: str) -> None:
+        """Make a new message's file durable, or remove it: it was never acknowledged.
+
+        Either way the message stops being "received", so scans judge its file again.
+        """
         try:
-            await self._make_durable(_FlushRequest(fd, (path.parent,)))
+            await self._make_durable(request)
         except BaseException as exc:
             self._discard(path)
             if isinstance(exc, OSError):
                 raise _spool_error(exc, "flushing the message to disk") from exc
             raise
         finally:
-            self._stop_receiving(envelope.id)
-        return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
+            self._stop_receiving(message_id)
 
     async def receive(self, envelope: Envelope) -> "IncomingMessage":
         """Start a message whose body arrives in pieces (SMTP DATA, streamed).
@@ -1489,16 +1496,11 @@ class IncomingMessage:
         spool._start_receiving(self.id)
         try:
             fd = await self._in_thread(self._finish, final)
-            self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
-            try:
-                await spool._make_durable(_FlushRequest(fd, (self._path.parent, final.parent)))
-            except BaseException as exc:
-                spool._discard(final)
-                if isinstance(exc, OSError):
-                    raise _spool_error(exc, "flushing the message to disk") from exc
-                raise
-        finally:
+        except BaseException:
             spool._stop_receiving(self.id)
+            raise
+        self._fd, self._linked, self._closed = None, None, True  # the flush owns fd and file now
+        await spool._commit_new(_FlushRequest(fd, (self._path.parent, final.parent)), final, self.id)
         envelope = replace(self.envelope, size=self._size)
         return QueueEntry(envelope, tuple(Recipient(a) for a in envelope.recipients))
 
