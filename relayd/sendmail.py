@@ -720,20 +720,26 @@ def submit(target: Target, submission: Submission, *, verbose: TextIO | None) ->
     try:
         session.hello(client)
         reply = session.transaction(client, submission)
-    except smtplib.SMTPServerDisconnected as exc:
-        raise Failure(Exit.TEMPFAIL, f"relayd at {target.where} closed the connection ({exc}); the message "
-                                     "was not sent (exit 75: cron/PHP will retry or report)") from None
-    except smtplib.SMTPResponseException as exc:
-        raise _refusal(Stage.MAIL, exc.smtp_code, exc.smtp_error, "the session", target) from None
-    except ssl.SSLError as exc:
-        raise Failure(Exit.TEMPFAIL, f"TLS with relayd at {target.where} failed: {_describe(exc)}; "
-                                     "the message was not sent") from None
-    except OSError as exc:
-        raise _unreachable(target, exc) from None
+    except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError) as exc:
+        raise _session_failure(exc, target) from None
     finally:
         _quit(client)
     session.say(f"queued: {reply}")
     return reply
+
+
+def _session_failure(exc: BaseException, target: "Target | LocalTarget") -> Failure:
+    """What a failed SMTP session with relayd means for the caller, with sendmail's exit code."""
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return Failure(Exit.TEMPFAIL, f"relayd at {target.where} closed the connection ({exc}); the message "
+                                      "was not sent (exit 75: cron/PHP will retry or report)")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return _refusal(Stage.MAIL, exc.smtp_code, exc.smtp_error, "the session", target)
+    if isinstance(exc, ssl.SSLError):
+        return Failure(Exit.TEMPFAIL, f"TLS with relayd at {target.where} failed: {_describe(exc)}; "
+                                      "the message was not sent")
+    assert isinstance(exc, OSError)
+    return _unreachable(target, exc)
 
 
 def _quit(client: smtplib.SMTP) -> None:
@@ -855,13 +861,8 @@ def submit_local(target: LocalTarget, options: Options, *, stdin: BinaryIO, verb
             raise Failure(Exit.DATAERR, f"the message is {len(submission.message)} bytes; relayd accepts at "
                                         f"most {limit}; nothing was sent")
         reply = session.transaction(client, submission)
-    except smtplib.SMTPServerDisconnected as exc:
-        raise Failure(Exit.TEMPFAIL, f"relayd at {target.where} closed the connection ({exc}); the message "
-                                     "was not sent (exit 75: cron/PHP will retry or report)") from None
-    except smtplib.SMTPResponseException as exc:
-        raise _refusal(Stage.MAIL, exc.smtp_code, exc.smtp_error, "the session", target) from None
-    except OSError as exc:
-        raise _unreachable(target, exc) from None
+    except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException, OSError) as exc:
+        raise _session_failure(exc, target) from None
     finally:
         _quit(client)
     session.say(f"queued: {reply}")
