@@ -22,15 +22,21 @@ def auto_reply(subject: str, auto_submitted: str) -> bytes:
     ).encode("ascii")
 
 
-def test_a_failed_auto_submitted_message_is_logged_but_gets_no_bounce(
-    relay_files: RelayFiles, upstreams: Callable[..., Any]
-) -> None:
+def upstream_refusing_nobody(relay_files: RelayFiles, upstreams: Callable[..., Any]) -> Any:
+    """acme's only transport, whose upstream refuses nobody@customer.test with a 550 (and takes bounces)."""
     gmail = upstreams(users={"acme@gmail.com": "acme-app-password"})
     gmail.reply_to("RCPT", "550 5.1.1 no such user", for_address="nobody@customer.test")
     relay_files.write(
         upstreams=[UpstreamSpec("gmail_acme", gmail.port, "acme-gmail", "acme@gmail.com", "acme-app-password")],
         tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], ["gmail_acme"])])],
     )
+    return gmail
+
+
+def test_a_failed_auto_submitted_message_is_logged_but_gets_no_bounce(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    gmail = upstream_refusing_nobody(relay_files, upstreams)
     with RelaydProcess(relay_files):
         robot = submit(relay_files, ACME, "robot@acme.example", ["nobody@customer.test"],
                        auto_reply("Out of office", "auto-replied"))
@@ -55,12 +61,7 @@ def test_a_failed_auto_submitted_message_is_logged_but_gets_no_bounce(
 def test_auto_submitted_no_with_comments_is_a_persons_message_and_gets_its_bounce(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
-    gmail = upstreams(users={"acme@gmail.com": "acme-app-password"})
-    gmail.reply_to("RCPT", "550 5.1.1 no such user", for_address="nobody@customer.test")
-    relay_files.write(
-        upstreams=[UpstreamSpec("gmail_acme", gmail.port, "acme-gmail", "acme@gmail.com", "acme-app-password")],
-        tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], ["gmail_acme"])])],
-    )
+    gmail = upstream_refusing_nobody(relay_files, upstreams)
     with RelaydProcess(relay_files):
         person = submit(relay_files, ACME, "clerk@acme.example", ["nobody@customer.test"],
                         auto_reply("Re: invoice", "No (a person wrote this)"))
