@@ -94,7 +94,7 @@ def free_port() -> int:
 
 
 def write_config(work: Path, port: int, max_parallel: int, size: int, connections: int) -> Path:
-    from relayd.passwords import hash_password
+    from relayd.config.passwords import hash_password
 
     closed = free_port()  # nothing listens there: deliveries are deferred
     max_size = max(size * 2, 25 * 1024 * 1024)

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from relayd.controlclient import ControlClient, ControlUnavailable
-from relayd.msgid import ALPHABET, new_message_id
-from relayd.passwords import hash_password
-from relayd.spool import format_message
+from relayd.ops.controlclient import ControlClient, ControlUnavailable
+from relayd.queue.msgid import ALPHABET, new_message_id
+from relayd.config.passwords import hash_password
+from relayd.queue.spool import format_message
 from relayd.values import Envelope
 
 BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 listener -> spool -> scheduler -> router -> transport -> outcome. Each stage
 is handed what it needs here and nowhere else; no stage reaches for a global.
 Also here: signals (SIGTERM stops cleanly, SIGHUP reloads all-or-nothing),
-systemd readiness, the control socket relayctl talks to (relayd.control),
+systemd readiness, the control socket relayctl talks to (relayd.ops.control),
 the spool's daemon lock, and the `relayd` command line.
 """
 
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from relayd import hardening, replies, sdnotify
-from relayd.authcheck import PasswordChecker
-from relayd.authguard import AuthGuard
-from relayd.config import RelayConfig, SmtpTransportConfig, TenantConfig
-from relayd.configfile import ConfigError, load_config
-from relayd.control import ControlServer, QueueControl
-from relayd.credentials import (
+from relayd.smtp.authcheck import PasswordChecker
+from relayd.smtp.authguard import AuthGuard
+from relayd.config.model import RelayConfig, SmtpTransportConfig, TenantConfig
+from relayd.config.loader import ConfigError, load_config
+from relayd.ops.control import ControlServer, QueueControl
+from relayd.config.credentials import (
     MASTER_KEY_ENV,
     CredentialError,
     CredentialStore,
@@ -34,22 +34,22 @@ from relayd.credentials import (
     UpstreamCredential,
     load_master_keys,
 )
-from relayd.delivery import DeliveryAgent
-from relayd.dsn import build_dsn
-from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit
-from relayd.gates import GateSet
-from relayd.listener import ListenerServices, SubmissionRefused, SubmissionServer
-from relayd import events as ev
-from relayd.mainlog import MainLog
-from relayd.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
-from relayd.outcomes import RecentOutcomes
-from relayd.queuewire import queue_counts
-from relayd.scheduler import Scheduler
-from relayd.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
-from relayd.spoollock import SpoolInUse, SpoolLock, lock_path
-from relayd.spoolroom import SpoolRoom
-from relayd.transport import Transport, build_transports
-from relayd.upstreamhealth import UpstreamHealth
+from relayd.delivery.walk import DeliveryAgent
+from relayd.delivery.dsn import build_dsn
+from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
+from relayd.delivery.gates import GateSet
+from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
+from relayd.observe import events as ev
+from relayd.observe.mainlog import MainLog
+from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.outcomes import RecentOutcomes
+from relayd.queue.queuewire import queue_counts
+from relayd.queue.scheduler import Scheduler
+from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
+from relayd.queue.spoolroom import SpoolRoom
+from relayd.delivery.transport import Transport, build_transports
+from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import Envelope, QueueEntry, Recipient
 
 
@@ -66,7 +66,7 @@ def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
 
 
 class QueuedBody:
-    """A message streaming into the spool, as the listener sees it (`relayd.intake.IncomingBody`).
+    """A message streaming into the spool, as the listener sees it (`relayd.smtp.intake.IncomingBody`).
 
     Spool errors become the SMTP reply (`SubmissionRefused`), logged once;
     `commit` also logs the arrival and schedules the message.
@@ -569,7 +569,7 @@ def _harden_process() -> dict[str, str]:
 
 def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
     """Prepare the dev directory, check its port, print the banner; an int is an exit status."""
-    from relayd.devdefault import DEFAULT_PORT, DevError, check_port_free, check_port_option, \
+    from relayd.ops.devdefault import DEFAULT_PORT, DevError, check_port_free, check_port_option, \
         connection_help, dev_password, prepare_dev
 
     try:

@@ -12,7 +12,7 @@ Untrusted input: none; paths come from the configuration or the caller.
 Fails: OSError from the step that failed (FileExistsError when `replace` is
 false and the target exists); the target is then untouched.
 
-The spool's message files use their own group commit (relayd.spool) and are not
+The spool's message files use their own group commit (relayd.queue.spool) and are not
 written here.
 """
 

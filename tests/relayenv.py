@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import trustme
 
-from relayd.credentials import CredentialStore, generate_master_key, write_key_file
-from relayd.passwords import hash_password
+from relayd.config.credentials import CredentialStore, generate_master_key, write_key_file
+from relayd.config.passwords import hash_password
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ class RelayFiles:
         write_key_file(self.key_file, [generate_master_key()])
 
     def store_credentials(self, upstreams: Iterable[UpstreamSpec]) -> None:
-        from relayd.credentials import read_key_file
+        from relayd.config.credentials import read_key_file
 
         store = CredentialStore.open(self.root / "credentials.enc", list(read_key_file(self.key_file)))
         for u in upstreams:
@@ -232,7 +232,7 @@ class RelayThread:
         self, config_path: Path, environ: dict[str, str] | None = None, spool_io: Any = None,
         loop_factory: Any = None,
     ) -> None:
-        from relayd.configfile import load_config
+        from relayd.config.loader import load_config
 
         self.config = load_config(config_path)
         self.environ = environ

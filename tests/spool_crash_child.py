@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from relayd.spool import Spool  # noqa: E402
+from relayd.queue.spool import Spool  # noqa: E402
 from relayd.values import Envelope  # noqa: E402
 
 WRITERS = 8

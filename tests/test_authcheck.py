@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from relayd.authcheck import PasswordChecker
-from relayd.config import TenantConfig
-from relayd.passwords import hash_password, verify_password
+from relayd.smtp.authcheck import PasswordChecker
+from relayd.config.model import TenantConfig
+from relayd.config.passwords import hash_password, verify_password
 
 TENANT = TenantConfig("acme", hash_password("right"), ("*@acme.example",), ())
 

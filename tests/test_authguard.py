@@ -1,10 +1,10 @@
-"""Login throttling decisions (relayd.authguard): pure functions and the counts, with a fake clock."""
+"""Login throttling decisions (relayd.smtp.authguard): pure functions and the counts, with a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from relayd.authguard import (
+from relayd.smtp.authguard import (
     LOOPBACK_SOURCE,
     MAX_DELAY,
     Attempt,
@@ -140,8 +140,8 @@ def test_the_counts_kept_are_bounded() -> None:
 
 
 def test_each_listener_brings_its_own_limits_to_shared_counts() -> None:
-    from relayd.authguard import limits_of
-    from relayd.config import ListenerConfig
+    from relayd.smtp.authguard import limits_of
+    from relayd.config.model import ListenerConfig
 
     strict = limits_of(ListenerConfig(auth_failures_before_delay=1, auth_failures_before_disconnect=2,
                                       auth_failures_per_source=50, auth_lockout=5.0, auth_lockout_max=10.0))

@@ -15,12 +15,12 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.cli import main
-from relayd.cli_admin import format_verify, route_report, format_route_report, unreachable_rules
-from relayd.config import RouteRule, TenantConfig
-from relayd.configfile import load_config
-from relayd.passwords import verify_password
-from relayd.transport import VerifyStep
+from relayd.ops.cli import main
+from relayd.ops.cli_admin import format_verify, route_report, format_route_report, unreachable_rules
+from relayd.config.model import RouteRule, TenantConfig
+from relayd.config.loader import load_config
+from relayd.config.passwords import verify_password
+from relayd.delivery.transport import VerifyStep
 from tests.fakeupstream import DEFAULT_PASSWORD, DEFAULT_USER
 from tests.relayenv import ROOT, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, submit
 
@@ -241,7 +241,7 @@ def test_concurrent_tenant_adds_from_separate_processes_all_survive(
     names = [f"app{n}" for n in range(4)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "relayd.cli", "--config", str(relay_files.config),
+            [sys.executable, "-m", "relayd.ops.cli", "--config", str(relay_files.config),
              "tenant", "add", name, "--sender", f"*@{name}.example", "--via", "up"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -462,7 +462,7 @@ def test_route_test_shows_the_upstream_the_running_relay_skips(
 def test_route_report_shows_a_transport_skipped_by_its_retry_state() -> None:
     config_tenant = TenantConfig("acme", None, ("*@acme.example",),
                                  (RouteRule("acme-all", ("*",), ("gmail", "sendgrid")),))
-    from relayd.config import SmtpTransportConfig
+    from relayd.config.model import SmtpTransportConfig
 
     transports = {"gmail": SmtpTransportConfig("gmail", "smtp.gmail.com", 587, credential="g"),
                   "sendgrid": SmtpTransportConfig("sendgrid", "smtp.sendgrid.net", 2525)}

@@ -1,8 +1,8 @@
 """relayctl queue / reload / status / send-test and mailq, against a real relayd and its spool.
 
-The commands run in-process through `relayd.cli.main` (and `mailq` as the
+The commands run in-process through `relayd.ops.cli.main` (and `mailq` as the
 installed console script); relayd runs in its own thread with real fake
-upstreams on 127.0.0.1. The pure formatting in relayd.queueview is tested
+upstreams on 127.0.0.1. The pure formatting in relayd.ops.queueview is tested
 directly at the end.
 """
 
@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.cli import main
-from relayd.controlclient import ControlClient
-from relayd.queueview import (
+from relayd.ops.cli import main
+from relayd.ops.controlclient import ControlClient
+from relayd.ops.queueview import (
     QueueFilter,
     QueueRow,
     RecipientRow,
@@ -33,7 +33,7 @@ from relayd.queueview import (
     matches,
     summarize,
 )
-from relayd.spool import Spool
+from relayd.queue.spool import Spool
 from relayd.values import RecipientState
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, submit
 

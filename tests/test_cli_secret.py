@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from relayd.cli import build_parser, main
-from relayd.credentials import (
+from relayd.ops.cli import build_parser, main
+from relayd.config.credentials import (
     CredentialStore,
     generate_master_key,
     key_id,
     read_key_file,
     write_key_file,
 )
-from relayd.passwords import verify_password
+from relayd.config.passwords import verify_password
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "Gm4il-App-Pa55word-xyz"
@@ -330,7 +330,7 @@ def test_every_command_group_is_registered() -> None:
 
 def _relayctl(args: list[str], stdin: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relayd.cli", *args],
+        [sys.executable, "-m", "relayd.ops.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -398,7 +398,7 @@ def _hash_password_on_a_terminal(first: str, second: str) -> tuple[int, bytes]:
     pid, fd = pty.fork()
     if pid == 0:  # the child: relayctl with the pseudo-terminal as its controlling tty
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", "relayd.cli", "tenant", "hash-password"])
+        os.execv(sys.executable, [sys.executable, "-m", "relayd.ops.cli", "tenant", "hash-password"])
     try:
         answers = {b"Tenant password: ": first.encode() + b"\n",
                    b"Repeat it: ": second.encode() + b"\n"}

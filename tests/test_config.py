@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import (
+from relayd.config.model import (
     CaptureTransportConfig,
     RelayConfig,
     SmtpTransportConfig,
     TlsMode,
 )
-from relayd.configfile import ConfigError, ConfigProblem, SizeSyntaxError, load_config, parse_size
-from relayd.presets import PROVIDER_PRESETS, PresetError, resolve_preset
-from relayd.retry import parse_retry_schedule
+from relayd.config.loader import ConfigError, ConfigProblem, SizeSyntaxError, load_config, parse_size
+from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.config.retry import parse_retry_schedule
 
 HERE = Path(__file__).parent
 BAD_CONFIGS = HERE / "bad_configs"

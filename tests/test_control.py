@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.controlclient import ControlClient, DaemonNotRunning
-from relayd.msgid import new_message_id
-from relayd.spool import Spool, format_message
+from relayd.ops.controlclient import ControlClient, DaemonNotRunning
+from relayd.queue.msgid import new_message_id
+from relayd.queue.spool import Spool, format_message
 from relayd.values import Envelope
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, free_port, make_message, submit
 

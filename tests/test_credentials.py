@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from relayd.config import CredentialsConfig
-from relayd.credentials import (
+from relayd.config.model import CredentialsConfig
+from relayd.config.credentials import (
     CredentialStore,
     CredentialStoreError,
     KeySource,
@@ -475,7 +475,7 @@ def test_rotation_from_an_environment_key_writes_a_new_key_file(tmp_path: Path) 
 
 
 def test_store_rewritten_by_root_keeps_the_daemon_users_ownership(tmp_path: Path) -> None:
-    from relayd.credentials import CredentialStore, generate_master_key
+    from relayd.config.credentials import CredentialStore, generate_master_key
 
     if os.geteuid() != 0:
         pytest.skip("only root can give a file away")

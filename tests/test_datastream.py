@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from relayd import policy
-from relayd.datastream import DataDecoder
+from relayd.smtp import policy
+from relayd.smtp.datastream import DataDecoder
 
 ALPHABET = [b"a", b"b", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b"\x00", b"x" * 40]
 

@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 from types import MappingProxyType
 
-from relayd.config import CredentialsConfig, ListenerConfig, RelayConfig, RouteRule, TenantConfig
-from relayd.delivery import RETRY_TIMEOUT, DeliveryAgent, apply_reports
-from relayd.events import NullSink
-from relayd.gates import GateSet
-from relayd.upstreamhealth import UpstreamHealth
+from relayd.config.model import CredentialsConfig, ListenerConfig, RelayConfig, RouteRule, TenantConfig
+from relayd.delivery.walk import RETRY_TIMEOUT, DeliveryAgent, apply_reports
+from relayd.observe.events import NullSink
+from relayd.delivery.gates import GateSet
+from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import (
     AttemptOutcome, AttemptResult, Delivery, DeliveryReport, Envelope, QueueEntry, Recipient,
     RecipientResult, RecipientState, Route, SmtpReply, Stage,

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from relayd.clienthelp import snippets_in
-from relayd.devdefault import prepare_dev, shell_lines_in
+from relayd.ops.clienthelp import snippets_in
+from relayd.ops.devdefault import prepare_dev, shell_lines_in
 from tests.relayenv import ROOT, free_port
 
 
@@ -213,7 +213,7 @@ def test_the_printed_reset_command_runs_as_pasted_and_rewrites_the_same_relay(tm
 
 def test_relayd_sendmail_works_out_of_the_box_on_the_dev_default(dev_relay: DevRelay) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "relayd.sendmail", "-t"], env=dev_relay.env(), timeout=60,
+        [sys.executable, "-m", "relayd.ops.sendmail", "-t"], env=dev_relay.env(), timeout=60,
         input=b"To: cron-owner@example.com\nSubject: cron output\n\nbackup done\n", capture_output=True,
     )
     assert run.returncode == 0, run.stderr

@@ -6,7 +6,7 @@ import email
 import email.policy
 from email.message import EmailMessage, Message
 
-from relayd.dsn import auto_submitted_keyword, build_dsn, describe_failure, is_auto_submitted, original_headers
+from relayd.delivery.dsn import auto_submitted_keyword, build_dsn, describe_failure, is_auto_submitted, original_headers
 from relayd.values import AttemptOutcome, DeliveryReport, Envelope, SmtpReply
 
 NOW = 1767400000.0  # 2026-01-03 00:26:40 UTC

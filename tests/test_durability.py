@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator
 import pytest
 import uvloop
 
-from relayd.cli_queue import mailq_main
-from relayd.controlclient import ControlClient
-from relayd.queueview import status_lines
-from relayd.spool import Spool, SpoolIO
+from relayd.ops.cli_queue import mailq_main
+from relayd.ops.controlclient import ControlClient
+from relayd.ops.queueview import status_lines
+from relayd.queue.spool import Spool, SpoolIO
 from relayd.values import Envelope
 from tests.relayenv import (
     RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, make_message, submit,

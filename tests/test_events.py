@@ -9,13 +9,13 @@ from typing import Iterator
 
 import pytest
 
-from relayd import events as ev
-from relayd.delivery import DeliveryAgent
-from relayd.gates import GateSet
-from relayd.mainlog import MainLog, format_deferred, format_delivered
-from relayd.metrics import RelayMetrics
-from relayd.outcomes import RecentOutcomes
-from relayd.upstreamhealth import UpstreamHealth
+from relayd.observe import events as ev
+from relayd.delivery.walk import DeliveryAgent
+from relayd.delivery.gates import GateSet
+from relayd.observe.mainlog import MainLog, format_deferred, format_delivered
+from relayd.observe.metrics import RelayMetrics
+from relayd.observe.outcomes import RecentOutcomes
+from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import AttemptOutcome, DeliveryReport, Envelope, QueueEntry, Recipient, Route, SmtpReply, Stage
 from tests.relayenv import RelayFiles, RelayThread, connect, submit
 from tests.test_delivery_outcome import CONFIG, ScriptedTransport, entry

@@ -1,10 +1,10 @@
-"""The failover policy, one row per rule of relayd/failover.py's docstring."""
+"""The failover policy, one row per rule of relayd/delivery/failover.py's docstring."""
 
 from __future__ import annotations
 
 import pytest
 
-from relayd.failover import classify, hint_for, is_quota_reply
+from relayd.delivery.failover import classify, hint_for, is_quota_reply
 from relayd.values import AttemptOutcome, SmtpReply, Stage
 
 NEXT = AttemptOutcome.NEXT_TRANSPORT

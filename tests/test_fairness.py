@@ -7,8 +7,8 @@ import time
 
 import uvloop
 
-from relayd.fairness import DueLane, DueMessage, Lane, pick_lane, plan_starts
-from relayd.scheduler import Scheduler
+from relayd.queue.fairness import DueLane, DueMessage, Lane, pick_lane, plan_starts
+from relayd.queue.scheduler import Scheduler
 from relayd.values import Envelope, QueueEntry, Recipient
 
 ACME_SLOW = Lane("acme", ("slow",))

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from relayd.controlclient import ControlClient
-from relayd.queueview import status_lines
+from relayd.ops.controlclient import ControlClient
+from relayd.ops.queueview import status_lines
 from tests.relayenv import RelaydProcess, RelayFiles, submit
 from tests.test_durability import (
     ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes, wait_until,

@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 import uvloop
 
-from relayd.delivery import DeliveryAgent
-from relayd.gates import (
+from relayd.delivery.walk import DeliveryAgent
+from relayd.delivery.gates import (
     OPEN, AttemptEnd, GateReport, GateSet, GateVerdict, closed_until, combine, earliest_reopening,
 )
-from relayd.retry import parse_retry_schedule
-from relayd.upstreamhealth import UpstreamHealth
+from relayd.config.retry import parse_retry_schedule
+from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import AttemptOutcome, Delivery, AttemptResult, DeliveryReport, Route, SmtpReply, Stage
-from relayd.events import NullSink
+from relayd.observe.events import NullSink
 from tests.test_delivery_outcome import CONFIG, ScriptedTransport, entry
 
 T0 = 1_800_000_000.0

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from relayd import headers, policy
-from relayd.config import TenantConfig
+from relayd.smtp import headers
+from relayd.smtp import policy
+from relayd.config.model import TenantConfig
 
 
 def acme() -> TenantConfig:

@@ -23,8 +23,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from relayd.cli import main as relayctl_main
-from relayd.credentials import read_key_file
+from relayd.ops.cli import main as relayctl_main
+from relayd.config.credentials import read_key_file
 from tests.relayenv import ROOT
 
 INSTALL = ROOT / "scripts" / "install"

@@ -322,10 +322,10 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
 
     from aiosmtpd.smtp import SMTP
 
-    from relayd.authguard import AuthGuard
-    from relayd.config import ListenerConfig
-    from relayd.events import NullSink
-    from relayd.listener import ListenerServices, SubmissionHandler, SubmissionProtocol
+    from relayd.smtp.authguard import AuthGuard
+    from relayd.config.model import ListenerConfig
+    from relayd.observe.events import NullSink
+    from relayd.smtp.listener import ListenerServices, SubmissionHandler, SubmissionProtocol
 
     async def build() -> tuple[set[str], set[str]]:
         reference = SMTP(object(), hostname="relay.test")
@@ -346,7 +346,7 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
 
 def failing_writes(errno_value: int) -> Any:
     """A spool I/O whose writes fail with one errno, as a full or broken disk would."""
-    from relayd.spool import SpoolIO
+    from relayd.queue.spool import SpoolIO
 
     class FailingWrites(SpoolIO):
         def write(self, fd: int, data: bytes | memoryview) -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from relayd.mainlog import (
+from relayd.observe.mainlog import (
     MAX_FIELD,
     MainLog,
     format_delivered,
@@ -316,7 +316,7 @@ def test_write_error_is_counted_not_raised() -> None:
 
 
 def test_a_throttled_login_is_logged_sanitised_and_without_a_password() -> None:
-    from relayd.mainlog import format_auth_throttled
+    from relayd.observe.mainlog import format_auth_throttled
 
     line = format_auth_throttled(client_ip="127.0.0.1", login="acme\r\n2026-01-01 fake line",
                                  reason="login locked after 10 failures", retry_after=60.4)

@@ -9,8 +9,8 @@ from typing import Any, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relayd.controlclient import ControlClient
-from relayd.metrics import RelayMetrics
+from relayd.ops.controlclient import ControlClient
+from relayd.observe.metrics import RelayMetrics
 from tests.relayenv import RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, free_port, submit
 
 

@@ -18,7 +18,11 @@ KNOWN_PRIVATE_IMPORTS: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def _module_name(path: Path) -> str:
-    return "relayd" if path.name == "__init__.py" else f"relayd.{path.stem}"
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+PACKAGES = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
 
 
 def _relayd_imports(tree: ast.Module, module: str) -> list[tuple[str, str]]:
@@ -33,8 +37,11 @@ def _relayd_imports(tree: ast.Module, module: str) -> list[tuple[str, str]]:
         if isinstance(node, ast.Import):
             found += [(alias.name, "") for alias in node.names if alias.name.startswith("relayd.")]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module is not None:
-            if node.module == "relayd":  # from relayd import spool: the submodule itself
-                found += [(f"relayd.{alias.name}", "") for alias in node.names]
+            if node.module in PACKAGES:  # from relayd.queue import spool: the submodule itself
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.append((sub, "") if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists()
+                                 or sub in PACKAGES else (node.module, alias.name))
             elif node.module.startswith("relayd."):
                 found += [(node.module, alias.name) for alias in node.names]
     return [(target, name) for target, name in found if target != module]
@@ -42,7 +49,7 @@ def _relayd_imports(tree: ast.Module, module: str) -> list[tuple[str, str]]:
 
 def _imports_by_module() -> dict[str, list[tuple[str, str]]]:
     graph: dict[str, list[tuple[str, str]]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         module = _module_name(path)
         graph[module] = _relayd_imports(ast.parse(path.read_text(), str(path)), module)
     return graph
@@ -100,7 +107,7 @@ def test_no_module_imports_a_private_name_from_another_relayd_module() -> None:
 def test_relayctl_run_as_python_m_relayd_cli_reports_an_ordinary_error_as_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "relay.yaml"
     result = subprocess.run(
-        [sys.executable, "-m", "relayd.cli", "--config", str(missing), "queue", "list"],
+        [sys.executable, "-m", "relayd.ops.cli", "--config", str(missing), "queue", "list"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert result.returncode == 1
@@ -123,6 +130,87 @@ def _imported_from(start: str) -> set[str]:
 
 def test_the_daemon_loads_neither_the_cli_nor_its_queue_formatting() -> None:
     loaded = _imported_from("relayd.daemon")
-    cli_side = {"relayd.cli", "relayd.cli_admin", "relayd.cli_queue", "relayd.clicommon", "relayd.queueview"}
-    assert "relayd.control" in loaded
+    cli_side = {"relayd.ops.cli", "relayd.ops.cli_admin", "relayd.ops.cli_queue", "relayd.ops.clicommon", "relayd.ops.queueview"}
+    assert "relayd.ops.control" in loaded
     assert loaded & cli_side == set()
+
+
+# The stages in the order data flows, after the shared foundations. A module
+# may import its own layer and earlier ones, never a later one: a stage that
+# needs a later stage is handed a callable or a Protocol by relayd.daemon.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("relayd", "relayd.values", "relayd.replies", "relayd.safeio", "relayd.hardening", "relayd.sdnotify"),
+    ("relayd.config",),
+    ("relayd.observe",),
+    ("relayd.smtp",),
+    ("relayd.queue",),
+    ("relayd.delivery",),
+    ("relayd.ops",),
+    ("relayd.daemon",),
+)
+
+# Imports that still point at a later stage, each as (importing, imported).
+KNOWN_LATER_STAGE_IMPORTS: frozenset[tuple[str, str]] = frozenset({
+    ("relayd.smtp.listener", "relayd.delivery.router"),
+})
+
+
+def _layer(module: str) -> int:
+    best = -1, -1
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best[1]:
+                best = rank, len(prefix)
+    assert best[0] >= 0, f"{module} belongs to no layer: add it to LAYERS"
+    return best[0]
+
+
+def test_every_module_belongs_to_a_stage_and_no_stage_imports_a_later_one() -> None:
+    later = {
+        (module, target)
+        for module, imports in _imports_by_module().items()
+        for target, _ in imports
+        if target.startswith("relayd") and _layer(target) > _layer(module)
+    }
+    assert later - KNOWN_LATER_STAGE_IMPORTS == set()
+    assert KNOWN_LATER_STAGE_IMPORTS - later == set(), "fixed: remove it from KNOWN_LATER_STAGE_IMPORTS"
+
+
+# Modules that still import a relayd module inside a function.
+KNOWN_LOCAL_IMPORTS: frozenset[str] = frozenset({
+    "relayd.daemon", "relayd.delivery.walk", "relayd.ops.cli_admin", "relayd.ops.cli_queue",
+    "relayd.ops.control", "relayd.ops.sendmail",
+})
+
+
+def test_no_relayd_module_is_imported_inside_a_function() -> None:
+    local: set[str] = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(func):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("relayd")):
+                        local.add(_module_name(path))
+                    elif isinstance(node, ast.Import) and any(a.name.startswith("relayd") for a in node.names):
+                        local.add(_module_name(path))
+    assert local - KNOWN_LOCAL_IMPORTS == set()
+    assert KNOWN_LOCAL_IMPORTS - local == set(), "fixed: remove it from KNOWN_LOCAL_IMPORTS"
+
+
+MAX_MODULE_LINES = 600  # a module a newcomer reads in one sitting
+KNOWN_LONG_MODULES: frozenset[str] = frozenset({
+    "relayd.config.loader", "relayd.daemon", "relayd.delivery.transport", "relayd.delivery.walk",
+    "relayd.observe.mainlog", "relayd.ops.cli_admin", "relayd.ops.cli_queue", "relayd.ops.control",
+    "relayd.ops.sendmail", "relayd.queue.spool", "relayd.smtp.listener",
+})
+
+
+def test_no_module_is_longer_than_a_sitting() -> None:
+    long = {
+        _module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        if len(path.read_text().splitlines()) > MAX_MODULE_LINES
+    }
+    assert long - KNOWN_LONG_MODULES == set()
+    assert KNOWN_LONG_MODULES - long == set(), "shortened: remove it from KNOWN_LONG_MODULES"

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from relayd.cli import build_parser, main
-from relayd.clienthelp import snippets_in
+from relayd.ops.cli import build_parser, main
+from relayd.ops.clienthelp import snippets_in
 from relayd.daemon import build_parser as relayd_parser
-from relayd.queueview import backlog_transport, transport_state
+from relayd.ops.queueview import backlog_transport, transport_state
 from tests.fakeupstream import DEFAULT_PASSWORD, DEFAULT_USER
 from tests.relayenv import ROOT, RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, submit
 

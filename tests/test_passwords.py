@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from relayd.passwords import (
+from relayd.config.passwords import (
     DUMMY_HASH,
     PASSWORD_ALPHABET,
     describe_hash_problem,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from relayd import policy
-from relayd.config import RouteRule, TenantConfig
-from relayd.router import domain_matches, group_by_route, route
+from relayd.smtp import policy
+from relayd.config.model import RouteRule, TenantConfig
+from relayd.delivery.router import domain_matches, group_by_route, route
 from relayd.values import Route
 
 ACME = TenantConfig(

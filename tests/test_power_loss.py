@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import uvloop
 
-from relayd.spool import Spool, SpoolIO, SpoolEntryMissing
+from relayd.queue.spool import Spool, SpoolIO, SpoolEntryMissing
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, as_submitted, make_message, submit
 
 ACME = ("acme", "acme-relay-password")

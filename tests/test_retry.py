@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.retry import DEFAULT_RETRY, RetrySyntaxError, parse_duration, parse_retry_schedule
+from relayd.config.retry import DEFAULT_RETRY, RetrySyntaxError, parse_duration, parse_retry_schedule
 
 
 @pytest.mark.parametrize("text, seconds", [("3s", 3), ("15m", 900), ("2h", 7200), ("4d", 345600), ("1w", 604800), ("1h30m", 5400), ("42", 42)])

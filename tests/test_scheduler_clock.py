@@ -14,11 +14,11 @@ from typing import Callable, Coroutine
 
 import uvloop
 
-from relayd.fairness import Lane
-from relayd.gates import GateSet, GateVerdict, OPEN, AttemptEnd, GateReport, closed_until, earliest_reopening
-from relayd.retry import parse_retry_schedule
-from relayd.scheduler import Scheduler
-from relayd.upstreamhealth import UpstreamHealth
+from relayd.queue.fairness import Lane
+from relayd.delivery.gates import GateSet, GateVerdict, OPEN, AttemptEnd, GateReport, closed_until, earliest_reopening
+from relayd.config.retry import parse_retry_schedule
+from relayd.queue.scheduler import Scheduler
+from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import Envelope, QueueEntry, Recipient, RecipientState
 
 T0 = 1_800_000_000.0

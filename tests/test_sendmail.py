@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import pytest
 import trustme
 
-from relayd.sendmail import (
+from relayd.ops.sendmail import (
     Exit,
     Options,
     Stage,
@@ -203,7 +203,7 @@ def test_a_refused_recipient_exits_67_and_nobody_gets_the_message(relay_files: R
 
 
 def test_help_names_every_option_in_its_usage_line() -> None:
-    run = subprocess.run([sys.executable, "-m", "relayd.sendmail", "--help"],
+    run = subprocess.run([sys.executable, "-m", "relayd.ops.sendmail", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
     usage = run.stdout.split("\nReads one message")[0]

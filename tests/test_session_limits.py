@@ -493,7 +493,7 @@ def test_sessions_gauge_counts_starttls_sessions_once_and_returns_to_zero(relay_
 
 
 def test_listener_limits_are_read_from_the_yaml_and_default_when_absent(relay_files: RelayFiles) -> None:
-    from relayd.configfile import load_config
+    from relayd.config.loader import load_config
 
     capture_files(relay_files, listener_extra="max_connections: 300\nmax_connections_per_ip: 7\n"
                                               "per_ip_limit_on_loopback: true\nhard_error_limit: 5")
@@ -504,7 +504,7 @@ def test_listener_limits_are_read_from_the_yaml_and_default_when_absent(relay_fi
 
 
 def test_data_deadline_credits_received_bytes_at_the_minimum_rate_up_to_the_size_limit() -> None:
-    from relayd.sessionlimits import DataDeadline
+    from relayd.smtp.sessionlimits import DataDeadline
 
     deadline = DataDeadline(started=0.0, line_timeout=10.0, min_rate=100.0, max_bytes=1000)
     assert deadline.seconds_left(0.0) == 10.0
@@ -516,8 +516,8 @@ def test_data_deadline_credits_received_bytes_at_the_minimum_rate_up_to_the_size
 
 
 def test_file_limit_is_raised_only_as_far_as_needed_and_refused_past_the_hard_limit(relay_files: RelayFiles) -> None:
-    from relayd.configfile import load_config
-    from relayd.fdlimit import DescriptorLimitError, ensure_descriptor_limit, needed_descriptors
+    from relayd.config.loader import load_config
+    from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit, needed_descriptors
 
     capture_files(relay_files, listener_extra="max_connections: 500")
     config = load_config(relay_files.config)

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 import pytest
 
-from relayd.msgid import id_time, is_message_id, new_message_id
-from relayd.spool import (
+from relayd.queue.msgid import id_time, is_message_id, new_message_id
+from relayd.queue.spool import (
     MAGIC,
     Spool,
     SpoolCorruptError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from relayd.spool import MAGIC, MAGIC_STREAMED, Spool, SpoolFullError, SpoolIO, format_message
+from relayd.queue.spool import MAGIC, MAGIC_STREAMED, Spool, SpoolFullError, SpoolIO, format_message
 from relayd.values import Envelope
 
 

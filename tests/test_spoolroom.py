@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from relayd.config import SpoolLimits
-from relayd.configfile import load_config
-from relayd.spoolroom import DiskRoom, SpoolRoom, default_reserve
+from relayd.config.model import SpoolLimits
+from relayd.config.loader import load_config
+from relayd.queue.spoolroom import DiskRoom, SpoolRoom, default_reserve
 from relayd.values import Envelope, QueueEntry, Recipient
 
 MB = 1024 * 1024

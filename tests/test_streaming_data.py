@@ -211,7 +211,7 @@ def test_trace_fields_reach_the_upstream_and_the_original_bytes_are_otherwise_id
 def test_data_sessions_take_turns_so_a_loop_round_checks_at_most_the_slot_count() -> None:
     from collections import Counter
 
-    from relayd.intake import DataTurns
+    from relayd.smtp.intake import DataTurns
 
     async def scenario() -> Counter[int]:
         loop = asyncio.get_running_loop()

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from relayd import sdnotify
-from relayd.configfile import load_config
-from relayd.credentials import SYSTEMD_CREDENTIAL_NAME
+from relayd.config.loader import load_config
+from relayd.config.credentials import SYSTEMD_CREDENTIAL_NAME
 from tests.relayenv import ROOT, RelayFiles, TenantSpec, make_message
 
 UNIT = ROOT / "systemd" / "relayd.service"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from relayd.config import RouteRule, TenantConfig
-from relayd.configfile import ConfigError, load_config
-from relayd.tenants import ManagedTenants, TenantRejected, TenantsFileLocked, render_tenants_file
+from relayd.config.model import RouteRule, TenantConfig
+from relayd.config.loader import ConfigError, load_config
+from relayd.config.tenants import ManagedTenants, TenantRejected, TenantsFileLocked, render_tenants_file
 
 HASH = "scrypt$14$8$1$c2FsdHNhbHQ=$aGFzaGhhc2g="
 
@@ -232,7 +232,7 @@ def test_root_keeps_the_owner_of_the_state_directory(relay_yaml: Path) -> None:
 
 
 def test_local_users_and_the_bind_trust_survive_a_rewrite_of_the_managed_file(tmp_path: Path) -> None:
-    from relayd.configfile import parse_managed_tenants
+    from relayd.config.loader import parse_managed_tenants
 
     tenant = TenantConfig(
         name="cron", password_hash=None, senders=("*@relay.test",),

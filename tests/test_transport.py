@@ -14,9 +14,9 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pytest
 
-from relayd.config import CaptureTransportConfig, SmtpTransportConfig, TlsMode, TransportConfig
-from relayd.credentials import Secret, UpstreamCredential
-from relayd.transport import (
+from relayd.config.model import CaptureTransportConfig, SmtpTransportConfig, TlsMode, TransportConfig
+from relayd.config.credentials import Secret, UpstreamCredential
+from relayd.delivery.transport import (
     CaptureTransport,
     SmtpTransport,
     build_transports,

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.mime7bit import NeedsSmtpUtf8, to_7bit
+from relayd.delivery.mime7bit import NeedsSmtpUtf8, to_7bit
 from tests.relayenv import RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, as_submitted, connect
 
 ACME = ("acme", "acme-relay-password")
@@ -228,7 +228,7 @@ def test_to_7bit_memory_stays_a_few_times_the_message_for_many_tiny_parts_and_8b
 
 
 def test_to_7bit_walks_at_most_max_parts_and_encodes_a_bigger_multipart_whole() -> None:
-    from relayd.mime7bit import MAX_PARTS
+    from relayd.delivery.mime7bit import MAX_PARTS
 
     parts = b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\xc3\xa9\r\n" * (MAX_PARTS + 1)
     message = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + parts + b"--b--\r\n"

@@ -9,10 +9,10 @@ import aiosmtplib
 import pytest
 import uvloop
 
-from relayd.config import UPSTREAM_AUTH_MECHANISMS
-from relayd.credentials import Secret, UpstreamCredential
-from relayd.transport import SmtpTransport, client_tls_context
-from relayd.upstreamauth import (
+from relayd.config.model import UPSTREAM_AUTH_MECHANISMS
+from relayd.config.credentials import Secret, UpstreamCredential
+from relayd.delivery.transport import SmtpTransport, client_tls_context
+from relayd.delivery.upstreamauth import (
     MECHANISMS, PREFERENCE, AuthNoReply, AuthRefused, NoMechanism, choose_mechanism,
 )
 from relayd.values import AttemptOutcome, Stage

@@ -223,7 +223,7 @@ class RelaydPeer(Peer):
         return self.dir / "relay.yaml"
 
     def prepare(self) -> None:
-        from relayd.passwords import hash_password
+        from relayd.config.passwords import hash_password
 
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "etc").mkdir(exist_ok=True)

@@ -1,0 +1,1 @@
+"""The configuration: relay.yaml parsed once into frozen, validated values, presets, and the encrypted credential and tenant stores."""

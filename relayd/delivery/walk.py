@@ -1,0 +1,709 @@
+"""Delivery and outcome: walk each recipient's transport chain once, then record the result.
+
+Takes: a due `QueueEntry` from the scheduler; the current config; the
+transports; the gates (`relayd.delivery.gates`: may a transport take mail now); the spool.
+Emits: per recipient a `DeliveryReport` (delivered / deferred / failed), the
+matching events (relayd.observe.events: the main log and metrics are sinks), the new recipient states in the spool,
+and an RFC 3464 bounce to the sender for every permanent failure.
+Untrusted input: upstream replies (only logged, sanitised by the log).
+How it fails: a spool file whose body no longer checks out is set aside and
+reported, never delivered half; an outcome the spool cannot write (ENOSPC,
+EIO) is held in memory (see below); anything else propagates to the
+scheduler, which retries the message later.
+
+The failover policy itself (which error means "next transport", "defer" or
+"fail") is `relayd.delivery.failover.classify`, applied inside the transports. Here:
+* recipients are grouped by matching route rule, one upstream transaction per
+  group and transport; each group's verdicts are logged and made durable as
+  soon as the group is done, so a later group that hangs (or a kill -9) cannot
+  make an earlier recipient go out twice;
+* when that write fails, the pass stops and the outcome is kept in memory
+  (`unrecorded`): the message is delivered no further, every other delivery
+  waits (`hold_until`), new mail is refused (`state_write_failure`), and the
+  write is tried again every `state_retry_interval` until it works;
+* a transport closed by a gate (its retry wait after a connection failure,
+  `relayd.delivery.upstreamhealth`, or any later limit) is skipped without a
+  connection attempt; every attempt's start and end are reported to the gates;
+* a recipient left over after the whole chain is deferred, except when every
+  transport refused the sender permanently (5xx to MAIL FROM), which fails it;
+* a deferred recipient's next attempt follows the retry schedule of the last
+  transport that was tried for it; when the schedule has run out (the maximum
+  age), the recipient fails with "retry timeout exceeded";
+* a bounce is queued durably before the failures are recorded, so a crash in
+  between can only duplicate a bounce, never lose one; a failed bounce (null
+  sender) is logged and dropped, never bounced again;
+* a forced delivery (operator: deliver now, flush) ignores the transports'
+  retry waits (forceable closures), as Exim's -M and -qff ignore host retry data;
+* `hold_until` tells the scheduler when a due message has nothing to try
+  because every transport of every due recipient is closed by a gate: it is
+  put back quietly instead of logging and recording one more deferral;
+* `give_up` is the operator's "cancel delivery" (Exim -Mg): every open
+  recipient fails with "delivery cancelled by administrator" and the sender
+  gets a bounce, exactly as for a permanent failure;
+* a message that was itself sent automatically (Auto-Submitted other than
+  "no", RFC 3834) gets no bounce, only a log line, so two robots cannot
+  answer each other in a loop;
+* `lane_of` tells the scheduler which tenant and first transports a message
+  competes for (`relayd.queue.fairness`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, Mapping, Sequence
+
+from relayd.observe import events as ev
+from relayd.config.model import RelayConfig
+from relayd.delivery.dsn import auto_submitted_keyword
+from relayd.queue.fairness import Lane
+from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
+from relayd.delivery.router import domain_of, group_by_route, route
+from relayd.delivery.upstreamhealth import RETRY_WAIT
+from relayd.values import (
+    AttemptOutcome,
+    AttemptResult,
+    Delivery,
+    DeliveryReport,
+    Envelope,
+    QueueEntry,
+    Recipient,
+    RecipientResult,
+    RecipientState,
+    Route,
+    SmtpReply,
+    Stage,
+)
+
+RETRY_TIMEOUT = "retry timeout exceeded"
+# Route chains remembered for lane_of; a queue to more distinct domains than
+# this simply starts the cache again (bounded memory, a few routes re-done).
+_CHAIN_CACHE_SIZE = 10_000
+CANCELLED = "delivery cancelled by administrator"
+# A local, permanent decision carries a synthetic 5xx so the DSN reads as a
+# failure, not as an expired delivery.
+CANCELLED_REPLY = SmtpReply(550, f"5.0.0 {CANCELLED}")
+# Seconds between attempts to record an outcome the spool refused (full or
+# failing disk); every delivery waits meanwhile.
+STATE_RETRY_INTERVAL = 5.0
+_AFTER_RETRY = 0.2  # seconds other deliveries wait past a held message's next try
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The entry after one pass, and the reports that produced it."""
+
+    entry: QueueEntry
+    reports: tuple[DeliveryReport, ...]
+    newly_failed: tuple[DeliveryReport, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unrecorded:
+    """A message whose outcome is known in memory but could not be written to the spool.
+
+    `entry` is the truth (what went out is final there); `on_disk` the last
+    state that was written; `unbounced` failures whose bounce is not queued
+    yet (their recipients are recorded as failed only after it is).
+    """
+
+    entry: QueueEntry
+    unbounced: tuple[DeliveryReport, ...]
+    on_disk: QueueEntry
+    reason: str
+    retry_at: float
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+
+class _Progress:
+    """One pass as it goes: the state known so far and the state last made durable."""
+
+    __slots__ = ("known", "recorded", "unbounced", "first_delivered")
+
+    def __init__(self, entry: QueueEntry) -> None:
+        self.known = self.recorded = entry
+        self.unbounced: list[DeliveryReport] = []
+        self.first_delivered = True
+
+
+def without_unbounced(known: QueueEntry, before: QueueEntry, unbounced: Sequence[DeliveryReport]) -> QueueEntry:
+    """`known` with the recipients whose bounce is not queued yet as they were in `before`."""
+    if not unbounced:
+        return known
+    waiting = {r.address for r in unbounced}
+    earlier = {r.address: r for r in before.recipients}
+    return replace(
+        known,
+        recipients=tuple(earlier.get(r.address, r) if r.address in waiting else r for r in known.recipients),
+    )
+
+
+def due_recipients(entry: QueueEntry, now: float, *, forced: bool) -> list[str]:
+    return [
+        r.address
+        for r in entry.undelivered
+        if forced or r.next_attempt is None or r.next_attempt <= now
+    ]
+
+
+def _report(route: Route, result: AttemptResult | None, rr: RecipientResult, tried: list[str]) -> DeliveryReport:
+    return DeliveryReport(
+        address=rr.address,
+        outcome=rr.outcome,
+        rule=route.rule,
+        transport=result.transport if result else "",
+        host=result.host if result else "",
+        ip=result.ip if result else "",
+        port=result.port if result else 0,
+        tls=result.tls if result else "",
+        reply=rr.reply,
+        reason=rr.describe(),
+        tried=tuple(tried),
+    )
+
+
+def leftover_report(
+    route: Route, address: str, last: DeliveryReport | None, tried: list[str], all_refused_sender: bool,
+    closed: Sequence[tuple[str, GateVerdict]] = (),
+) -> DeliveryReport:
+    """The verdict for a recipient that no transport in its chain took."""
+    if last is None:
+        reason = closed_reason(closed) if tried else "no transport available"
+        return DeliveryReport(address, AttemptOutcome.DEFER, route.rule, reason=reason, tried=tuple(tried))
+    outcome = AttemptOutcome.FAIL if all_refused_sender else AttemptOutcome.DEFER
+    return replace(last, outcome=outcome, tried=tuple(tried))
+
+
+def closed_reason(closed: Sequence[tuple[str, GateVerdict]]) -> str:
+    """Why no transport was tried: every one was closed by a gate (or is not configured)."""
+    if all(verdict.reason == RETRY_WAIT for _name, verdict in closed):
+        return "all transports are in their retry wait"
+    return "no transport may take it now: " + "; ".join(
+        f"{name} {verdict.reason}" for name, verdict in closed
+    )
+
+
+def apply_reports(
+    entry: QueueEntry,
+    reports: Sequence[DeliveryReport],
+    *,
+    now: float,
+    config: RelayConfig,
+) -> Outcome:
+    """Pure: the new recipient states after one pass (retry arithmetic included)."""
+    by_address = {r.address: r for r in reports}
+    recipients: list[Recipient] = []
+    final_reports: list[DeliveryReport] = []
+    newly_failed: list[DeliveryReport] = []
+    for recipient in entry.recipients:
+        report = by_address.get(recipient.address)
+        if report is None or recipient.state.is_final:
+            recipients.append(recipient)
+            continue
+        attempts = recipient.attempts + 1
+        if report.outcome is AttemptOutcome.DELIVERED:
+            recipients.append(recipient.moved_to(RecipientState.DELIVERED, attempts=attempts, next_attempt=None))
+        elif report.outcome is AttemptOutcome.FAIL:
+            recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
+            newly_failed.append(report)
+        else:
+            first = recipient.first_failure if recipient.first_failure is not None else now
+            schedule = config.retry_for(report.transport or (report.tried[-1] if report.tried else ""))
+            planned = schedule.next_attempt(first, now, recipient.last_interval)
+            if planned is None:
+                report = replace(report, outcome=AttemptOutcome.FAIL, reason=f"{RETRY_TIMEOUT}: {report.reason}")
+                recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
+                newly_failed.append(report)
+            else:
+                next_attempt, interval = planned
+                recipients.append(
+                    recipient.moved_to(
+                        RecipientState.DEFERRED, attempts=attempts, first_failure=first,
+                        next_attempt=next_attempt, last_interval=interval, last_error=report.reason,
+                    )
+                )
+        final_reports.append(report)
+    return Outcome(replace(entry, recipients=tuple(recipients)), tuple(final_reports), tuple(newly_failed))
+
+
+class DeliveryAgent:
+    """Runs one delivery pass for one message; handed to the scheduler as `deliver`."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], RelayConfig],
+        spool: Any,  # relayd.queue.spool.Spool
+        transports: Callable[[], Mapping[str, Any]],  # name -> relayd.delivery.transport.Transport
+        gates: Gate,
+        events: ev.EventSink,
+        enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
+        build_dsn: Callable[..., bytes],
+        is_forced: Callable[[str], bool] = lambda _id: False,
+        clock: Callable[[], float] = time.time,
+        state_retry_interval: float = STATE_RETRY_INTERVAL,
+        release_room: Callable[[], bool] = lambda: False,
+        keep_room: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._transports = transports
+        self._gates = gates
+        self._events = events
+        self._enqueue_bounce = enqueue_bounce
+        self._build_dsn = build_dsn
+        self._is_forced = is_forced
+        self._clock = clock
+        self._state_retry_interval = state_retry_interval
+        # The spool's emergency reserve file: removed when a full disk refuses
+        # an outcome (then it is written at once), put back once recorded.
+        self._release_room = release_room
+        self._keep_room = keep_room
+        self._unrecorded: dict[str, Unrecorded] = {}
+        # Route chains per (tenant, domain) for lane_of, valid for one config object.
+        self._chains_of: RelayConfig | None = None
+        self._chains: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    async def deliver(self, entry: QueueEntry) -> QueueEntry | None:
+        """One pass over the message's due recipients. None: the message left the queue.
+
+        Each route group's outcome is made durable as soon as the group is
+        done, so a later group that hangs (or a kill -9 meanwhile) cannot make
+        the earlier recipients go out twice. When that write fails the pass
+        stops: the outcome is kept in memory (`unrecorded`), nothing more of
+        the message is delivered, and the write is tried again every
+        `state_retry_interval` until the spool can take it.
+        """
+        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing, SpoolError
+
+        held = self._unrecorded.get(entry.id)
+        if held is not None:
+            try:
+                recorded = await self._record_held(held)
+            except SpoolEntryMissing:
+                self.forget(entry.id)
+                return None
+            except SpoolCorruptError as error:
+                self.forget(entry.id)
+                self._spool.set_aside(entry.id, str(error))
+                self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
+                return None
+            except SpoolError as error:
+                return self._hold(self._unrecorded.get(entry.id, held), error)
+            if recorded is None:
+                return None
+            entry = recorded
+        try:
+            body = self._spool.read_body(entry.id)
+        except SpoolEntryMissing:
+            return None  # removed by an operator meanwhile
+        except SpoolCorruptError as error:
+            self._spool.set_aside(entry.id, str(error))
+            self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
+            return None
+        config = self._config()
+        now = self._clock()
+        addresses = due_recipients(entry, now, forced=self._is_forced(entry.id))
+        if not addresses:
+            return entry
+        progress = _Progress(entry)
+        try:
+            return await self._pass(progress, body, addresses, config)
+        except SpoolEntryMissing:
+            return None  # removed by an operator during the attempt
+        except SpoolError as error:
+            return self._hold(
+                Unrecorded(progress.known, tuple(progress.unbounced), progress.recorded, "", 0.0), error
+            )
+
+    async def _pass(
+        self, progress: "_Progress", body: bytes, addresses: list[str], config: RelayConfig
+    ) -> QueueEntry | None:
+        entry = progress.recorded
+        immediate, groups = self._plan(entry, addresses, config)
+        if immediate:
+            await self._commit(progress, immediate, config)
+        for route_, group in groups:
+            reports = await self.walk_chain(entry, body, route_, group, config)
+            await self._commit(progress, reports, config)
+        if progress.unbounced:
+            # The bounce is queued durably before the failures are recorded:
+            # a crash in between can only duplicate a bounce, never lose one.
+            await self._bounce(entry, body, progress.unbounced, config)
+            progress.unbounced.clear()
+        return await self._record_final(progress.known)
+
+    async def _commit(self, progress: "_Progress", reports: Sequence[DeliveryReport], config: RelayConfig) -> None:
+        """Log one route group's verdicts and make them durable at once (failures wait for their bounce)."""
+        if not reports:
+            return
+        outcome = apply_reports(progress.known, reports, now=self._clock(), config=config)
+        progress.first_delivered = self._log_outcome(progress.known, outcome, first=progress.first_delivered)
+        progress.known = outcome.entry
+        progress.unbounced.extend(outcome.newly_failed)
+        view = without_unbounced(progress.known, progress.recorded, progress.unbounced)
+        if view != progress.recorded and not view.is_complete:
+            await self._spool.update(view, durable=True)
+            progress.recorded = view
+
+    async def _record_final(self, known: QueueEntry) -> QueueEntry | None:
+        if known.is_complete:
+            # Unlinking frees the file's blocks, which the kernel does in the
+            # caller's time: keep that off the event loop.
+            await asyncio.to_thread(self._spool.complete, known.id)
+            self._events.emit(ev.MessageCompleted(queue_id=known.id))
+            return None
+        await self._spool.update(known, durable=True)
+        return known
+
+    # -- outcomes the spool could not take ----------------------------------------
+
+    def _hold(self, held: "Unrecorded", error: BaseException) -> QueueEntry:
+        """Keep an outcome the spool refused in memory; stop delivering the message."""
+        from relayd.queue.spool import SpoolFullError
+
+        now = self._clock()
+        first = held.id not in self._unrecorded
+        retry_at = now + self._state_retry_interval
+        if isinstance(error, SpoolFullError) and self._release_room():
+            retry_at = now  # room was made: write it on the next pick, not in 5 s
+        held = replace(held, reason=str(error), retry_at=retry_at)
+        self._unrecorded[held.id] = held
+        if first:
+            self._events.emit(ev.SpoolCannotRecord(queue_id=held.id, error=str(error)))
+        view = without_unbounced(held.entry, held.on_disk, held.unbounced)
+        # The scheduler forgets a complete entry; this one must stay until recorded.
+        return held.on_disk if view.is_complete else view
+
+    async def _record_held(self, held: "Unrecorded") -> QueueEntry | None:
+        """Write what a held message's earlier pass found; raises SpoolError if it still cannot."""
+        if held.unbounced:
+            body = self._spool.read_body(held.id)
+            await self._bounce(held.entry, body, held.unbounced, self._config())
+            self._unrecorded[held.id] = replace(held, unbounced=())
+        recorded = await self._record_final(held.entry)
+        self._unrecorded.pop(held.id, None)
+        self._events.emit(ev.SpoolRecovered(queue_id=held.id))
+        if not self._unrecorded:
+            await asyncio.to_thread(self._keep_room)
+        return recorded
+
+    async def record_unrecorded(self) -> None:
+        """One more try to write every held outcome (at stop: what is not written may go out again)."""
+        from relayd.queue.spool import SpoolError
+
+        for held in list(self._unrecorded.values()):
+            for _ in range(2):  # the second time into the room the emergency reserve leaves
+                try:
+                    await self._record_held(self._unrecorded.get(held.id, held))
+                    break
+                except SpoolError:
+                    if not self._release_room():
+                        break
+
+    def forget(self, message_id: str) -> None:
+        """The message left the queue by other means (operator): drop any held outcome."""
+        self._unrecorded.pop(message_id, None)
+
+    def unrecorded(self) -> dict[str, str]:
+        """Messages whose outcome is known but not on disk, with the reason."""
+        return {mid: held.reason for mid, held in self._unrecorded.items()}
+
+    def state_write_failure(self) -> str | None:
+        """Why delivery state cannot be recorded now (None: it can); new mail is refused meanwhile."""
+        for held in self._unrecorded.values():
+            return held.reason
+        return None
+
+    async def give_up(self, entry: QueueEntry) -> bool:
+        """Fail every open recipient now and bounce to the sender (Exim -Mg).
+
+        The caller keeps the message out of delivery meanwhile. A bounce
+        message is not bounced again: its recipient is logged as discarded.
+        Returns False when the message was no longer queued. Raises
+        SpoolCorruptError (after setting the file aside) when its body is damaged.
+        """
+        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
+
+        try:
+            body = self._spool.read_body(entry.id)
+        except SpoolEntryMissing:
+            return False
+        except SpoolCorruptError as error:
+            self._spool.set_aside(entry.id, str(error))
+            self._events.emit(ev.SpoolSetAside(queue_id=entry.id, error=str(error)))
+            raise
+        config = self._config()
+        reports = [
+            DeliveryReport(r.address, AttemptOutcome.FAIL, "", reply=CANCELLED_REPLY, reason=CANCELLED)
+            for r in entry.undelivered
+        ]
+        outcome = apply_reports(entry, reports, now=self._clock(), config=config)
+        self._log_outcome(entry, outcome)
+        if outcome.newly_failed:
+            await self._bounce(entry, body, outcome.newly_failed, config)
+        await asyncio.to_thread(self._spool.complete, entry.id)
+        self.forget(entry.id)
+        self._events.emit(ev.MessageCompleted(queue_id=entry.id))
+        return True
+
+    def hold_until(self, entry: QueueEntry) -> float | None:
+        """When a due message has something to try again; None if it has now.
+
+        Not None only when every transport of every due recipient is closed by
+        a gate (then: the earliest reopening of those). A recipient past
+        its schedule's maximum age is never held, so it can still time out.
+        """
+        if self._unrecorded:
+            # While the spool cannot record outcomes nothing new goes out: one
+            # held message per interval tries the write again.
+            now = self._clock()
+            held = self._unrecorded.get(entry.id)
+            if held is not None:
+                return held.retry_at if held.retry_at > now else None
+            # Others look again right after the next try (soon, if one runs now).
+            next_try = min(h.retry_at for h in self._unrecorded.values())
+            return next_try + _AFTER_RETRY if next_try > now else now + _AFTER_RETRY
+        return self.gate_hold(entry).until
+
+    def gate_hold(self, entry: QueueEntry) -> GateVerdict:
+        """Until when and why the gates hold a due message (OPEN: something is open now).
+
+        Closed only when every transport of every due recipient is closed;
+        the verdict is the earliest reopening among them, its reason the one
+        `mailq` can show ("retry wait", later a quota and its reset).
+        """
+        config = self._config()
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            return OPEN
+        now = self._clock()
+        earliest: GateVerdict | None = None
+        for recipient in entry.undelivered:
+            if recipient.next_attempt is not None and recipient.next_attempt > now:
+                continue
+            found = route(tenant, recipient.address)
+            if found is None or not found.transports:
+                return OPEN
+            schedule = config.retry_for(found.transports[-1])
+            since = recipient.first_failure if recipient.first_failure is not None else entry.envelope.received_at
+            if now - since >= schedule.max_age:
+                return OPEN
+            wait = self._chain_wait(found.transports, now)
+            if wait.until is None:
+                return OPEN
+            if earliest is None or earliest.until is None or wait.until < earliest.until:
+                earliest = wait
+        return earliest or OPEN
+
+    def lane_of(self, entry: QueueEntry) -> Lane:
+        """The scheduler's lane of a message: its tenant and the transports it will try first.
+
+        For each open recipient, the first transport of its chain that no
+        gate closes (the one a delivery would really use), or the chain's
+        first when all are closed.
+        """
+        config = self._config()
+        now = self._clock()
+        if config is not self._chains_of or len(self._chains) > _CHAIN_CACHE_SIZE:
+            self._chains_of, self._chains = config, {}
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            return Lane(entry.envelope.tenant)
+        firsts: set[str] = set()
+        for recipient in entry.undelivered:
+            key = (tenant.name, domain_of(recipient.address))
+            chain = self._chains.get(key)
+            if chain is None:
+                found = route(tenant, recipient.address)
+                chain = self._chains[key] = found.transports if found is not None else ()
+            if chain:
+                usable = (t for t in chain if self._gates.check(t, now).is_open)
+                firsts.add(next(usable, chain[0]))
+        return Lane(entry.envelope.tenant, tuple(sorted(firsts)))
+
+    def _chain_wait(self, chain: Sequence[str], now: float) -> GateVerdict:
+        """The earliest reopening of the chain's gates; OPEN if a transport is usable now."""
+        transports = self._transports()
+        if any(name not in transports for name in chain):
+            return OPEN
+        return earliest_reopening(self._gates, chain, now)
+
+    def _plan(
+        self, entry: QueueEntry, addresses: list[str], config: RelayConfig
+    ) -> tuple[list[DeliveryReport], list[tuple[Route, list[str]]]]:
+        """Verdicts known without an attempt, and the route groups to walk (each committed on its own)."""
+        tenant = config.tenants.get(entry.envelope.tenant)
+        if tenant is None:
+            reason = f"tenant {entry.envelope.tenant} is no longer configured"
+            return [DeliveryReport(a, AttemptOutcome.DEFER, "", reason=reason) for a in addresses], []
+        groups, unrouted = group_by_route(tenant, addresses)
+        # A rule removed by a reload after the message was accepted: the address
+        # is unroutable now, a permanent local failure (Exim: "Unrouteable address").
+        unroutable = SmtpReply(550, f"5.4.4 Unrouteable address: no route of tenant {tenant.name} matches it")
+        reports = [
+            DeliveryReport(a, AttemptOutcome.FAIL, "", reply=unroutable, reason="Unrouteable address")
+            for a in unrouted
+        ]
+        return reports, list(groups.items())
+
+    async def walk_chain(
+        self, entry: QueueEntry, body: bytes, route: Route, addresses: list[str], config: RelayConfig
+    ) -> list[DeliveryReport]:
+        """Try the route's transports in order until every recipient has a verdict."""
+        transports = self._transports()
+        remaining = list(addresses)
+        reports: list[DeliveryReport] = []
+        last: dict[str, DeliveryReport] = {}
+        refused_sender = {a: True for a in addresses}
+        tried: list[str] = []
+        closed: list[tuple[str, GateVerdict]] = []
+        forced = self._is_forced(entry.id)
+        for name in route.transports:
+            if not remaining:
+                break
+            tried.append(name)
+            verdict = self._gates.check(name, self._clock())
+            if not verdict.admits(forced=forced) or name not in transports:
+                if not verdict.is_open:
+                    closed.append((name, verdict))
+                for a in remaining:
+                    refused_sender[a] = False
+                continue
+            result = await self._attempt(entry, body, remaining, transports[name], config)
+            still: list[str] = []
+            for address in remaining:
+                rr = result.for_address(address) or RecipientResult(
+                    address, AttemptOutcome.DEFER, Stage.WRITE, detail="transport gave no answer"
+                )
+                report = _report(route, result, rr, tried)
+                if rr.outcome is AttemptOutcome.NEXT_TRANSPORT:
+                    last[address] = report
+                    # A 5xx to MAIL FROM (or a provider refusing the sender after the
+                    # data, e.g. SES "Email address is not verified") is a refusal of
+                    # this sender by this provider, not a problem of the transport.
+                    permanent_sender = (
+                        rr.stage in (Stage.MAIL, Stage.AFTER_DATA)
+                        and rr.reply is not None
+                        and rr.reply.is_permanent
+                    )
+                    refused_sender[address] = refused_sender[address] and permanent_sender
+                    still.append(address)
+                else:
+                    reports.append(report)
+            if still and result.connection_failed:
+                self._events.emit(ev.HostFailed(
+                    queue_id=entry.id, transport=name, host=result.host, ip=result.ip, port=result.port,
+                    reason=result.detail or last[still[0]].reason, reason_label=_reason_label(last[still[0]]),
+                ))
+            remaining = still
+        for address in remaining:
+            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address], closed))
+        return reports
+
+    async def _attempt(
+        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Any, config: RelayConfig
+    ) -> AttemptResult:
+        delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
+        started = time.monotonic()
+        # No await between the walk's gate check and this: a counting gate
+        # takes its token in the same step as it said yes.
+        self._gates.attempt_started(transport.name, self._clock())
+        try:
+            result: AttemptResult = await transport.send(delivery)
+        except BaseException:
+            # Cancelled (shutdown) or a bug: the attempt still ends for the gates.
+            self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
+            raise
+        seconds = time.monotonic() - started
+        self._gates.attempt_ended(transport.name, gate_report(transport.name, result, config), self._clock())
+        self._events.emit(ev.UpstreamAttempted(
+            transport=transport.name, seconds=seconds, reachable=not result.connection_failed
+        ))
+        return result
+
+    def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
+        """One event per verdict; returns whether the next delivery is still the first (=> vs ->)."""
+        first_delivered = first
+        env = entry.envelope
+        for report in outcome.reports:
+            state = next((r for r in outcome.entry.recipients if r.address == report.address), None)
+            attempt = state.attempts if state is not None else 0
+            event: ev.Event
+            if report.outcome is AttemptOutcome.DELIVERED:
+                event = ev.RecipientDelivered(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, first=first_delivered,
+                )
+                first_delivered = False
+            elif report.outcome is AttemptOutcome.FAIL:
+                event = ev.RecipientFailed(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, bounce_discarded=env.is_bounce,
+                )
+            else:
+                event = ev.RecipientDeferred(
+                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                    report=report, attempt=attempt, next_attempt=state.next_attempt if state is not None else None,
+                )
+            self._events.emit(event)
+        return first_delivered
+
+    async def _bounce(
+        self, entry: QueueEntry, body: bytes, failed: Sequence[DeliveryReport], config: RelayConfig
+    ) -> None:
+        if entry.envelope.is_bounce:
+            return  # a bounce is never bounced; already logged as dropped
+        if self._bounce_would_loop(entry, body):
+            return
+        dsn = self._build_dsn(
+            original=entry.envelope,
+            original_body=body,
+            failed=list(failed),
+            reporting_mta=config.hostname,
+            now=self._clock(),
+            message_id_domain=config.hostname,
+        )
+        await self._enqueue_bounce(entry.envelope, dsn)
+
+
+    def _bounce_would_loop(self, entry: QueueEntry, body: bytes) -> bool:
+        """An automatically sent message (RFC 3834 Auto-Submitted) gets no bounce.
+
+        Its sender is a robot (vacation responder, ticket system, alert
+        script) that may answer our bounce with another message: the failure
+        stays recorded (the ``**`` line) and the log says why nobody was told.
+        """
+        keyword = auto_submitted_keyword(body)
+        if keyword is None:
+            return False
+        self._events.emit(ev.BounceSuppressed(
+            queue_id=entry.id, sender=entry.envelope.sender,
+            reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
+        ))
+        return True
+
+
+def gate_report(transport: str, result: AttemptResult, config: RelayConfig) -> GateReport:
+    """What an attempt tells the gates: reached or unreachable, and what the upstream accepted."""
+    if result.connection_failed:
+        return GateReport(
+            AttemptEnd.UNREACHABLE, result.detail or "connection failed", retry=config.retry_for(transport)
+        )
+    accepted = sum(1 for r in result.results if r.outcome is AttemptOutcome.DELIVERED)
+    return GateReport(AttemptEnd.REACHED, messages=1 if accepted else 0, recipients=accepted)
+
+
+def _reason_label(report: DeliveryReport) -> str:
+    """A small, fixed set of metric label values (never free text)."""
+    if report.reply is not None:
+        return str(report.reply.code)
+    text = report.reason.lower()
+    for word in ("refused", "timeout", "certificate", "tls", "auth", "credential"):
+        if word in text:
+            return word
+    return "other"
