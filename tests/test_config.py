@@ -229,9 +229,9 @@ def test_plaintext_secrets_are_refused_without_repeating_them(
 def test_secret_nested_anywhere_under_a_transport_is_found(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace(
         "sink: {host: 127.0.0.1, port: 2526, tls: none}",
-        "sink: {host: 127.0.0.1, port: 2526, tls: none, auth: {user: u, API_KEY: sk-live-123}}"))
+        "sink: {host: 127.0.0.1, port: 2526, tls: none, login: {user: u, API_KEY: sk-live-123}}"))
     report = problems_of(path)
-    assert "unknown key 'auth'" in report
+    assert "unknown key 'login'" in report
     assert "'API_KEY': plaintext secrets are not allowed" in report
     assert "sk-live-123" not in report
 

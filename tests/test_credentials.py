@@ -259,7 +259,7 @@ def test_nonce_swapped_between_two_saves_is_refused(tmp_path: Path) -> None:
         (b"\x00\x01binary", "not JSON"),
         (b"[1, 2]", "not a relayd credential store"),
         (b'{"format": "something-else"}', "not a relayd credential store"),
-        (b'{"format": "relayd-credentials", "version": 2}', "version"),
+        (b'{"format": "relayd-credentials", "version": 3}', "version"),
         (
             b'{"format": "relayd-credentials", "version": 1, "key_id": "../../etc",'
             b' "nonce": "", "ciphertext": ""}',

@@ -13,10 +13,22 @@ one sentence starting with the path, and never contain key or password material.
 Store format (version 1), a JSON object:
     {"format": "relayd-credentials", "version": 1, "key_id": "1a2b3c4d",
      "nonce": "<base64>", "ciphertext": "<base64>"}
-The plaintext is JSON `{name: {"user": ..., "password": ...}}`, sealed with
+The plaintext is JSON `{name: {"user": ..., "password": ...}}` (a password
+credential) or `{name: {"kind": "oauth", "user": ..., ...}}` (the secrets of an
+OAuth 2.0 token source: see relayd.config.oauthentry), sealed with
 AES-256-GCM under the key whose id is `key_id` (first 8 hex digits of its
 SHA-256); the header fields are the associated data, so changing any of them
 makes decryption fail instead of misreading the file.
+
+A store holding an OAuth entry is written as version 2, so an older relayd
+refuses it with "store version is not supported" instead of calling it
+damaged; a store of password credentials only stays version 1, and every
+version 1 file still loads.
+
+The daemon writes OAuth entries back (a rotated refresh token, the cached
+access token) while relayctl may write the same file: both do it through
+`update_store`, which re-reads the file under an exclusive lock beside it
+(on the store's directory) and changes only the named entry.
 
 Key file format: one URL-safe base64 key (32 bytes) a line. The first key
 encrypts; the others only decrypt. That is what makes `rotate_key` crash-safe:
@@ -29,26 +41,34 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import fcntl
 import hashlib
-import hmac
 import json
 import os
 import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Literal, Mapping, NoReturn, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from relayd.config.model import CredentialsConfig
+from relayd.config.oauthentry import (
+    OAuthCredential,
+    merged_oauth_entry,
+    oauth_credential,
+    valid_oauth_entry,
+)
+from relayd.config.secret import Secret
 from relayd.safeio import write_private_file
 
 MASTER_KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # 96 bits, the size GCM is designed for
 STORE_FORMAT = "relayd-credentials"
-STORE_VERSION = 1
+STORE_VERSION = 1  # password credentials only
+OAUTH_STORE_VERSION = 2  # holds at least one OAuth entry
 SYSTEMD_CREDENTIAL_NAME = "relayd-master-key"
 MASTER_KEY_ENV = "RELAYD_MASTER_KEY"
 # A store of a few hundred credentials is a few tens of KiB; refusing anything
@@ -84,48 +104,6 @@ class StoreKeyMismatch(CredentialStoreError):
         self.store_key_id = store_key_id
 
 
-class Secret:
-    """A string that does not show itself: repr, str, format and pickle are redacted.
-
-    Call `reveal()` at the last moment (when sending AUTH), never earlier.
-    """
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        if not isinstance(value, str):
-            raise TypeError("Secret wraps a str")
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __format__(self, format_spec: str) -> str:
-        return repr(self)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
-
-    # Unhashable: a hash of the value is a (weak) oracle on it.
-    __hash__ = None  # type: ignore[assignment]
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a Secret cannot be pickled")
-
-    def __copy__(self) -> Secret:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
-        return self
-
-
 @dataclass(frozen=True)
 class UpstreamCredential:
     """The login relayd presents to one upstream transport."""
@@ -136,6 +114,10 @@ class UpstreamCredential:
     # The kind of credential (relayd.delivery.upstreamauth.UpstreamLogin): which AUTH
     # mechanisms can use it. The store holds password credentials only, so far.
     kind: Literal["password"] = field(default="password", init=False)
+
+
+StoredCredential = UpstreamCredential | OAuthCredential
+_Entry = dict[str, object]
 
 
 class KeySource(enum.Enum):
@@ -352,8 +334,9 @@ def _parse_envelope(path: Path, data: bytes) -> tuple[dict[str, object], bytes, 
         _fail(path, "not a relayd credential store (not JSON)")
     if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
         _fail(path, "not a relayd credential store")
-    if doc.get("version") != STORE_VERSION:
-        _fail(path, f"store version is not supported (this relayd reads version {STORE_VERSION})")
+    if doc.get("version") not in (STORE_VERSION, OAUTH_STORE_VERSION):
+        _fail(path, f"store version is not supported (this relayd reads versions "
+                    f"{STORE_VERSION} and {OAUTH_STORE_VERSION})")
     expected = {"format", "version", "key_id", "nonce", "ciphertext"}
     if set(doc) != expected:
         _fail(path, "damaged credential store (unexpected or missing fields)")
@@ -371,22 +354,23 @@ def _parse_envelope(path: Path, data: bytes) -> tuple[dict[str, object], bytes, 
     return header, nonce, ciphertext
 
 
-def _parse_plaintext(path: Path, plaintext: bytes) -> dict[str, tuple[str, str]]:
+def _parse_plaintext(path: Path, plaintext: bytes) -> dict[str, _Entry]:
     try:
         doc: Any = json.loads(plaintext)
     except (UnicodeDecodeError, json.JSONDecodeError):
         _fail(path, "damaged credential store (decrypted content is not JSON)")
     if not isinstance(doc, dict):
         _fail(path, "damaged credential store (decrypted content is not an object)")
-    entries: dict[str, tuple[str, str]] = {}
+    entries: dict[str, _Entry] = {}
     for name, entry in doc.items():
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("user"), str)
-            or not isinstance(entry.get("password"), str)
-        ):
+        if not isinstance(entry, dict) or not isinstance(entry.get("user"), str):
             _fail(path, "damaged credential store (an entry lacks user or password)")
-        entries[name] = (entry["user"], entry["password"])
+        if entry.get("kind") == "oauth":
+            if not valid_oauth_entry(entry):
+                _fail(path, f"damaged credential store (OAuth entry {name} is malformed)")
+        elif set(entry) != {"user", "password"} or not isinstance(entry["password"], str):
+            _fail(path, "damaged credential store (an entry lacks user or password)")
+        entries[name] = dict(entry)
     return entries
 
 
@@ -398,7 +382,7 @@ class CredentialStore:
     """
 
     def __init__(
-        self, path: Path, keys: Sequence[bytes], entries: dict[str, tuple[str, str]]
+        self, path: Path, keys: Sequence[bytes], entries: dict[str, _Entry]
     ) -> None:
         if not keys:
             raise MasterKeyError("a credential store needs at least one master key")
@@ -417,6 +401,9 @@ class CredentialStore:
         if data is None:
             return cls(path, keys, {})
         header, nonce, ciphertext = _parse_envelope(path, data)
+        if header["version"] not in (STORE_VERSION, OAUTH_STORE_VERSION):
+            _fail(path, f"store version is not supported (this relayd reads versions "
+                        f"{STORE_VERSION} and {OAUTH_STORE_VERSION})")
         by_id = {key_id(k): k for k in keys}
         key = by_id.get(str(header["key_id"]))
         if key is None:
@@ -438,25 +425,51 @@ class CredentialStore:
     def __repr__(self) -> str:
         return f"CredentialStore({str(self._path)!r}, {len(self._entries)} credentials)"
 
-    def get(self, name: str) -> UpstreamCredential | None:
+    def get(self, name: str) -> StoredCredential | None:
         entry = self._entries.get(name)
         if entry is None:
             return None
-        return UpstreamCredential(name=name, user=entry[0], password=Secret(entry[1]))
+        if entry.get("kind") == "oauth":
+            return oauth_credential(name, entry)
+        return UpstreamCredential(name=name, user=str(entry["user"]), password=Secret(str(entry["password"])))
+
+    def kinds(self) -> dict[str, str]:
+        """name -> "password" or "oauth", for listings that must not touch secrets."""
+        return {name: str(self._entries[name].get("kind", "password")) for name in self.names()}
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def users(self) -> dict[str, str]:
         """name -> user, for listings that must not touch passwords."""
-        return {name: self._entries[name][0] for name in self.names()}
+        return {name: str(self._entries[name]["user"]) for name in self.names()}
 
     def set(self, name: str, user: str, password: str) -> None:
         """Add or replace a credential in memory; `save()` writes it."""
         check_name(name)
         _check_field(user, "user name")
         _check_field(password, "password")
-        self._entries[name] = (user, password)
+        self._entries[name] = {"user": user, "password": password}
+
+    def set_oauth(self, name: str, user: str, fields: Mapping[str, str | float | None]) -> None:
+        """Add or change the OAuth entry `name`: the fields given replace the stored ones.
+
+        A field given as None is removed (an access token that no longer
+        works); fields not given are kept, so writing back a new access token
+        never drops the refresh token.
+        """
+        check_name(name)
+        if user:
+            _check_field(user, "user name")
+        self._entries[name] = merged_oauth_entry(self._entries.get(name), user, fields)
+
+    def reread(self) -> CredentialStore:
+        """The store as it is on disk now, opened with the keys this one holds."""
+        return CredentialStore.open(self._path, self._keys)
+
+    def update(self, change: Callable[[CredentialStore], None]) -> None:
+        """`update_store` with the keys this store holds (blocking: call from a worker thread)."""
+        update_store(self._path, self._keys, change)
 
     def remove(self, name: str) -> bool:
         return self._entries.pop(name, None) is not None
@@ -465,20 +478,41 @@ class CredentialStore:
         """Encrypt with the primary key and replace the file atomically (mode 0600)."""
         write_private_file(self._path, self._seal(), keep_owner=True)
 
+    def _version(self) -> int:
+        oauth = any(e.get("kind") == "oauth" for e in self._entries.values())
+        return OAUTH_STORE_VERSION if oauth else STORE_VERSION
+
     def _seal(self) -> bytes:
         primary = self._keys[0]
         nonce = secrets.token_bytes(NONCE_BYTES)
         header: dict[str, object] = {
             "format": STORE_FORMAT,
-            "version": STORE_VERSION,
+            "version": self._version(),
             "key_id": key_id(primary),
             "nonce": base64.b64encode(nonce).decode("ascii"),
         }
-        plain = {n: {"user": u, "password": p} for n, (u, p) in sorted(self._entries.items())}
+        plain = dict(sorted(self._entries.items()))
         plaintext = json.dumps(plain, separators=(",", ":")).encode("utf-8")
         ciphertext = AESGCM(primary).encrypt(nonce, plaintext, _associated_data(header))
         doc = dict(header, ciphertext=base64.b64encode(ciphertext).decode("ascii"))
         return (json.dumps(doc, indent=2) + "\n").encode("ascii")
+
+
+def update_store(path: Path, keys: Sequence[bytes], change: Callable[[CredentialStore], None]) -> None:
+    """Re-read the store, apply `change`, save; under an exclusive lock so two writers never clash.
+
+    The lock is on the store's directory (flock), which both root running
+    relayctl and the relayd user can open, so no lock file with the wrong
+    owner is ever left behind. Blocking: the daemon calls it from a worker thread.
+    """
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        store = CredentialStore.open(path, keys)
+        change(store)
+        store.save()
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------- rotation

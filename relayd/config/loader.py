@@ -33,6 +33,7 @@ import ipaddress
 import os
 import pwd
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -47,6 +48,8 @@ from relayd.config.model import (
     DeliveryConfig,
     ListenerConfig,
     MetricsConfig,
+    OAuthConfig,
+    OAuthGrant,
     RelayConfig,
     RouteRule,
     SmtpTransportConfig,
@@ -56,6 +59,7 @@ from relayd.config.model import (
     TlsMode,
     TransportConfig,
 )
+from relayd.config.oauthpresets import PRESET_PROVIDER, OAuthEndpoints, OAuthPresetError, oauth_endpoints
 from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
 from relayd.config.retry import (
     DEFAULT_RETRY,
@@ -75,7 +79,7 @@ _MAX_DEPTH = 40
 
 _SECRET_KEYS = frozenset(
     {"password", "pass", "passwd", "api_key", "apikey", "secret", "token", "client_send",
-     "smtp_password"}
+     "smtp_password", "client_secret", "refresh_token", "access_token", "private_key"}
 )
 _SECRET_MESSAGE = (
     "plaintext secrets are not allowed in relay.yaml; store it with "
@@ -385,7 +389,9 @@ _NETWORK_ONLY_KEYS = ("address", "port", "tls", "allow_plaintext_auth")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region",
-              "max_parallel", "auth_mechanism")
+              "max_parallel", "auth_mechanism", "auth")
+_OAUTH_KEYS = ("grant", "provider", "client_id", "tenant", "user", "token_url", "authorize_url",
+               "device_url", "scope", "refresh_margin", "timeout")
 _CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
                 "local_users", "max_recipients", "max_message_size", "enabled", "routes")
@@ -416,6 +422,8 @@ _MESSAGES_PER_CONNECTION = (1, 100000)
 _IDLE = (0.0, 3600.0)  # 0: close the upstream connection after each message
 _SPOOL_BYTES = (0, 1024**4)  # 0-1024G
 _TENANT_MESSAGES = (1, 10_000_000)
+_REFRESH_MARGIN = (30.0, 1800.0)  # a token lives about an hour; refresh 30s-30m before it ends
+_TOKEN_TIMEOUT = (1.0, 300.0)
 
 Conv = Callable[[_Node, str], T | None]
 
@@ -1168,7 +1176,70 @@ class _Reader:
             provider=preset.name if preset else None,
             max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
             auth_mechanism=mechanism,
+            oauth=self.oauth(tm, preset.name if preset else None, credential, mechanism),
         )
+
+    def oauth(self, tm: _Map, preset: str | None, credential: str | None,
+              mechanism: str | None) -> OAuthConfig | None:
+        """A transport's `auth:` block: where its XOAUTH2 tokens come from (secrets stay in the store)."""
+        node = tm.value("auth")
+        am = self.as_map(node, "auth") if node is not None else None
+        if am is None:
+            if mechanism == "XOAUTH2":
+                self.add(self.pos_of(tm, "auth_mechanism"),
+                         "auth_mechanism: xoauth2 needs an auth: block saying where tokens come from")
+            return None
+        self.check_keys(am, _OAUTH_KEYS, "auth")
+        if credential is None:
+            self.add(self.pos_of(tm, "auth"), "auth: needs credential: naming where the store keeps its "
+                                              "secrets (set them with `relayctl oauth authorize NAME`)")
+        if mechanism is not None and mechanism != "XOAUTH2":
+            self.add(self.pos_of(tm, "auth_mechanism"), "an auth: block logs in with XOAUTH2 only")
+        grant = self.need(am, "grant", self.choice(OAuthGrant), OAuthGrant.REFRESH_TOKEN)
+        grant = grant if isinstance(grant, OAuthGrant) else OAuthGrant.REFRESH_TOKEN
+        implied = PRESET_PROVIDER.get(preset or "")
+        if implied is None:
+            provider = self.need(am, "provider", self.text, "google", " (google or microsoft)")
+        else:
+            provider = self.get(am, "provider", self.text, implied)
+        tenant = self.get(am, "tenant", self.text, None)
+        try:
+            found = oauth_endpoints(provider.lower(), grant, tenant)
+        except OAuthPresetError as exc:
+            self.add(self.pos_of(am, "tenant" if "tenant" in str(exc) and tenant else "grant"), str(exc))
+            found = OAuthEndpoints("", "", "", "")
+        user = self.get(am, "user", self.text, None)
+        if user is None and grant is OAuthGrant.SERVICE_ACCOUNT:
+            self.add(am.pos, "grant: service_account needs user: (the Workspace mailbox to send as)")
+        if user is not None and ("\x01" in user or not user.isprintable()):
+            self.add(self.pos_of(am, "user"), "user must be printable text")
+        return OAuthConfig(
+            grant=grant,
+            provider=provider.lower(),
+            client_id=self.need(am, "client_id", self.text, ""),
+            token_url=self.get(am, "token_url", self.token_endpoint, found.token_url),
+            scope=self.get(am, "scope", self.text, found.scope),
+            authorize_url=self.get(am, "authorize_url", self.token_endpoint, found.authorize_url),
+            device_url=self.get(am, "device_url", self.token_endpoint, found.device_url),
+            user=user,
+            tenant=tenant,
+            refresh_margin=self.get(am, "refresh_margin", self.duration(_REFRESH_MARGIN), 300.0),
+            timeout=self.get(am, "timeout", self.duration(_TOKEN_TIMEOUT), 30.0),
+        )
+
+    def token_endpoint(self, node: _Node, key: str) -> str | None:
+        """An https URL, or http only to this machine (a test's or a local proxy's endpoint)."""
+        text = self.text(node, key)
+        if text is None:
+            return None
+        parts = urllib.parse.urlsplit(text)
+        host = parts.hostname or ""
+        local = host == "localhost" or _is_loopback(host)
+        if parts.scheme == "https" and host or parts.scheme == "http" and local:
+            return text
+        self.add(node.pos, f"{key} must be an https:// URL (http:// only to a loopback host); "
+                           f"'{text}' is not")
+        return None
 
     def check_transport_safety(self, tm: _Map, host: str, tls: TlsMode, credential: str | None,
                                verify: bool) -> None:

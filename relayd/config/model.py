@@ -82,7 +82,38 @@ class TlsFiles:
 
 # The upstream AUTH mechanisms relayd implements (relayd.delivery.upstreamauth.MECHANISMS;
 # a test keeps the two equal), for `auth_mechanism:` in a transport.
-UPSTREAM_AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+UPSTREAM_AUTH_MECHANISMS = ("PLAIN", "LOGIN", "XOAUTH2")
+
+
+class OAuthGrant(enum.Enum):
+    """How a transport's OAuth 2.0 access tokens are obtained (`auth: grant:`)."""
+
+    REFRESH_TOKEN = "refresh_token"  # delegated: a mailbox's owner consented once (Google, Microsoft)
+    CLIENT_CREDENTIALS = "client_credentials"  # Microsoft 365 app-only (SMTP.SendAsApp)
+    SERVICE_ACCOUNT = "service_account"  # Google Workspace domain-wide delegation (JWT assertion)
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthConfig:
+    """A transport's `auth:` block: where its XOAUTH2 access tokens come from.
+
+    Only public settings live here; the client secret, refresh token, private
+    key and cached access token are in the encrypted credential store under
+    the transport's `credential:` name (relayd.config.credentials).
+    Defaults for the URLs and scope come from `relayd.config.oauthpresets`.
+    """
+
+    grant: OAuthGrant
+    provider: str  # "google" or "microsoft"
+    client_id: str
+    token_url: str
+    scope: str
+    authorize_url: str  # for `relayctl oauth authorize` (authorization code with PKCE)
+    device_url: str  # for `relayctl oauth authorize --device` ("" when the provider has none)
+    user: str | None = None  # the XOAUTH2 user; None: the account stored by `oauth authorize`
+    tenant: str | None = None  # Microsoft Entra tenant (id or domain)
+    refresh_margin: float = 300.0  # refresh this long before the token expires
+    timeout: float = 30.0  # one token request, connect to last byte
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +142,8 @@ class SmtpTransportConfig:
     # RelayConfig.transport_max_parallel), so one slow provider cannot take
     # every delivery slot.
     max_parallel: int | None = None
+    # Where XOAUTH2 access tokens come from (`auth:`); None: a password credential.
+    oauth: OAuthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
