@@ -31,13 +31,13 @@ from relayd.config.credentials import (
     CredentialError,
     CredentialStore,
     StoreKeyMismatch,
-    UpstreamCredential,
     load_master_keys,
 )
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
 from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.delivery.gates import GateSet
+from relayd.delivery.oauthsources import STATE_FILE, OAuthSources
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
@@ -48,7 +48,7 @@ from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.queue.spoolroom import SpoolRoom
-from relayd.delivery.transport import Transport, build_transports
+from relayd.delivery.transport import CredentialLike, Transport, build_transports
 from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import Envelope, QueueEntry, Recipient
 
@@ -132,12 +132,13 @@ class Relay:
         )
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
+        self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events)
         self.transports: dict[str, Transport] = self._build_transports(config)
         self.agent = DeliveryAgent(
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            gates=GateSet([self.health]),
+            gates=GateSet([self.health, self.oauth.gate]),
             events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
@@ -206,10 +207,11 @@ class Relay:
         keys = load_master_keys(config.credentials, self.environ)
         return CredentialStore.open(config.credentials.store, keys)
 
-    def _lookup_credential(self, name: str) -> UpstreamCredential | None:
-        return self.credentials.get(name) if self.credentials is not None else None
+    def _lookup_credential(self, name: str) -> CredentialLike | None:
+        return self.oauth.lookup(name, self.credentials)
 
     def _build_transports(self, config: RelayConfig) -> dict[str, Transport]:
+        self.oauth.rebuild(config.transports, self.credentials)
         return build_transports(
             config.transports, credentials=self._lookup_credential, helo_name=config.hostname
         )
@@ -372,6 +374,7 @@ class Relay:
             server, _thread = self._metrics_server
             server.shutdown()
         self.passwords.close()
+        await self.oauth.state_file.close()
         self.events.emit(ev.DaemonStopped())
         self.log.close()
         if self._spool_lock is not None:

@@ -15,7 +15,9 @@ counted, never stored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
+import json
 import shutil
 import ssl
 import tempfile
@@ -97,6 +99,7 @@ class FakeUpstream:
         smtputf8: bool = True,
         eightbitmime: bool = True,
         auth_exclude: tuple[str, ...] = (),
+        bearer_check: Callable[[str, str], bool] | None = None,
     ) -> None:
         if tls not in ("starttls", "implicit", "none"):
             raise ValueError(f"tls must be starttls, implicit or none, not {tls!r}")
@@ -109,6 +112,9 @@ class FakeUpstream:
         self.smtputf8 = smtputf8
         self.eightbitmime = eightbitmime  # False: EHLO does not announce 8BITMIME (a 7-bit upstream)
         self.auth_exclude = auth_exclude  # SASL mechanisms not offered, e.g. ("PLAIN",)
+        # XOAUTH2: whether (user, token) is a valid, unexpired bearer token (the
+        # fake OAuth server's answer); None refuses every token.
+        self.bearer_check = bearer_check
         self.host = "127.0.0.1"
         self.port = 0
         self._lock = threading.Lock()
@@ -311,6 +317,16 @@ class FakeUpstream:
                 self._records.logins.append(user)
             return ok
 
+    def check_bearer(self, user: str, token: str) -> bool:
+        with self._lock:
+            self._records.mechanisms.append("XOAUTH2")
+            self._records.auth_passwords_seen += 1
+        ok = self.bearer_check is not None and self.bearer_check(user, token)
+        if ok:
+            with self._lock:
+                self._records.logins.append(user)
+        return ok
+
     def note_auth(self, carries_password: bool) -> None:
         with self._lock:
             self._records.auth_attempts += 1
@@ -416,7 +432,8 @@ class FakeUpstream:
             # password in the clear gets the chance to (and the test sees it).
             auth_require_tls=starttls,
             authenticator=_authenticator(self),
-            auth_exclude_mechanism=self.auth_exclude,
+            # XOAUTH2 is offered only by a fake that can check bearer tokens.
+            auth_exclude_mechanism=self.auth_exclude + (() if self.bearer_check else ("XOAUTH2",)),
             enable_SMTPUTF8=self.smtputf8,
             loop=self._loop,
         )
@@ -527,6 +544,23 @@ class _Handler:
         if rule is None:
             return MISSING
         return await _answer(server, rule)
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """XOAUTH2 as Gmail and Exchange Online speak it: a bad token gets a 334 JSON challenge first."""
+        try:
+            text = base64.b64decode(args[1], validate=True).decode("utf-8") if len(args) > 1 else ""
+            fields = dict(part.split("=", 1) for part in text.split("\x01") if "=" in part)
+        except (ValueError, UnicodeDecodeError):
+            fields = {}
+        user = fields.get("user", "")
+        bearer = fields.get("auth", "")
+        token = bearer[len("Bearer "):] if bearer.startswith("Bearer ") else ""
+        if token and self.fake.check_bearer(user, token):
+            return AuthResult(success=True, handled=False, auth_data=_Login(user.encode()))
+        challenge = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"})
+        await server.challenge_auth(challenge)  # the client answers with an empty line
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Username and Password not accepted")
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -20,11 +20,15 @@ that can use the credential's kind. PLAIN comes before LOGIN: one round trip
 instead of three, and every provider that offers LOGIN offers PLAIN too.
 
 Credential kinds form a tagged union (`UpstreamLogin`, told apart by `kind`):
-today only `PasswordCredential` (user + password: app passwords, API keys,
-SES SMTP credentials). XOAUTH2 adds a bearer credential kind (user + a token
-source that hands out a current access token), one `Mechanism` entry whose
-exchange sends the token and answers a 334 error challenge with an empty
-line, and its place at the front of `PREFERENCE`; nothing else here changes.
+`PasswordCredential` (user + password: app passwords, API keys, SES SMTP
+credentials) and `BearerLogin` (user + a current OAuth 2.0 access token, which
+the transport got from the credential's token source just before it
+connected). XOAUTH2 is the only mechanism for a bearer login and never gets a
+password: sending an app password as a bearer token would leak it to a
+provider that logs failed tokens. On failure the upstream answers XOAUTH2
+with a 334 challenge holding a JSON error; relayd answers with an empty line
+(RFC 7628 section 3.2.3) and takes the final reply: 535 means the token was
+refused (the caller drops it and fetches a new one), 454 a temporary failure.
 """
 
 from __future__ import annotations
@@ -55,8 +59,21 @@ class PasswordCredential(Protocol):
     def password(self) -> SecretLike: ...
 
 
+class BearerLogin(Protocol):
+    """A mailbox and a current OAuth 2.0 access token for it (`relayd.delivery.tokensource`)."""
+
+    @property
+    def kind(self) -> Literal["bearer"]: ...
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def token(self) -> SecretLike: ...
+
+
 # Every kind of credential a mechanism can use, told apart by `kind`.
-UpstreamLogin = PasswordCredential
+UpstreamLogin = PasswordCredential | BearerLogin
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,8 @@ class Mechanism:
 
 async def _plain(smtp: aiosmtplib.SMTP, login: UpstreamLogin, timeout: float) -> AuthAccepted:
     """RFC 4616: one AUTH PLAIN line with the initial response."""
+    if login.kind != "password":
+        raise NoMechanism("AUTH PLAIN needs a password credential")
     try:
         reply = await smtp.auth_plain(login.user, login.password.reveal(), timeout=timeout)
     except (SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError) as exc:
@@ -117,11 +136,30 @@ async def _plain(smtp: aiosmtplib.SMTP, login: UpstreamLogin, timeout: float) ->
 
 async def _login(smtp: aiosmtplib.SMTP, login: UpstreamLogin, timeout: float) -> AuthAccepted:
     """The LOGIN mechanism: user and password each answer a 334 challenge."""
+    if login.kind != "password":
+        raise NoMechanism("AUTH LOGIN needs a password credential")
     try:
         reply = await smtp.auth_login(login.user, login.password.reveal(), timeout=timeout)
     except (SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError) as exc:
         raise _failure("LOGIN", exc) from None
     return AuthAccepted("LOGIN", reply.code, reply.message)
+
+
+async def _xoauth2(smtp: aiosmtplib.SMTP, login: UpstreamLogin, timeout: float) -> AuthAccepted:
+    """XOAUTH2: base64("user=U\x01auth=Bearer T\x01\x01"); a 334 error challenge gets an empty line.
+
+    aiosmtplib (5.0 and later) sends exactly that exchange; the final reply
+    after the empty line (535 refused, 454 temporary) comes back as a refusal.
+    """
+    if login.kind != "bearer":
+        raise NoMechanism("AUTH XOAUTH2 needs an OAuth credential")
+    if "\x01" in login.user:
+        raise NoMechanism("the XOAUTH2 user name must not contain \\x01")
+    try:
+        reply = await smtp.auth_xoauth2(login.user, login.token.reveal(), timeout=timeout)
+    except (SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError) as exc:
+        raise _failure("XOAUTH2", exc) from None
+    return AuthAccepted("XOAUTH2", reply.code, reply.message)
 
 
 def _failure(mechanism: str, exc: Exception) -> AuthFailure:
@@ -132,16 +170,19 @@ def _failure(mechanism: str, exc: Exception) -> AuthFailure:
 
 
 _PASSWORD = frozenset({"password"})
+_BEARER = frozenset({"bearer"})
 
 MECHANISMS: Mapping[str, Mechanism] = {
     "PLAIN": Mechanism("PLAIN", _PASSWORD, _plain),
     "LOGIN": Mechanism("LOGIN", _PASSWORD, _login),
+    "XOAUTH2": Mechanism("XOAUTH2", _BEARER, _xoauth2),
 }
 
 # The order tried when the transport names no mechanism: the first one the
-# upstream advertises and the credential fits.
-PREFERENCE: tuple[str, ...] = ("PLAIN", "LOGIN")
-
+# upstream advertises and the credential fits (a credential's kind fits
+# either the password mechanisms or XOAUTH2, so the order only matters
+# among the password ones).
+PREFERENCE: tuple[str, ...] = ("XOAUTH2", "PLAIN", "LOGIN")
 
 
 class NoMechanism(Exception):

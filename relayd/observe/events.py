@@ -310,6 +310,31 @@ class ConfigReloaded:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthTokenRefreshed:
+    """A credential got a new OAuth access token from its provider."""
+
+    credential: str
+    account: str
+    expires_in: float
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthTokenFailed:
+    """A credential could not get an access token; its transports wait (mail is kept).
+
+    `needs_reauthorisation`: only an operator can fix it (consent revoked,
+    secret expired), with `command`; otherwise the endpoint is retried.
+    """
+
+    credential: str
+    reason: str  # one sentence, never a secret
+    needs_reauthorisation: bool
+    command: str
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Notice:
     """Any other daemon fact for the operator, at `level` "" (info), "warning" or "error"."""
 
@@ -324,7 +349,7 @@ Event = Union[
     RejectionsNotLogged, AuthFailed, AuthThrottled, ConnectionRefused, SessionOpened,
     SessionClosed, SessionDropped, OperatorAction, SpoolRefusedMessage, SpoolSetAside,
     SpoolCannotRecord, SpoolRecovered, IncompleteDiscarded, DaemonStarted, DaemonStopping,
-    DaemonStopped, ConfigReloaded, Notice,
+    DaemonStopped, ConfigReloaded, OAuthTokenRefreshed, OAuthTokenFailed, Notice,
 ]
 
 

@@ -419,6 +419,11 @@ def _format_daemon_event(event: ev.Event) -> str | None:
         return format_daemon("relayd stopped")
     if isinstance(event, ev.ConfigReloaded):
         return format_daemon(f"configuration reloaded from {event.source}")
+    if isinstance(event, ev.OAuthTokenRefreshed):
+        return format_daemon(f"credential {event.credential}: new OAuth access token for "
+                             f"{event.account or 'the configured user'}, valid {event.expires_in:.0f}s")
+    if isinstance(event, ev.OAuthTokenFailed):
+        return format_daemon(event.reason, level="error" if event.needs_reauthorisation else "warning")
     if isinstance(event, ev.Notice):
         return format_daemon(event.text, level=event.level)
     return None  # UpstreamAttempted, SessionOpened, SessionClosed: metrics only

@@ -110,6 +110,7 @@ class _Counts:
     failovers: Counter
     bounces: Counter
     delivery_seconds: Histogram
+    oauth_refreshes: Counter
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,13 @@ def _build_counts() -> _Counts:
             "Duration of one upstream SMTP transaction, per transport.",
             ["transport"],
             buckets=DELIVERY_BUCKETS,
+            registry=r,
+        ),
+        oauth_refreshes=Counter(
+            "relayd_oauth_token_requests",
+            "OAuth access token requests per credential, by result: ok, retry (endpoint down, "
+            "tried again) or reauthorise (needs `relayctl oauth authorize`).",
+            ["credential", "result"],
             registry=r,
         ),
     )
@@ -292,6 +300,11 @@ class RelayMetrics:
             self.failovers.labels(transport=event.transport, reason=event.reason_label).inc()
         elif isinstance(event, ev.BounceCreated):
             self.bounces.labels(tenant=event.tenant).inc()
+        elif isinstance(event, ev.OAuthTokenRefreshed):
+            self._counts.oauth_refreshes.labels(event.credential, "ok").inc()
+        elif isinstance(event, ev.OAuthTokenFailed):
+            result = "reauthorise" if event.needs_reauthorisation else "retry"
+            self._counts.oauth_refreshes.labels(event.credential, result).inc()
         else:
             self._emit_session(event)
 

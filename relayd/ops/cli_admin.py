@@ -63,7 +63,8 @@ from relayd.config.loader import ConfigError, shown_path
 from relayd.config.credentials import CredentialError, CredentialStore, UpstreamCredential, locate_master_keys
 from relayd.config.passwords import describe_hash_problem, generate_password, hash_password
 from relayd.config.tenants import ManagedTenants, TenantRejected, TenantsFileLocked
-from relayd.delivery.transport import VerifyStep, verify_transport
+from relayd.delivery.oauthsources import standalone_lookup
+from relayd.delivery.transport import CredentialLike, VerifyStep, verify_transport
 
 if TYPE_CHECKING:
     from relayd.ops.clicommon import Subparsers
@@ -819,7 +820,7 @@ def cmd_transport_verify(args: argparse.Namespace) -> int:
 
 
 def _credential_lookup(config: RelayConfig, environ: Mapping[str, str],
-                       transport: SmtpTransportConfig) -> Callable[[str], UpstreamCredential | None]:
+                       transport: SmtpTransportConfig) -> Callable[[str], CredentialLike | None]:
     if transport.credential is None:
         return lambda name: None
     try:
@@ -828,11 +829,11 @@ def _credential_lookup(config: RelayConfig, environ: Mapping[str, str],
         print(f"cannot open the credential store: {exc}")
         error = exc
 
-        def unreadable(name: str) -> UpstreamCredential | None:
+        def unreadable(name: str) -> CredentialLike | None:
             raise error
 
         return unreadable
-    return store.get
+    return standalone_lookup(config.transports, store)
 
 
 # ------------------------------------------------------------------ registration
