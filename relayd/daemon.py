@@ -132,7 +132,8 @@ class Relay:
         )
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
-        self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events)
+        self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events,
+                                  lambda name: self.config.retry_for(name))
         self.transports: dict[str, Transport] = self._build_transports(config)
         self.agent = DeliveryAgent(
             config=lambda: self.config,

@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from relayd.config.credentials import (
     CredentialStore,
     CredentialStoreError,
-    OAuthCredential,
     UpstreamCredential,
     generate_master_key,
     key_id,
     update_store,
 )
+from relayd.config.oauthentry import OAuthCredential
 
 REFRESH = "1//0refresh-token-secret"
 

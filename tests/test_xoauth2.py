@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relayd.config.credentials import CredentialStore, generate_master_key
+from relayd.config.retry import parse_retry_schedule
 from relayd.config.model import OAuthConfig, OAuthGrant, SmtpTransportConfig, TlsMode
 from relayd.delivery.oauthsources import STATE_FILE, OAuthSources, read_token_states
 from relayd.delivery.smtptransport import SmtpTransport
@@ -90,7 +91,7 @@ class World:
         )
 
     def sources(self, config: SmtpTransportConfig) -> OAuthSources:
-        sources = OAuthSources(self.tmp / STATE_FILE, self.events)
+        sources = OAuthSources(self.tmp / STATE_FILE, self.events, lambda name: parse_retry_schedule("F,1h,1m"))
         sources.rebuild({config.name: config}, self.store())
         return sources
 

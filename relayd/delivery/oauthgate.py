@@ -8,34 +8,35 @@ authorize NAME", or the endpoint that is down); open otherwise.
 Untrusted input: none.
 How it fails: never; a transport it does not know is open.
 
-Mail is never bounced for a token problem: the transport's messages go on
-down the chain or wait, exactly as for a down upstream. The gate opens again
-by itself: after a backoff (a minute, doubling to `MAX_BACKOFF`, for an
-endpoint that is down; `REAUTHORISE_RECHECK` for a refused grant, in case the
-provider only hiccupped), and at once when the credential store changed since
-the failure (`relayctl oauth authorize` wrote a new refresh token).
+A token problem never fails a recipient by itself: the transport's messages
+go on down the chain or wait, exactly as for a down upstream (and, like any
+deferral, within the retry schedule's maximum age). The gate opens again by
+itself: for an endpoint that is down, when the transport's retry schedule
+says (as the host retry state does for an upstream that is down); for a
+refused grant, after `REAUTHORISE_RECHECK` (in case the provider only
+hiccupped), and at once when the credential store changed since the failure
+(`relayctl oauth authorize` wrote a new refresh token).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from relayd.config.retry import RetrySchedule
 from relayd.delivery.gates import OPEN, GateReport, GateVerdict, closed_until
 from relayd.delivery.tokensource import TokenSource, TokenState, reauthorise_command
 
-FIRST_BACKOFF = 60.0  # seconds after a first failed token request
-MAX_BACKOFF = 900.0  # an endpoint down for long is still asked every 15 minutes
 REAUTHORISE_RECHECK = 900.0  # a refused grant is tried again this often (or when the store changes)
 
 
-def reopens_at(state: TokenState) -> float | None:
+def reopens_at(state: TokenState, retry: RetrySchedule) -> float | None:
     """When the gate opens after the failure `state` records (None: not failed)."""
     if state.failed_at is None:
         return None
     if state.needs_reauthorisation:
         return state.failed_at + REAUTHORISE_RECHECK
-    backoff: float = min(MAX_BACKOFF, FIRST_BACKOFF * 2.0 ** min(10, max(0, state.failures - 1)))
-    return state.failed_at + backoff
+    planned = retry.next_attempt(state.first_failed_at or state.failed_at, state.failed_at, None)
+    return planned[0] if planned is not None else state.failed_at + retry.rules[-1].interval
 
 
 def closed_reason(state: TokenState) -> str:
@@ -50,10 +51,12 @@ class OAuthGate:
     def __init__(
         self,
         sources: Callable[[], Mapping[str, TokenSource]],
+        retry_for: Callable[[str], RetrySchedule],
         *,
         store_changed_since: Callable[[float], bool] = lambda when: False,
     ) -> None:
         self._sources = sources
+        self._retry_for = retry_for
         self._store_changed_since = store_changed_since
 
     def check(self, transport: str, now: float) -> GateVerdict:
@@ -61,7 +64,7 @@ class OAuthGate:
         if source is None:
             return OPEN
         state = source.state
-        until = reopens_at(state)
+        until = reopens_at(state, self._retry_for(transport))
         if until is None or now >= until:
             return OPEN
         if state.failed_at is not None and self._store_changed_since(state.failed_at):

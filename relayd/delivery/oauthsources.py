@@ -24,7 +24,8 @@ from relayd import safeio
 from relayd.config.credentials import CredentialStore, UpstreamCredential
 from relayd.config.model import SmtpTransportConfig, TransportConfig
 from relayd.config.oauthentry import OAuthCredential
-from relayd.delivery.oauthgate import OAuthGate
+from relayd.config.retry import RetrySchedule
+from relayd.delivery.oauthgate import OAuthGate, closed_reason
 from relayd.delivery.smtpsession import CredentialLike
 from relayd.delivery.tokengrants import TokenGrant, request_token
 from relayd.delivery.tokensource import TokenRequest, TokenSource, TokenState, reauthorise_command
@@ -169,14 +170,16 @@ class OAuthSources:
     takes the access token the store caches, without a request).
     """
 
-    def __init__(self, state_path: Path, events: EventSink, *, request: TokenRequest = _default_request) -> None:
+    def __init__(self, state_path: Path, events: EventSink, retry_for: Callable[[str], RetrySchedule], *,
+                 request: TokenRequest = _default_request) -> None:
         self._events = events
         self._request = request
         self._store: StoreAccess | None = None
         self._refreshed: dict[str, float] = {}  # the last refresh announced, per credential
         self.by_transport: dict[str, TokenSource] = {}
         self.state_file = TokenStateFile(state_path, lambda text: events.emit(ev.Notice(text=text, level="warning")))
-        self.gate = OAuthGate(lambda: self.by_transport, store_changed_since=self._store_changed_since)
+        self.gate = OAuthGate(lambda: self.by_transport, retry_for,
+                              store_changed_since=self._store_changed_since)
 
     def rebuild(self, transports: Mapping[str, TransportConfig], store: CredentialStore | None) -> None:
         self._store = StoreAccess(store) if store is not None else None
@@ -212,3 +215,21 @@ class OAuthSources:
                 credential=state.credential, account=state.account,
                 expires_in=state.expires_at - state.last_refresh,
             ))
+
+
+def oauth_transport_states(transports: Mapping[str, TransportConfig], states: Mapping[str, TokenState]
+                           ) -> dict[str, dict[str, object]]:
+    """For `relayctl status`: each XOAUTH2 transport's credential state, and a state phrase if it fails."""
+    rows: dict[str, dict[str, object]] = {}
+    for name, config in transports.items():
+        if not isinstance(config, SmtpTransportConfig) or config.oauth is None or config.credential is None:
+            continue
+        state = states.get(config.credential)
+        row: dict[str, object] = {"credential": config.credential, "grant": config.oauth.grant.value}
+        if state is not None:
+            row.update(account=state.account, expires_at=state.expires_at, last_refresh=state.last_refresh,
+                       last_error=state.last_error, needs_reauthorisation=state.needs_reauthorisation)
+            if state.failed_at is not None:
+                row["state"] = closed_reason(state)
+        rows[name] = row
+    return rows

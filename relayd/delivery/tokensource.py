@@ -71,6 +71,7 @@ class TokenState:
     last_refresh: float | None = None
     last_error: str = ""
     failed_at: float | None = None  # when the last refresh failed; None after a success
+    first_failed_at: float | None = None  # the first of the failures in a row
     failures: int = 0  # refreshes failed in a row
     needs_reauthorisation: bool = False
     refreshes: int = 0  # token requests made since start
@@ -198,7 +199,7 @@ class TokenSource:
         self.state = replace(
             self.state, account=self.config.user or account, expires_at=expires,
             last_refresh=now if fetched else self.state.last_refresh, last_error=error,
-            failed_at=None, failures=0, needs_reauthorisation=False,
+            failed_at=None, first_failed_at=None, failures=0, needs_reauthorisation=False,
         )
         self._tell()
 
@@ -206,9 +207,10 @@ class TokenSource:
         self._token, self._refresh_at = None, 0.0
         fix = f"; needs re-authorisation: {reauthorise_command(self.name)}" if reauthorise else ""
         sentence = f"credential {self.name}: {detail}{fix}"
+        now = self._clock()
         self.state = replace(
-            self.state, last_error=sentence, failed_at=self._clock(), failures=self.state.failures + 1,
-            needs_reauthorisation=reauthorise,
+            self.state, last_error=sentence, failed_at=now, failures=self.state.failures + 1,
+            first_failed_at=self.state.first_failed_at or now, needs_reauthorisation=reauthorise,
         )
         self._tell()
         return TokenUnavailable(sentence, needs_reauthorisation=reauthorise)

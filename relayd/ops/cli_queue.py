@@ -38,6 +38,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
+from relayd.delivery.oauthsources import STATE_FILE as OAUTH_STATE_FILE, oauth_transport_states, read_token_states
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -684,10 +685,17 @@ def _add_verify_results(config: RelayConfig, status: dict[str, Any]) -> None:
 
     verified = verifyrecord.read(config.spool_dir)
     transports = status.setdefault("transports", {})
+    try:
+        oauth = oauth_transport_states(config.transports, read_token_states(config.spool_dir / OAUTH_STATE_FILE))
+    except (OSError, ValueError):
+        oauth = {}
     for name in set(config.transports) | set(transports):
         entry = transports.setdefault(name, {})
         entry["state"] = transport_state(entry)
         entry["last_verify"] = verified.get(name)
+        if name in oauth:  # a token that cannot be had says more than "failing"
+            entry["oauth"] = oauth[name]
+            entry["state"] = str(oauth[name].get("state", entry["state"]))
 
 
 # --------------------------------------------------------------- send-test
