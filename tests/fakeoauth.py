@@ -287,7 +287,7 @@ class FakeOAuth:
     def _code(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         found = self._state.codes.pop(form.get("code", ""), None)
         if found is None:
-            return 400, {"error": "invalid_grant"}
+            return 400, {"error": "invalid_grant", "error_description": "unknown code"}
         account, challenge, redirect = found
         verifier = form.get("code_verifier", "")
         if _b64url(hashlib.sha256(verifier.encode()).digest()) != challenge or form.get("redirect_uri") != redirect:

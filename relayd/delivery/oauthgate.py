@@ -11,11 +11,13 @@ How it fails: never; a transport it does not know is open.
 A token problem never fails a recipient by itself: the transport's messages
 go on down the chain or wait, exactly as for a down upstream (and, like any
 deferral, within the retry schedule's maximum age). The gate opens again by
-itself: for an endpoint that is down, when the transport's retry schedule
-says (as the host retry state does for an upstream that is down); for a
-refused grant, after `REAUTHORISE_RECHECK` (in case the provider only
-hiccupped), and at once when the credential store changed since the failure
-(`relayctl oauth authorize` wrote a new refresh token).
+itself when the transport's retry schedule says (as the host retry state
+does for an upstream that is down), whether the endpoint was down or the
+grant refused: each reopening costs one token request, and a refused grant
+is tried again in case the provider only hiccupped or the operator has run
+`relayctl oauth authorize` meanwhile (its new refresh token is read from the
+store at that request). A check made after the store changed finds the gate
+open at once (an operator's `relayctl queue deliver` after authorising).
 """
 
 from __future__ import annotations
@@ -26,15 +28,10 @@ from relayd.config.retry import RetrySchedule
 from relayd.delivery.gates import OPEN, GateReport, GateVerdict, closed_until
 from relayd.delivery.tokensource import TokenSource, TokenState, reauthorise_command
 
-REAUTHORISE_RECHECK = 900.0  # a refused grant is tried again this often (or when the store changes)
-
-
 def reopens_at(state: TokenState, retry: RetrySchedule) -> float | None:
     """When the gate opens after the failure `state` records (None: not failed)."""
     if state.failed_at is None:
         return None
-    if state.needs_reauthorisation:
-        return state.failed_at + REAUTHORISE_RECHECK
     planned = retry.next_attempt(state.first_failed_at or state.failed_at, state.failed_at, None)
     return planned[0] if planned is not None else state.failed_at + retry.rules[-1].interval
 
