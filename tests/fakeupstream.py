@@ -18,6 +18,7 @@ import asyncio
 import base64
 import concurrent.futures
 import json
+import re
 import shutil
 import ssl
 import tempfile
@@ -549,13 +550,12 @@ class _Handler:
         """XOAUTH2 as Gmail and Exchange Online speak it: a bad token gets a 334 JSON challenge first."""
         try:
             text = base64.b64decode(args[1], validate=True).decode("utf-8") if len(args) > 1 else ""
-            fields = dict(part.split("=", 1) for part in text.split("\x01") if "=" in part)
         except (ValueError, UnicodeDecodeError):
-            fields = {}
-        user = fields.get("user", "")
-        bearer = fields.get("auth", "")
-        token = bearer[len("Bearer "):] if bearer.startswith("Bearer ") else ""
-        if token and self.fake.check_bearer(user, token):
+            text = ""
+        # Exactly "user=" U ^A "auth=Bearer " T ^A ^A, as Google and Microsoft require.
+        exact = re.fullmatch("user=([^\x01]+)\x01auth=Bearer ([^\x01 ]+)\x01\x01", text)
+        user, token = exact.groups() if exact else ("", "")
+        if exact and self.fake.check_bearer(user, token):
             return AuthResult(success=True, handled=False, auth_data=_Login(user.encode()))
         challenge = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"})
         await server.challenge_auth(challenge)  # the client answers with an empty line

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import replace
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Iterator, TypeVar
 
@@ -22,7 +22,7 @@ from relayd.delivery.oauthsources import STATE_FILE, OAuthSources, read_token_st
 from relayd.delivery.smtptransport import SmtpTransport
 from relayd.delivery.tokengrants import MAX_TOKEN_RESPONSE, TokenRequestFailed, request_token
 from relayd.delivery.upstreamauth import MECHANISMS, AuthRefused
-from relayd.delivery.tokensource import Bearer, TokenSource
+from relayd.delivery.tokensource import Bearer, TokenSource, TokenUnavailable
 from relayd.config.secret import Secret
 from relayd.observe import events as ev
 from relayd.observe.mainlog import format_event
@@ -293,7 +293,7 @@ def test_invalid_grant_closes_the_gate_with_the_command_that_fixes_it_then_reope
     results = run(send(world.transport(config, sources), delivery()))
     assert outcomes(results) == [AttemptOutcome.NEXT_TRANSPORT]  # on down the chain, or deferred
     assert f"needs re-authorisation: relayctl oauth authorize {NAME}" in results[0].detail
-    verdict = sources.gate.check(config.name, world.oauth_time())
+    verdict = sources.gate.check(config.name, time.time())
     assert not verdict.is_open and verdict.gate == "oauth"
     assert verdict.reason == f"credential {NAME} needs re-authorisation: relayctl oauth authorize {NAME}"
     failed = [e for e in world.events.events if isinstance(e, ev.OAuthTokenFailed)]
@@ -302,10 +302,10 @@ def test_invalid_grant_closes_the_gate_with_the_command_that_fixes_it_then_reope
     assert world.upstream.auth_attempts == 0  # nothing was sent upstream without a token
 
     world.put(refresh_token=REFRESH_TOKEN)  # what `relayctl oauth authorize` writes
-    assert sources.gate.check(config.name, world.oauth_time()).is_open
+    assert sources.gate.check(config.name, time.time()).is_open
     results = run(send(world.transport(config, sources), delivery()))
     assert outcomes(results) == [AttemptOutcome.DELIVERED]
-    assert sources.gate.check(config.name, world.oauth_time()).is_open
+    assert sources.gate.check(config.name, time.time()).is_open
 
 
 def test_a_token_endpoint_that_is_down_defers_then_recovers_by_itself(world: World) -> None:
@@ -317,7 +317,7 @@ def test_a_token_endpoint_that_is_down_defers_then_recovers_by_itself(world: Wor
     assert outcomes(results) == [AttemptOutcome.NEXT_TRANSPORT]
     source = sources.by_transport[config.name]
     assert not source.state.needs_reauthorisation and "HTTP 503" in source.state.last_error
-    now = world.oauth_time()
+    now = time.time()
     closed = sources.gate.check(config.name, now)
     assert not closed.is_open and closed.until is not None and closed.until - now <= 61
     world.oauth.set_mode("ok")
@@ -394,10 +394,40 @@ def test_no_token_or_secret_appears_in_results_events_state_or_the_store_file(
     assert json.loads(world.store_path.read_text())["version"] == 2
 
 
-def oauth_time() -> float:
-    import time
+def test_token_events_are_counted_per_credential_and_result() -> None:
+    from relayd.observe.metrics import RelayMetrics
 
-    return time.time()
+    metrics = RelayMetrics()
+    metrics.emit(ev.OAuthTokenRefreshed(credential=NAME, account=MAILBOX, expires_in=3600))
+    for reauthorise in (True, False, False):
+        metrics.emit(ev.OAuthTokenFailed(credential=NAME, reason="r", needs_reauthorisation=reauthorise,
+                                         command="c"))
+    rendered = metrics.render().decode()
+    assert f'relayd_oauth_token_requests_total{{credential="{NAME}",result="ok"}} 1.0' in rendered
+    assert f'relayd_oauth_token_requests_total{{credential="{NAME}",result="reauthorise"}} 1.0' in rendered
+    assert f'relayd_oauth_token_requests_total{{credential="{NAME}",result="retry"}} 2.0' in rendered
 
 
-World.oauth_time = staticmethod(oauth_time)  # type: ignore[attr-defined]
+def test_an_unreadable_store_is_a_failed_refresh_never_a_crash(world: World) -> None:
+    config = world.config(user=MAILBOX)
+    assert config.oauth is not None
+
+    async def load() -> Any:
+        raise PermissionError("store")
+
+    async def save(fields: Any) -> None:
+        raise AssertionError("nothing to save")
+
+    async def request(url: str, form: Any, timeout: float) -> Any:
+        raise AssertionError("no request without secrets")
+
+    source = TokenSource(NAME, config.oauth, load=load, save=save, request=request)
+
+    async def go() -> TokenUnavailable:
+        with pytest.raises(TokenUnavailable) as failed:
+            await source.bearer()
+        return failed.value
+
+    failure = run(go())
+    assert failure.detail == f"credential {NAME}: the credential store could not be read (PermissionError)"
+    assert not failure.needs_reauthorisation and source.state.failures == 1

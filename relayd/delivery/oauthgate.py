@@ -39,7 +39,7 @@ def reopens_at(state: TokenState, retry: RetrySchedule) -> float | None:
 def closed_reason(state: TokenState) -> str:
     if state.needs_reauthorisation:
         return f"credential {state.credential} needs re-authorisation: {reauthorise_command(state.credential)}"
-    return f"credential {state.credential} cannot get an OAuth token: {state.last_error}"
+    return state.last_error  # "credential NAME: token endpoint ... (why)"; retried on schedule
 
 
 class OAuthGate:

@@ -146,7 +146,11 @@ class TokenSource:
 
     async def _refresh(self) -> Bearer:
         now = self._clock()
-        stored = await self._load()
+        try:
+            stored = await self._load()
+        except Exception as exc:  # an unreadable store is this credential's failure, never a crash
+            raise self._failed(f"the credential store could not be read ({type(exc).__name__})",
+                               reauthorise=False) from None
         if stored is None:
             raise self._failed(f"credential {self.name} is not in the store", reauthorise=True)
         cached = stored.access_token
@@ -161,6 +165,8 @@ class TokenSource:
             grant = await self._request(self.config.token_url, form, self.config.timeout)
         except TokenRequestFailed as exc:
             raise self._failed(exc.detail, reauthorise=exc.needs_reauthorisation) from None
+        except Exception as exc:  # a bug or an odd library error: a temporary failure, never a crash
+            raise self._failed(f"token request failed ({type(exc).__name__})", reauthorise=False) from None
         expires = now + grant.expires_in
         fields: dict[str, str | float | None] = {
             "access_token": grant.access_token.reveal(), "access_expires": expires}
