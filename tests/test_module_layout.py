@@ -202,7 +202,7 @@ MAX_MODULE_LINES = 600  # a module a newcomer reads in one sitting
 KNOWN_LONG_MODULES: frozenset[str] = frozenset({
     "relayd.config.loader", "relayd.daemon", "relayd.delivery.transport", "relayd.delivery.walk",
     "relayd.observe.mainlog", "relayd.ops.cli_admin", "relayd.ops.cli_queue", "relayd.ops.control",
-    "relayd.ops.sendmail", "relayd.queue.spool", "relayd.smtp.listener",
+    "relayd.ops.sendmail", "relayd.smtp.listener",
 })
 
 
