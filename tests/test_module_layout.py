@@ -178,8 +178,8 @@ def test_every_module_belongs_to_a_stage_and_no_stage_imports_a_later_one() -> N
 
 # Modules that still import a relayd module inside a function.
 KNOWN_LOCAL_IMPORTS: frozenset[str] = frozenset({
-    "relayd.daemon", "relayd.delivery.walk", "relayd.ops.cli_admin", "relayd.ops.cli_queue",
-    "relayd.ops.control", "relayd.ops.sendmail",
+    "relayd.daemon", "relayd.ops.cli_admin", "relayd.ops.cli_queue", "relayd.ops.control",
+    "relayd.ops.sendmail",
 })
 
 
