@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-from typing import Any
+from typing import Protocol, cast
 
 from aiosmtpd.smtp import MISSING
 
@@ -32,12 +32,21 @@ from relayd.smtp.sessionlimits import DataDeadline
 from relayd.smtp.submission import SubmissionHandler
 
 
+class _PushbackReader(Protocol):
+    """asyncio.StreamReader's buffer: bytes read past DATA's final dot go back in front of it.
+
+    StreamReader has no public way to unread; this is the one private attribute relied on.
+    """
+
+    _buffer: bytearray
+
+
 class SubmissionProtocol(SubmissionConnection):
     """One client connection on one listener, with relayd's SMTP commands."""
 
     # -- replies ----------------------------------------------------------------
 
-    async def push(self, status: Any) -> None:
+    async def push(self, status: str | bytes) -> None:
         if self._closing:
             return  # a 421 has been sent: nothing more goes to this client
         line = status.encode("utf-8") if isinstance(status, str) else bytes(status)
@@ -72,7 +81,7 @@ class SubmissionProtocol(SubmissionConnection):
         if not helo_name_ok(hostname):
             await self.push(replies.bad_helo("EHLO"))  # never echoed: it may not even decode
             return
-        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.envelope = self._create_envelope()  # aiosmtpd's RSET state: a fresh envelope
         session = self.submission_session()
         session.extended_smtp = True
         session.host_name = hostname
@@ -230,7 +239,7 @@ class SubmissionProtocol(SubmissionConnection):
             self._data_deadline = None
         if reply is None:
             return  # connection closed mid-DATA: nothing was promised
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.envelope = self._create_envelope()  # aiosmtpd's post-DATA state: a fresh envelope
         if reply.startswith("250"):
             self._budget.message_accepted()
         await self.push(reply)
@@ -253,7 +262,7 @@ class SubmissionProtocol(SubmissionConnection):
     def end_of_data(self, leftover: bytes) -> None:
         """After the final dot: commands pipelined behind it go back to aiosmtpd's command loop."""
         if leftover:
-            self._reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+            cast(_PushbackReader, self._reader)._buffer[0:0] = leftover
         self._reset_timeout()
 
     def _arm_data_deadline(self, deadline: DataDeadline) -> bool:
