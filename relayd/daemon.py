@@ -35,6 +35,7 @@ from relayd.config.credentials import (
 )
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
+from relayd.delivery.router import route
 from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.delivery.gates import GateSet
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
@@ -166,6 +167,7 @@ class Relay:
                 admit=self.room.refusal,
                 guard=self.guard,
                 events=self.events,
+                route=route,
                 receive=self.receive,
             ),
             make_server_tls_context(config),
