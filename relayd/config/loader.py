@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
-import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
+import yaml
 
 from relayd.config.model import (
     UPSTREAM_AUTH_MECHANISMS,
