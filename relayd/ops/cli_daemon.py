@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from relayd.config.model import CaptureTransportConfig, RelayConfig, TenantConfig, TlsMode
 from relayd.delivery import verifyrecord
 from relayd.delivery.router import route
-from relayd.jsonwire import JsonObject
+from relayd.jsonwire import JsonObject, as_int, as_list, as_object, as_objects, scalar_fields
 from relayd.ops.clicommon import EXIT_FAILURE, EXIT_OK, PROG, CliError, UsageError, load_relay_config, read_password
 from relayd.ops.controlclient import ControlUnavailable, DaemonNotRunning
 from relayd.ops.queuesource import checked, control_client, offline_entries
@@ -53,7 +53,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     except ControlUnavailable as exc:
         raise CliError(f"{exc}; nothing to reload") from None
     if not reply.get("ok"):
-        problems = reply.get("problems") or str(reply.get("error", "reload failed")).splitlines()
+        problems = as_list(reply.get("problems")) or str(reply.get("error", "reload failed")).splitlines()
         raise CliError("relayd kept its running configuration:\n" + "\n".join(str(p) for p in problems))
     print(f"relayd reloaded its configuration from {reply.get('config', config.source)}")
     return EXIT_OK
@@ -85,11 +85,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _add_verify_results(config: RelayConfig, status: JsonObject) -> None:
     """Each transport's state word and its last `transport verify` result, beside the daemon's view."""
     verified = verifyrecord.read(config.spool_dir)
-    transports = status.setdefault("transports", {})
+    transports = as_object(status.setdefault("transports", {}))
     for name in set(config.transports) | set(transports):
-        entry = transports.setdefault(name, {})
+        entry = as_object(transports.setdefault(name, {}))
         entry["state"] = transport_state(entry)
-        entry["last_verify"] = verified.get(name)
+        record = verified.get(name)
+        entry["last_verify"] = scalar_fields(record) if record is not None else None
 
 
 # --------------------------------------------------------------- send-test
@@ -136,9 +137,9 @@ def _listener_port(config: RelayConfig) -> tuple[str, int]:
     first = config.listeners[0]
     try:
         reply = control_client(config).request("status")
-        bound = reply.get("listeners") or []
+        bound = as_objects(reply.get("listeners"))
         if reply.get("ok") and bound:
-            return _connect_host(str(bound[0]["address"])), int(bound[0]["port"])
+            return _connect_host(str(bound[0]["address"])), as_int(bound[0]["port"])
     except ControlUnavailable:
         pass
     return _connect_host(first.address), first.port

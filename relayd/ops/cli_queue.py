@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from relayd.config.model import RelayConfig
 from relayd.delivery.router import route
-from relayd.jsonwire import JsonObject
+from relayd.jsonwire import JsonObject, JsonValue, as_int, as_list
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -102,7 +102,8 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
     for chunk in wire_chunks(config):
         if selection.is_empty:
             try:
-                text = "".join(f"{w[0]}\n" for w in chunk) if args.ids_only else listing_text(chunk, now)
+                arrays = [as_list(w) for w in chunk]
+                text = "".join(f"{w[0]}\n" for w in arrays) if args.ids_only else listing_text(arrays, now)
             except (TypeError, ValueError, IndexError, KeyError):
                 raise CliError("relayd sent a malformed queue listing") from None
         else:
@@ -123,7 +124,7 @@ def cmd_queue_count(args: argparse.Namespace) -> int:
     if selection.is_empty:
         try:
             reply = control_client(config).request("queue.count")
-            count = int(checked(reply)["total"])
+            count = as_int(checked(reply)["total"])
         except DaemonNotRunning as why:
             count = len(offline_entries(config, why))
         except ControlUnavailable as exc:
@@ -146,8 +147,12 @@ def _retry_waits(config: RelayConfig) -> dict[str, float]:
     transports = reply.get("transports") if reply.get("ok") else None
     if not isinstance(transports, dict):
         return {}
-    return {name: float(entry["skipped_until"]) for name, entry in transports.items()
-            if isinstance(entry, dict) and isinstance(entry.get("skipped_until"), (int, float))}
+    waits: dict[str, float] = {}
+    for name, entry in transports.items():
+        until = entry.get("skipped_until") if isinstance(entry, dict) else None
+        if isinstance(until, (int, float)):
+            waits[name] = float(until)
+    return waits
 
 
 def cmd_queue_summary(args: argparse.Namespace) -> int:
@@ -190,7 +195,8 @@ def _offline_show(
         spool = Spool(config.spool_dir)
         answer: JsonObject = {"message": None, "in_flight": False}
         if log:
-            answer["log"] = read_log_lines(config.log_file, message_id)
+            lines: list[JsonValue] = [*read_log_lines(config.log_file, message_id)]
+            answer["log"] = lines
         try:
             entry = spool.read_entry(message_id)
             if entry is not None and body:
@@ -231,22 +237,27 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
 
 
 def _print_history(message_id: str, entry: QueueEntry | None, data: JsonObject, now: float) -> int:
-    log = [sanitize(str(line), limit=4096) for line in data.get("log", [])]
+    log = [sanitize(str(line), limit=4096) for line in as_list(data.get("log"))]
     if entry is None and not log:
         raise CliError(f"message {message_id} is not in the queue and the main log does not mention it")
     print("\n".join(log) if log else "(the main log has no lines for this message)")
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data))))
     return EXIT_OK
+
+
+def _cannot_record(data: JsonObject) -> str | None:
+    reason = data.get("cannot_record")
+    return reason if isinstance(reason, str) else None
 
 
 def _waiting(data: JsonObject) -> float | None:

@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence, TextIO
 
 from relayd.config.model import RelayConfig
-from relayd.jsonwire import JsonObject
+from relayd.jsonwire import JsonObject, JsonOut, as_int, as_list, as_objects
 from relayd.observe.events import EventSink, FanOut
 from relayd.observe.mainlog import MainLog
 from relayd.ops import queueedit
@@ -128,18 +128,18 @@ def _confirm(args: argparse.Namespace, verb: str, count: int) -> None:
         raise CliError("nothing done")
 
 
-def _run_action(verb: str, config: RelayConfig, ids: list[str], extra: JsonObject) -> list[JsonObject]:
+def _run_action(verb: str, config: RelayConfig, ids: list[str], extra: dict[str, JsonOut]) -> list[JsonObject]:
     """Send the action to relayd, showing progress; DaemonNotRunning when none runs."""
     progress = _Progress(verb, sys.stderr)
     final: JsonObject = {}
     try:
         for message in control_client(config).stream(verb, ids=ids, **extra):
             if "progress" in message and "total" in message:
-                progress.update(int(message["progress"]), int(message["total"]))
+                progress.update(as_int(message["progress"]), as_int(message["total"]))
             final = message
     finally:
         progress.end()
-    return list(checked(final).get("results", []))
+    return as_objects(checked(final).get("results", []))
 
 
 def _offline_action(verb: str, config: RelayConfig, ids: list[str], why: DaemonNotRunning) -> list[JsonObject]:
@@ -199,7 +199,7 @@ def _report(verb: str, results: Sequence[JsonObject], one_by_one: bool) -> int:
     failed = [r for r in results if r.get("result") not in _OK_RESULTS]
     if one_by_one or len(results) <= PER_ID_LINES:
         for r in results:
-            for line in r.get("log", []):
+            for line in as_list(r.get("log")):
                 print(sanitize(str(line), limit=4096))
             sentence = _SENTENCES.get(str(r.get("result")), sanitize(str(r.get("result"))))
             print(f"Message {r.get('id')} {sentence}")
@@ -223,7 +223,7 @@ def _action(verb: str, *, confirm: bool = False) -> Callable[[argparse.Namespace
             _confirm(args, verb, len(ids))
         if not ids:
             return _report(verb, [], one_by_one)
-        extra = {"wait": args.wait} if args.wait is not None else {}
+        extra: dict[str, JsonOut] = {"wait": args.wait} if args.wait is not None else {}
         try:
             results = _run_action(verb, config, ids, extra)
         except DaemonNotRunning as why:
@@ -238,7 +238,7 @@ def _action(verb: str, *, confirm: bool = False) -> Callable[[argparse.Namespace
 
 def cmd_queue_flush(args: argparse.Namespace) -> int:
     config = load_relay_config(args)
-    extra: JsonObject = {"include_frozen": not args.skip_frozen}
+    extra: dict[str, JsonOut] = {"include_frozen": not args.skip_frozen}
     if args.ids or not queue_filter(args).is_empty:
         ids, _ = _targets(args, config)
         if not ids:
@@ -250,7 +250,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
         final: JsonObject = {}
         for message in control_client(config).stream("flush", **extra):
             if "progress" in message:
-                progress.update(int(message["progress"]), int(message["total"]))
+                progress.update(as_int(message["progress"]), as_int(message["total"]))
             final = message
         progress.end()
     except DaemonNotRunning as why:

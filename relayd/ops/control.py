@@ -42,7 +42,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 from relayd.config.model import RelayConfig
 from relayd.delivery.upstreamhealth import UpstreamRecord, UpstreamState
-from relayd.jsonwire import JsonObject, JsonValue
+from relayd.jsonwire import JsonOut, JsonValue, scalar_fields
 from relayd.observe.events import EventSink, OperatorAction
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.ops.controlserver import ControlError, Handler, Request
@@ -102,8 +102,9 @@ class HealthTable(Protocol):
 
 
 def _ids(args: Mapping[str, JsonValue]) -> list[str]:
-    ids = args.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+    given = args.get("ids")
+    ids = [i for i in given if isinstance(i, str)] if isinstance(given, list) else []
+    if not isinstance(given, list) or len(ids) != len(given):
         raise ControlError('"ids" must be a list of message ids')
     bad = [i for i in ids if not is_message_id(i)]
     if bad:
@@ -113,7 +114,7 @@ def _ids(args: Mapping[str, JsonValue]) -> list[str]:
 
 def _seconds(args: Mapping[str, JsonValue], name: str, default: float) -> float:
     value = args.get(name, default)
-    if type(value) not in (int, float) or not 0 <= value <= 3600:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
         raise ControlError(f'"{name}" must be a number of seconds between 0 and 3600')
     return float(value)
 
@@ -145,7 +146,7 @@ class QueueControl:
         reload: Callable[[], Awaitable[list[str]]],
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
-        spool_room: Callable[[], dict[str, object]] | None = None,
+        spool_room: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -181,9 +182,9 @@ class QueueControl:
 
     # -- observation -----------------------------------------------------------
 
-    def _health_table(self) -> dict[str, JsonValue]:
+    def _health_table(self) -> dict[str, JsonOut]:
         snapshot = self._health.snapshot()
-        table: dict[str, JsonValue] = {}
+        table: dict[str, JsonOut] = {}
         for name in set(self._config().transports) | set(snapshot):
             record, skipped = snapshot.get(name, (None, None))
             table[name] = {
@@ -194,10 +195,10 @@ class QueueControl:
             }
         return table
 
-    async def health(self, request: Request) -> JsonObject:
+    async def health(self, request: Request) -> dict[str, JsonOut]:
         return {"transports": self._health_table()}
 
-    async def status(self, request: Request) -> JsonObject:
+    async def status(self, request: Request) -> dict[str, JsonOut]:
         now = self._clock()
         return {
             "pid": os.getpid(),
@@ -212,19 +213,19 @@ class QueueControl:
             "spool": self._spool_status(),
         }
 
-    def _spool_status(self) -> JsonObject:
+    def _spool_status(self) -> dict[str, JsonOut]:
         """Free space, the reserve, and messages whose outcome the spool could not record."""
-        status: JsonObject = dict(self._spool_room()) if self._spool_room is not None else {}
+        status: dict[str, JsonOut] = dict(scalar_fields(self._spool_room())) if self._spool_room is not None else {}
         status["unrecorded"] = self._agent.unrecorded()
         return status
 
-    async def reload(self, request: Request) -> JsonObject:
+    async def reload(self, request: Request) -> dict[str, JsonOut]:
         problems = await self._reload()
         if problems:
             raise ControlError("\n".join(problems), problems=problems)
         return {"config": str(self._config().source)}
 
-    async def queue_list(self, request: Request) -> JsonObject:
+    async def queue_list(self, request: Request) -> dict[str, JsonOut]:
         """The whole index in `{"rows": [...]}` lines of LIST_CHUNK compact rows.
 
         Each row's JSON is kept between calls while its entry (an immutable
@@ -249,17 +250,17 @@ class QueueControl:
         self._row_cache = fresh
         return {"count": len(entries), "now": self._clock(), "unrecorded": self._agent.unrecorded()}
 
-    async def queue_count(self, request: Request) -> JsonObject:
+    async def queue_count(self, request: Request) -> dict[str, JsonOut]:
         return queue_counts(
             self._scheduler.entries(), self._scheduler.in_flight_ids(), self._clock(), self._scheduler.waiting()
         )
 
-    async def queue_show(self, request: Request) -> JsonObject:
+    async def queue_show(self, request: Request) -> dict[str, JsonOut]:
         message_id = request.args.get("id")
         if not isinstance(message_id, str) or not is_message_id(message_id):
             raise ControlError('"id" must be a message id')
         entry = self._scheduler.get(message_id)
-        answer: JsonObject = {"message": None, "in_flight": False}
+        answer: dict[str, JsonOut] = {"message": None, "in_flight": False}
         if request.args.get("log"):
             answer["log"] = await self._log_lines(message_id)
         if entry is None:
@@ -280,7 +281,7 @@ class QueueControl:
             answer["body"] = body.decode("utf-8", "surrogateescape")
         return answer
 
-    async def queue_log(self, request: Request) -> JsonObject:
+    async def queue_log(self, request: Request) -> dict[str, JsonOut]:
         message_id = request.args.get("id")
         if not isinstance(message_id, str) or not is_message_id(message_id):
             raise ControlError('"id" must be a message id')
@@ -294,7 +295,7 @@ class QueueControl:
             return self._outcomes.lines_since(message_id)
         return await asyncio.to_thread(read_log_lines, log_file, message_id)
 
-    async def queue_outcome(self, request: Request) -> JsonObject:
+    async def queue_outcome(self, request: Request) -> dict[str, JsonOut]:
         """What became of one recipient of a message, from the recent events (send-test follows this).
 
         `outcome` is delivered, deferred or failed with the log line's detail;
@@ -340,15 +341,15 @@ class QueueControl:
         else:
             self._scheduler.add(changed)
 
-    async def freeze(self, request: Request) -> JsonObject:
+    async def freeze(self, request: Request) -> dict[str, JsonOut]:
         return await self._set_frozen(request, True)
 
-    async def thaw(self, request: Request) -> JsonObject:
+    async def thaw(self, request: Request) -> dict[str, JsonOut]:
         return await self._set_frozen(request, False)
 
     async def _on_each_exclusively(
         self, request: Request, action: Callable[[str, QueueEntry], Awaitable[str]]
-    ) -> JsonObject:
+    ) -> dict[str, JsonOut]:
         """Run `action` on every requested message while the daemon keeps it out of delivery.
 
         A message in delivery is waited for (up to the request's `wait`); one
@@ -367,7 +368,7 @@ class QueueControl:
 
         return {"results": await self._each(request, _ids(request.args), act)}
 
-    async def _set_frozen(self, request: Request, frozen: bool) -> JsonObject:
+    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, JsonOut]:
         """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
         async def set_flag(message_id: str, entry: QueueEntry) -> str:
             return await queueedit.set_frozen(
@@ -377,7 +378,7 @@ class QueueControl:
 
         return await self._on_each_exclusively(request, set_flag)
 
-    async def remove(self, request: Request) -> JsonObject:
+    async def remove(self, request: Request) -> dict[str, JsonOut]:
         async def remove_one(message_id: str, entry: QueueEntry) -> str:
             return await queueedit.remove(
                 self._spool, message_id, user=request.user, events=self._events, removed=self._forget,
@@ -389,7 +390,7 @@ class QueueControl:
         self._scheduler.forget(message_id)
         self._agent.forget(message_id)
 
-    async def giveup(self, request: Request) -> JsonObject:
+    async def giveup(self, request: Request) -> dict[str, JsonOut]:
         async def give_up_one(message_id: str, entry: QueueEntry) -> str:
             self._events.emit(OperatorAction(action="giveup", user=request.user, queue_id=message_id))
             try:
@@ -404,7 +405,7 @@ class QueueControl:
 
         return await self._on_each_exclusively(request, give_up_one)
 
-    async def deliver(self, request: Request) -> JsonObject:
+    async def deliver(self, request: Request) -> dict[str, JsonOut]:
         """Exim's -M: thaw if frozen, then one attempt now, ignoring retry times; wait for it."""
         busy_wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
         attempt_wait = _seconds(request.args, "attempt_wait", DEFAULT_DELIVER_WAIT)
@@ -460,7 +461,7 @@ class QueueControl:
         states = {r.state for r in entry.undelivered}
         return "deferred" if RecipientState.DEFERRED in states else "pending"
 
-    async def flush(self, request: Request) -> JsonObject:
+    async def flush(self, request: Request) -> dict[str, JsonOut]:
         """Exim's -qff: every message (or the given ones) now, ignoring every retry time."""
         include_frozen = bool(request.args.get("include_frozen", True))
         if "ids" in request.args:

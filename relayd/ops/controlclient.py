@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from relayd.jsonwire import JsonObject, JsonValue
+from relayd.jsonwire import JsonObject, JsonOut
 
 MAX_REPLY_LINE = 256 * 1024 * 1024  # a shown body can be a whole 25 MB message, JSON-escaped
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room for the terminator
@@ -53,14 +53,14 @@ class ControlClient:
         self.path = Path(path)
         self.timeout = timeout
 
-    def request(self, cmd: str, **args: JsonValue) -> JsonObject:
+    def request(self, cmd: str, **args: JsonOut) -> JsonObject:
         """The final answer (``ok`` true or false); intermediate lines are skipped."""
         final: JsonObject = {}
         for message in self.stream(cmd, **args):
             final = message
         return final
 
-    def stream(self, cmd: str, **args: JsonValue) -> Iterator[JsonObject]:
+    def stream(self, cmd: str, **args: JsonOut) -> Iterator[JsonObject]:
         """Every answer line, the final one (``done: true``) last."""
         sock = self._connect()
         with sock, sock.makefile("rb") as reader:

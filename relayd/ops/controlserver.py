@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Mapping
 
-from relayd.jsonwire import JsonObject, JsonValue
+from relayd.jsonwire import JsonOut, JsonOutObject, JsonValue
 from relayd.ops.controlclient import socket_name
 
 MAX_REQUEST = 32 * 1024 * 1024  # an id list for 100,000 messages is about 2 MB
@@ -36,13 +36,13 @@ _PEERCRED = struct.Struct("3i")
 class ControlError(Exception):
     """An ordinary refusal: `message` goes back to the client as `error`."""
 
-    def __init__(self, message: str, **extra: JsonValue) -> None:
+    def __init__(self, message: str, **extra: JsonOut) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra
 
 
-Emit = Callable[[JsonObject], Awaitable[None]]
+Emit = Callable[[JsonOutObject], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ class Request:
     emit_raw: Callable[[bytes], Awaitable[None]]
 
 
-Handler = Callable[[Request], Awaitable[JsonObject]]
+Handler = Callable[[Request], Awaitable[JsonOutObject]]
 
 
 def _peer(sock: socket.socket | None) -> tuple[int, str]:
@@ -75,7 +75,7 @@ def _peer(sock: socket.socket | None) -> tuple[int, str]:
         return uid, f"uid {uid}"
 
 
-def _encode(message: Mapping[str, JsonValue]) -> bytes:
+def _encode(message: JsonOutObject) -> bytes:
     return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
 
 
@@ -180,7 +180,7 @@ class ControlServer:
             await self._send(writer, self._failure(f"unknown command '{cmd[:40]}'"))
             return
 
-        async def emit(message: JsonObject) -> None:
+        async def emit(message: JsonOutObject) -> None:
             await self._send(writer, message)
 
         async def emit_raw(lines: bytes) -> None:
@@ -201,10 +201,10 @@ class ControlServer:
         await self._send(writer, {**data, "done": True, "ok": True})
 
     @staticmethod
-    def _failure(error: str, **extra: JsonValue) -> JsonObject:
+    def _failure(error: str, **extra: JsonOut) -> JsonOutObject:
         return {**extra, "done": True, "ok": False, "error": error}
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, message: Mapping[str, JsonValue]) -> None:
+    async def _send(writer: asyncio.StreamWriter, message: JsonOutObject) -> None:
         writer.write(_encode(message))
         await writer.drain()
