@@ -9,7 +9,8 @@ Untrusted input: arguments, stdin, and the config, key and store files.
 Fails: never with a traceback; passwords and keys never reach stdout or stderr.
 
 Layout, for adding verbs: each group registers its commands in an
-`_add_<group>_commands(subparsers)` function listed in `_COMMAND_GROUPS`; each
+`add_<group>_commands(subparsers)` function listed in `_COMMAND_GROUPS`, so a
+new verb group is a module of its own plus one line there; each
 command is `cmd_<group>_<verb>(args) -> int` and raises `CliError` for an
 ordinary failure. `main()` puts the environment and stdin on the namespace as
 `args.environ` and `args.stdin`, so commands read those rather than globals,

@@ -15,8 +15,9 @@ relayd's user and root can connect, but a malformed request still only gets
 an error line.
 How it fails: a handler raises `ControlError` for an ordinary refusal (sent as
 ``ok: false``); anything else is logged and answered "internal error"
-(relayd.ops.controlserver). The client side is relayd.ops.controlclient (its `ControlUnavailable` says, in one
-sentence, that the daemon is not running or that it stopped answering).
+(relayd.ops.controlserver). The client side is relayd.ops.controlclient (its
+`ControlUnavailable` says, in one sentence, that the daemon is not running or
+that it stopped answering).
 
 Every change to a queued message goes through the daemon, which owns the
 index and the set of messages in delivery: `Scheduler.exclusive` keeps the
@@ -126,11 +127,13 @@ def _entry_id(entry: QueueEntry) -> str:
 class QueueControl:
     """The commands, over the daemon's own stages (all handed in; nothing global).
 
-    `scheduler` is a relayd.queue.scheduler.Scheduler, `spool` a relayd.queue.spool.Spool,
-    `agent` a relayd.delivery.walk.DeliveryAgent, `health` an UpstreamHealth, `events`
-    where operator actions are emitted, `outcomes` the recent events the
-    daemon keeps, which `deliver` and `queue.outcome` answer from. `reload` re-reads the configuration and returns its problems
-    (empty when it took); `listeners` gives the bound (name, address, port).
+    `scheduler` (a `QueueIndex`: relayd.queue.scheduler.Scheduler), `spool`
+    (`SpoolFiles`: relayd.queue.spool.Spool), `agent` (`Outcomes`:
+    relayd.delivery.walk.DeliveryAgent), `health` (`HealthTable`: UpstreamHealth),
+    `events` where operator actions are emitted, `outcomes` the recent events the
+    daemon keeps, which `deliver` and `queue.outcome` answer from. `reload`
+    re-reads the configuration and returns its problems (empty when it took);
+    `listeners` gives the bound (name, address, port).
     """
 
     def __init__(
