@@ -25,7 +25,8 @@ from relayd.smtp.authcheck import PasswordChecker
 from relayd.smtp.authguard import AuthGuard
 from relayd.config.model import RelayConfig, SmtpTransportConfig, TenantConfig
 from relayd.config.loader import ConfigError, load_config
-from relayd.ops.control import ControlServer, QueueControl
+from relayd.ops.control import QueueControl
+from relayd.ops.controlserver import ControlServer
 from relayd.config.credentials import (
     CredentialError,
     CredentialStore,
