@@ -141,7 +141,7 @@ def test_the_daemon_loads_neither_the_cli_nor_its_queue_formatting() -> None:
 # may import its own layer and earlier ones, never a later one: a stage that
 # needs a later stage is handed a callable or a Protocol by relayd.daemon.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("relayd", "relayd.values", "relayd.replies", "relayd.safeio", "relayd.hardening", "relayd.sdnotify"),
+    ("relayd", "relayd.values", "relayd.replies", "relayd.safeio", "relayd.hardening", "relayd.sdnotify", "relayd.netaddr"),
     ("relayd.config",),
     ("relayd.observe",),
     ("relayd.smtp",),
