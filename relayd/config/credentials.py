@@ -49,7 +49,7 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, NoReturn, Sequence
+from typing import Callable, Literal, Mapping, NoReturn, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -356,7 +356,7 @@ def _parse_envelope(path: Path, data: bytes) -> tuple[dict[str, object], bytes, 
 
 def _parse_plaintext(path: Path, plaintext: bytes) -> dict[str, _Entry]:
     try:
-        doc: Any = json.loads(plaintext)
+        doc: object = json.loads(plaintext)
     except (UnicodeDecodeError, json.JSONDecodeError):
         _fail(path, "damaged credential store (decrypted content is not JSON)")
     if not isinstance(doc, dict):
@@ -370,7 +370,7 @@ def _parse_plaintext(path: Path, plaintext: bytes) -> dict[str, _Entry]:
                 _fail(path, f"damaged credential store (OAuth entry {name} is malformed)")
         elif set(entry) != {"user", "password"} or not isinstance(entry["password"], str):
             _fail(path, "damaged credential store (an entry lacks user or password)")
-        entries[name] = dict(entry)
+        entries[str(name)] = dict(entry)
     return entries
 
 

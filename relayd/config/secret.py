@@ -41,8 +41,9 @@ class Secret:
             return NotImplemented
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
-    # Unhashable: a hash of the value is a (weak) oracle on it.
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:
+        """Unhashable: a hash of the value is a (weak) oracle on it."""
+        raise TypeError("unhashable type: 'Secret'")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Secret cannot be pickled")

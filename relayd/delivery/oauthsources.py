@@ -25,6 +25,7 @@ from relayd.config.credentials import CredentialStore, UpstreamCredential
 from relayd.config.model import SmtpTransportConfig, TransportConfig
 from relayd.config.oauthentry import OAuthCredential
 from relayd.config.retry import RetrySchedule
+from relayd.jsonwire import JsonObject
 from relayd.delivery.oauthgate import OAuthGate, closed_reason
 from relayd.delivery.smtpsession import CredentialLike
 from relayd.delivery.tokengrants import TokenGrant, request_token
@@ -218,14 +219,14 @@ class OAuthSources:
 
 
 def oauth_transport_states(transports: Mapping[str, TransportConfig], states: Mapping[str, TokenState]
-                           ) -> dict[str, dict[str, object]]:
+                           ) -> dict[str, JsonObject]:
     """For `relayctl status`: each XOAUTH2 transport's credential state, and a state phrase if it fails."""
-    rows: dict[str, dict[str, object]] = {}
+    rows: dict[str, JsonObject] = {}
     for name, config in transports.items():
         if not isinstance(config, SmtpTransportConfig) or config.oauth is None or config.credential is None:
             continue
         state = states.get(config.credential)
-        row: dict[str, object] = {"credential": config.credential, "grant": config.oauth.grant.value}
+        row: JsonObject = {"credential": config.credential, "grant": config.oauth.grant.value}
         if state is not None:
             row.update(account=state.account, expires_at=state.expires_at, last_refresh=state.last_refresh,
                        last_error=state.last_error, needs_reauthorisation=state.needs_reauthorisation)
