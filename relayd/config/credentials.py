@@ -526,10 +526,14 @@ def begin_key_rotation(key_file: Path, current_keys: Sequence[bytes]) -> bytes:
 
 
 def reencrypt_store(store_path: Path, keys: Sequence[bytes]) -> None:
-    """Step 2: rewrite the store under `keys[0]` (a missing store stays missing)."""
-    store = CredentialStore.open(store_path, keys)
+    """Step 2: rewrite the store under `keys[0]` (a missing store stays missing).
+
+    Under the store's lock, so a token the daemon writes back meanwhile is
+    neither lost nor left under the old key.
+    """
+    CredentialStore.open(store_path, keys)
     if store_path.exists():
-        store.save()
+        update_store(store_path, keys, lambda store: None)
 
 
 def finish_key_rotation(key_file: Path, new_key: bytes) -> None:

@@ -50,11 +50,11 @@ class OAuthGate:
         sources: Callable[[], Mapping[str, TokenSource]],
         retry_for: Callable[[str], RetrySchedule],
         *,
-        store_changed_since: Callable[[float], bool] = lambda when: False,
+        store_changed: Callable[[TokenState], bool] = lambda state: False,
     ) -> None:
         self._sources = sources
         self._retry_for = retry_for
-        self._store_changed_since = store_changed_since
+        self._store_changed = store_changed  # since the failure `state` records
 
     def check(self, transport: str, now: float) -> GateVerdict:
         source = self._sources().get(transport)
@@ -64,7 +64,7 @@ class OAuthGate:
         until = reopens_at(state, self._retry_for(transport))
         if until is None or now >= until:
             return OPEN
-        if state.failed_at is not None and self._store_changed_since(state.failed_at):
+        if self._store_changed(state):
             return OPEN
         return closed_until(until, closed_reason(state), gate="oauth")
 

@@ -56,12 +56,18 @@ class StoreAccess:
     async def save(self, name: str, fields: Mapping[str, str | float | None]) -> None:
         await asyncio.to_thread(self._store.update, lambda s: s.set_oauth(name, "", fields))
 
-    def changed_since(self, when: float) -> bool:
-        """Whether the store file was written after `when` (a new authorisation)."""
+    def stamp(self) -> tuple[int, int, int] | None:
+        """Which version of the store file is on disk: every save renames a new file in.
+
+        (inode, mtime, size) rather than the mtime alone: the file system's
+        clock is coarser than time.time(), so a write just after a failure
+        can carry an earlier mtime than the failure.
+        """
         try:
-            return os.stat(self._store.path).st_mtime > when
+            st = os.stat(self._store.path)
         except OSError:
-            return False
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def build_token_sources(
@@ -177,10 +183,11 @@ class OAuthSources:
         self._request = request
         self._store: StoreAccess | None = None
         self._refreshed: dict[str, float] = {}  # the last refresh announced, per credential
+        self._failure_stamps: dict[str, tuple[int, int, int] | None] = {}  # the store at each failure
         self.by_transport: dict[str, TokenSource] = {}
         self.state_file = TokenStateFile(state_path, lambda text: events.emit(ev.Notice(text=text, level="warning")))
         self.gate = OAuthGate(lambda: self.by_transport, retry_for,
-                              store_changed_since=self._store_changed_since)
+                              store_changed=self._store_changed_since_failure)
 
     def rebuild(self, transports: Mapping[str, TransportConfig], store: CredentialStore | None) -> None:
         self._store = StoreAccess(store) if store is not None else None
@@ -198,12 +205,14 @@ class OAuthSources:
         credential = store.get(name) if store is not None else None
         return credential if isinstance(credential, UpstreamCredential) else None
 
-    def _store_changed_since(self, when: float) -> bool:
-        return self._store is not None and self._store.changed_since(when)
+    def _store_changed_since_failure(self, state: TokenState) -> bool:
+        before = self._failure_stamps.get(state.credential)
+        return self._store is not None and before is not None and self._store.stamp() != before
 
     def _state_changed(self, state: TokenState) -> None:
         self.state_file.record(state)
         if state.failed_at is not None:
+            self._failure_stamps[state.credential] = self._store.stamp() if self._store is not None else None
             self._events.emit(ev.OAuthTokenFailed(
                 credential=state.credential, reason=state.last_error,
                 needs_reauthorisation=state.needs_reauthorisation,
