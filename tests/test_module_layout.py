@@ -176,11 +176,8 @@ def test_every_module_belongs_to_a_stage_and_no_stage_imports_a_later_one() -> N
     assert KNOWN_LATER_STAGE_IMPORTS - later == set(), "fixed: remove it from KNOWN_LATER_STAGE_IMPORTS"
 
 
-# Modules that still import a relayd module inside a function. relayd.ops.sendmail
-# on purpose: relay.yaml's loader (PyYAML, cryptography) only when it reads relay.yaml.
-KNOWN_LOCAL_IMPORTS: frozenset[str] = frozenset({
-    "relayd.ops.sendmail",
-})
+# Modules that still import a relayd module inside a function.
+KNOWN_LOCAL_IMPORTS: frozenset[str] = frozenset()
 
 
 def test_no_relayd_module_is_imported_inside_a_function() -> None:

@@ -68,7 +68,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             entries = offline_entries(config, why)
             counts = queue_counts(entries, (), time.time())
-            print(json.dumps({"running": False, "queue": counts}, indent=1))
+            print(json.dumps({"running": False, "queue": counts.as_json()}, indent=1))
             return EXIT_FAILURE
         raise CliError(str(why)) from None
     except ControlUnavailable as exc:
