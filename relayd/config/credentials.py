@@ -467,7 +467,7 @@ class CredentialStore:
         """The store as it is on disk now, opened with the keys this one holds."""
         return CredentialStore.open(self._path, self._keys)
 
-    def update(self, change: Callable[[CredentialStore], None]) -> None:
+    def update(self, change: Callable[[CredentialStore], object]) -> None:
         """`update_store` with the keys this store holds (blocking: call from a worker thread)."""
         update_store(self._path, self._keys, change)
 
@@ -498,13 +498,14 @@ class CredentialStore:
         return (json.dumps(doc, indent=2) + "\n").encode("ascii")
 
 
-def update_store(path: Path, keys: Sequence[bytes], change: Callable[[CredentialStore], None]) -> None:
+def update_store(path: Path, keys: Sequence[bytes], change: Callable[[CredentialStore], object]) -> None:
     """Re-read the store, apply `change`, save; under an exclusive lock so two writers never clash.
 
     The lock is on the store's directory (flock), which both root running
     relayctl and the relayd user can open, so no lock file with the wrong
     owner is ever left behind. Blocking: the daemon calls it from a worker thread.
     """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # as write_private_file would
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -122,7 +122,8 @@ def cmd_secret_set(args: argparse.Namespace) -> int:
             f"created master key file {target.master_key_file} (key id {key_id(new_key)}, "
             "mode 0600); back it up: the store cannot be decrypted without it"
         )
-    store.save()
+    # Re-read and written under the store's lock, so a token the daemon writes back meanwhile stays.
+    store.update(lambda current: current.set(args.name, args.user, password))
     print(f"stored credential {args.name} (user {args.user}) in {store.path}")
     return EXIT_OK
 
@@ -144,7 +145,7 @@ def cmd_secret_remove(args: argparse.Namespace) -> int:
     store, _ = _open_store(args)
     if not store.remove(args.name):
         raise CliError(f"{store.path}: no credential named {args.name!r}")
-    store.save()
+    store.update(lambda current: current.remove(args.name))
     print(f"removed credential {args.name} from {store.path}")
     return EXIT_OK
 
