@@ -77,17 +77,6 @@ def relay(relay_files: RelayFiles) -> Iterator[RelayFiles]:
         yield relay_files
 
 
-# -- the production event loop ------------------------------------------------
-
-
-def test_in_process_relays_run_on_uvloop(relay_files: RelayFiles) -> None:
-    import uvloop
-
-    capture_files(relay_files)
-    with RelayThread(relay_files.config) as thread:
-        assert isinstance(thread.loop, uvloop.Loop)
-
-
 # -- 1. idle clients ----------------------------------------------------------
 
 
