@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 import trustme
+
+from relayd.ops.cli import main as relayctl_main
 
 from tests.eventloop import TEST_LOOP, loop_policy
 from tests.relayenv import RelayFiles
@@ -67,3 +70,22 @@ def upstreams(ca: trustme.CA) -> Iterator[Callable[..., Any]]:
     yield make
     for upstream in started:
         upstream.stop()
+
+
+@pytest.fixture
+def relayctl(relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run relayctl in-process against the test relay.yaml; returns (status, stdout, stderr).
+
+    `stdin` is text or a file object (a fake terminal, say); `environ` is
+    relayctl's whole environment, empty unless given.
+    """
+
+    def run(*argv: str, stdin: str | io.TextIOBase = "", environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = relayctl_main(["--config", str(relay_files.config), *argv],
+                             environ={} if environ is None else environ,
+                             stdin=io.StringIO(stdin) if isinstance(stdin, str) else stdin)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

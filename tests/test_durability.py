@@ -26,7 +26,7 @@ from relayd.queue.spool import Spool, SpoolIO
 from relayd.values import Envelope
 from tests.eventloop import new_test_loop, run_on_test_loop
 from tests.relayenv import (
-    RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, make_message, submit,
+    RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, make_message, submit, wait_until,
 )
 
 ACME = ("acme", "acme-relay-password")
@@ -102,15 +102,6 @@ def two_routes(files: RelayFiles, upstreams: Callable[..., Any], *, min_free: st
 def mail_from_reply(files: RelayFiles, login: tuple[str, str], sender: str) -> tuple[int, bytes]:
     with connect(files, login=login) as client:
         return client.mail(sender)
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def copies(upstream: Any, address: str) -> int:

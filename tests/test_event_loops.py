@@ -13,8 +13,7 @@ import uvloop
 
 from tests.conftest import PROCESS_ONLY_MODULES
 from tests.eventloop import TEST_LOOP, chosen_loop, new_test_loop, run_on_test_loop
-from tests.relayenv import RelayFiles, RelayThread
-from tests.test_listener import capture_files
+from tests.relayenv import RelayFiles, RelayThread, capture_files
 
 TESTS = Path(__file__).resolve().parent
 

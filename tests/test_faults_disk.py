@@ -9,9 +9,9 @@ from typing import Any, Callable
 from relayd.ops.controlclient import ControlClient
 from relayd.ops.queueview import status_lines
 from tests.eventloop import new_test_loop
-from tests.relayenv import RelaydProcess, RelayFiles, submit
+from tests.relayenv import RelaydProcess, RelayFiles, submit, wait_until
 from tests.test_durability import (
-    ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes, wait_until,
+    ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes,
 )
 
 

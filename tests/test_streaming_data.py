@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.eventloop import run_on_test_loop
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect
+from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, wait_until
 
 ACME = ("acme", "acme-relay-password")
 SENDER = "billing@acme.example"
@@ -50,14 +50,6 @@ def incoming(files: RelayFiles) -> list[Path]:
 
 def queued(files: RelayFiles) -> list[Path]:
     return sorted(p for p in (files.root / "spool" / "queue").glob("*/*"))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def open_data(files: RelayFiles) -> smtplib.SMTP:
