@@ -36,11 +36,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec
+from tests.relayenv import ACME, RelayFiles, RelayThread, TenantSpec, captured
 
 TRANSCRIPTS = Path(__file__).resolve().parent / "transcripts"
 HOSTNAME = "relay.test"  # RelayFiles.write's hostname
-ACME = ("acme", "acme-relay-password")
 READ_TIMEOUT = 15.0  # per server line; the slowest expected reply is a delayed 535
 MAX_REPLY_LINE = 4096
 
@@ -208,15 +207,10 @@ def check_delivered(transcript: Transcript, files: RelayFiles) -> None:
         at += 1
 
 
-def delivered_lines(files: RelayFiles, timeout: float = 15.0) -> list[str]:
-    new = files.root / "capture" / "new"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(new.iterdir()) if new.exists() else []
-        if found:
-            return "\n".join(path.read_text(errors="replace") for path in found).replace("\r\n", "\n").split("\n")
-        time.sleep(0.05)
-    raise AssertionError("no message reached the capture Maildir")
+def delivered_lines(files: RelayFiles) -> list[str]:
+    """The lines of the messages the capture Maildir received, once there is one."""
+    text = b"".join(captured(files)).decode("utf-8", "replace")
+    return text.replace("\r\n", "\n").split("\n")
 
 
 def transcript_files() -> list[Path]:
