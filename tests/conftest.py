@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TextIO
 
 import pytest
 import trustme
@@ -80,7 +80,7 @@ def relayctl(relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]) -> Cal
     relayctl's whole environment, empty unless given.
     """
 
-    def run(*argv: str, stdin: str | io.TextIOBase = "", environ: dict[str, str] | None = None) -> tuple[int, str, str]:
+    def run(*argv: str, stdin: str | TextIO = "", environ: dict[str, str] | None = None) -> tuple[int, str, str]:
         capsys.readouterr()
         code = relayctl_main(["--config", str(relay_files.config), *argv],
                              environ={} if environ is None else environ,

@@ -32,7 +32,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 import pytest
 
@@ -180,7 +180,7 @@ def replay(transcript: Transcript, files: RelayFiles) -> None:
     check_delivered(transcript, files)
 
 
-def fail(transcript: Transcript, step: Step, session: Session, expected: str, got: str) -> None:
+def fail(transcript: Transcript, step: Step, session: Session, expected: str, got: str) -> NoReturn:
     heard = "\n".join(f"  S: {line}" for line in session.heard)
     pytest.fail(
         f"{transcript.where(step)}: the first differing server line\n"
