@@ -20,8 +20,9 @@ import argparse
 import asyncio
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
 from relayd.config.credentials import CredentialStore, locate_master_keys
 from relayd.config.oauthentry import OAuthCredential
@@ -91,13 +92,20 @@ def _store(config: RelayConfig, args: argparse.Namespace) -> CredentialStore:
     return CredentialStore.open(config.credentials.store, keys)
 
 
-def _run(coro: Any) -> Any:
+T = TypeVar("T")
+
+
+def _run(coro: Awaitable[T]) -> T:
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_awaited(coro))
     except FlowError as exc:
         raise CliError(str(exc)) from None
     except TokenRequestFailed as exc:
         raise CliError(exc.detail) from None
+
+
+async def _awaited(coro: Awaitable[T]) -> T:
+    return await coro
 
 
 def _read_line(args: argparse.Namespace) -> str:
@@ -180,9 +188,9 @@ def _delegated(args: argparse.Namespace, oauth: OAuthConfig, secret: Secret | No
     return grant
 
 
-def _run_flow(step: Any) -> str:
+def _run_flow(step: Callable[[], str]) -> str:
     try:
-        return str(step())
+        return step()
     except FlowError as exc:
         raise CliError(str(exc)) from None
 
@@ -211,6 +219,21 @@ def _when(value: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(value)) if value else "-"
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialStatus:
+    """One row of `relayctl oauth status` (and one object of its --json)."""
+
+    credential: str
+    grant: str
+    transports: list[str]
+    account: str
+    authorised: bool  # the store holds what the grant needs
+    token_expires: float | None
+    last_refresh: float | None  # by the daemon
+    last_error: str
+    needs_reauthorisation: bool
+
+
 def cmd_oauth_status(args: argparse.Namespace) -> int:
     config = load_relay_config(args)
     names = sorted({t.credential for t in config.transports.values()
@@ -222,35 +245,35 @@ def cmd_oauth_status(args: argparse.Namespace) -> int:
     store = _store(config, args) if names else None
     rows = [_status_row(config, name, store, states.get(name)) for name in names]
     if args.json:
-        print_json(rows)
+        print_json([asdict(row) for row in rows])
     elif not rows:
         print("no transport in relay.yaml logs in with OAuth (an auth: block)")
     else:
         print_table(["CREDENTIAL", "GRANT", "ACCOUNT", "TOKEN EXPIRES", "LAST REFRESH", "LAST ERROR"],
-                    [[r["credential"], r["grant"], r["account"] or "-", _when(r["token_expires"]),
-                      _when(r["last_refresh"]), r["last_error"] or "-"] for r in rows])
+                    [[r.credential, r.grant, r.account or "-", _when(r.token_expires),
+                      _when(r.last_refresh), r.last_error or "-"] for r in rows])
     return EXIT_OK
 
 
 def _status_row(config: RelayConfig, name: str, store: CredentialStore | None,
-                state: TokenState | None) -> dict[str, Any]:
+                state: TokenState | None) -> CredentialStatus:
     oauth, transports = _settings(config, name)
     stored = store.get(name) if store is not None else None
     credential = stored if isinstance(stored, OAuthCredential) else None
     expires = credential.access_expires if credential is not None else None
-    return {
-        "credential": name,
-        "grant": oauth.grant.value,
-        "transports": transports,
-        "account": oauth.user or (credential.user if credential else "") or (state.account if state else ""),
-        "authorised": credential is not None and (
-            credential.refresh_token is not None or credential.client_secret is not None
-            or credential.private_key is not None),
-        "token_expires": expires if expires is not None else (state.expires_at if state else None),
-        "last_refresh": state.last_refresh if state else None,
-        "last_error": state.last_error if state else "",
-        "needs_reauthorisation": bool(state and state.needs_reauthorisation) or credential is None,
-    }
+    authorised = credential is not None and any(
+        secret is not None for secret in (credential.refresh_token, credential.client_secret, credential.private_key))
+    return CredentialStatus(
+        credential=name,
+        grant=oauth.grant.value,
+        transports=transports,
+        account=oauth.user or (credential.user if credential else "") or (state.account if state else ""),
+        authorised=authorised,
+        token_expires=expires if expires is not None else (state.expires_at if state else None),
+        last_refresh=state.last_refresh if state else None,
+        last_error=state.last_error if state else "",
+        needs_reauthorisation=bool(state and state.needs_reauthorisation) or not authorised,
+    )
 
 
 # ------------------------------------------------------------------------ registration
