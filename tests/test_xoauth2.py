@@ -1,4 +1,4 @@
-"""XOAUTH2 upstream with OAuth token sources, on real sockets (uvloop): a fake OAuth token
+"""XOAUTH2 upstream with OAuth token sources, on real sockets (the test loop: uvloop): a fake OAuth token
 server and a fake upstream that accepts only valid, unexpired bearer tokens it issued."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Iterator, TypeVar
 
 import pytest
-import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -27,6 +26,7 @@ from relayd.config.secret import Secret
 from relayd.observe import events as ev
 from relayd.observe.mainlog import format_event
 from relayd.values import AttemptOutcome, AttemptResult, Delivery
+from tests.eventloop import run_on_test_loop
 from tests.fakeoauth import FakeOAuth
 from tests.fakeupstream import FakeUpstream
 
@@ -43,7 +43,7 @@ def run(coro: Awaitable[T]) -> T:
     async def bounded() -> T:
         return await asyncio.wait_for(coro, 60.0)
 
-    return uvloop.run(bounded())
+    return run_on_test_loop(bounded())
 
 
 class Recorder:
