@@ -13,11 +13,14 @@ How it fails: it does not; an illegal recipient transition raises
 
 from __future__ import annotations
 
+import time
+import zlib
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
-from relayd.config.model import RelayConfig
+from relayd.config.model import RelayConfig, SmtpTransportConfig
 from relayd.delivery.gates import AttemptEnd, GateReport, GateVerdict
+from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply, provider_of
 from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
@@ -158,6 +161,10 @@ def apply_reports(
         elif report.outcome is AttemptOutcome.FAIL:
             recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
             newly_failed.append(report)
+        elif report.hold_until is not None:
+            report = _held(recipient, report, entry, now, config, recipients)
+            if report.outcome is AttemptOutcome.FAIL:
+                newly_failed.append(report)
         else:
             first = recipient.first_failure if recipient.first_failure is not None else now
             schedule = config.retry_for(report.transport or (report.tried[-1] if report.tried else ""))
@@ -178,14 +185,90 @@ def apply_reports(
     return Outcome(replace(entry, recipients=tuple(recipients)), tuple(final_reports), tuple(newly_failed))
 
 
-def gate_report(transport: str, result: AttemptResult, config: RelayConfig) -> GateReport:
-    """What an attempt tells the gates: reached or unreachable, and what the upstream accepted."""
-    if result.connection_failed:
-        return GateReport(
-            AttemptEnd.UNREACHABLE, result.detail or "connection failed", retry=config.retry_for(transport)
-        )
+def _held(
+    recipient: Recipient, report: DeliveryReport, entry: QueueEntry, now: float, config: RelayConfig,
+    recipients: list[Recipient],
+) -> DeliveryReport:
+    """A deferral the provider imposed: next attempt at `hold_until`, the retry schedule untouched.
+
+    The attempt counts only when an upstream was really tried; the maximum
+    age still applies, counted as the schedule counts it.
+    """
+    assert report.hold_until is not None
+    schedule = config.retry_for(report.transport or (report.tried[-1] if report.tried else ""))
+    since = recipient.first_failure if recipient.first_failure is not None else entry.envelope.received_at
+    attempts = recipient.attempts + (1 if report.transport else 0)
+    if now - since >= schedule.max_age:
+        report = replace(report, outcome=AttemptOutcome.FAIL, reason=f"{RETRY_TIMEOUT}: {report.reason}")
+        recipients.append(recipient.moved_to(
+            RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None
+        ))
+        return report
+    recipients.append(recipient.moved_to(
+        RecipientState.DEFERRED, attempts=attempts, next_attempt=report.hold_until, last_error=report.reason
+    ))
+    return report
+
+
+def transport_provider(config: RelayConfig, transport: str) -> str | None:
+    """The provider whose replies a configured transport gets (preset, else host); None: unknown."""
+    settings = config.transports.get(transport)
+    if not isinstance(settings, SmtpTransportConfig):
+        return None
+    return provider_of(settings.provider, settings.host)
+
+
+def attempt_classes(result: AttemptResult, provider: str | None) -> list[tuple[RecipientResult, ReplyClass]]:
+    """The failed recipients of an attempt whose reply the provider table knows, with their class."""
+    found: list[tuple[RecipientResult, ReplyClass]] = []
+    for rr in result.results:
+        if rr.outcome is AttemptOutcome.DELIVERED:
+            continue
+        klass = classify_reply(provider, rr.reply)
+        if klass is not None:
+            found.append((rr, klass))
+    return found
+
+
+def gate_report(
+    transport: str, result: AttemptResult, config: RelayConfig, *, now: float = 0.0,
+    wait: Callable[[ReplyClass], float] = ReplyClass.wait,
+) -> GateReport:
+    """What an attempt tells the gates: reached, unreachable, or a provider limit, and what was accepted.
+
+    A provider reply whose class closes the transport (quota, throttling)
+    is QUOTA_REACHED until `now + wait(class)`; a refusal of one sender, or
+    a rate limit that only the message waits out, leaves the transport
+    healthy even when it came at MAIL FROM; a class's hint goes along.
+    """
+    classes = attempt_classes(result, transport_provider(config, transport))
+    hint = next((klass.hint_for(transport) for _rr, klass in classes if klass.hint), "")
+    closing = next(((rr, klass) for rr, klass in classes if klass.closes_transport), None)
     accepted = sum(1 for r in result.results if r.outcome is AttemptOutcome.DELIVERED)
-    return GateReport(AttemptEnd.REACHED, messages=1 if accepted else 0, recipients=accepted)
+    if closing is not None:
+        rr, klass = closing
+        return GateReport(
+            AttemptEnd.QUOTA_REACHED, closure_reason(klass, rr), retry=config.retry_for(transport),
+            reset_at=now + wait(klass), messages=1 if accepted else 0, recipients=accepted, hint=hint,
+        )
+    failed = sum(1 for r in result.results if r.outcome is not AttemptOutcome.DELIVERED)
+    # Every refusal was about this sender, or a rate the message waits out:
+    # the upstream itself works, whatever stage it answered at.
+    upstream_fine = bool(classes) and len(classes) == failed and all(
+        klass.sender_only or klass.retry is not RetryWhen.NOW for _rr, klass in classes
+    )
+    if result.connection_failed and not upstream_fine:
+        return GateReport(
+            AttemptEnd.UNREACHABLE, result.detail or "connection failed", retry=config.retry_for(transport),
+            hint=hint,
+        )
+    return GateReport(AttemptEnd.REACHED, messages=1 if accepted else 0, recipients=accepted, hint=hint)
+
+
+def closure_reason(klass: ReplyClass, rr: RecipientResult) -> str:
+    """Why a provider closed a transport, in its own words: "daily sending quota reached (550 5.4.5 ...)"."""
+    said = str(rr.reply) if rr.reply is not None else rr.detail
+    return f"{klass.name} ({said})" if said else klass.name
 
 
 def reason_label(report: DeliveryReport) -> str:
@@ -197,3 +280,57 @@ def reason_label(report: DeliveryReport) -> str:
         if word in text:
             return word
     return "other"
+
+
+# A held recipient waits at least this long (a chain that reopened meanwhile
+# is simply tried again a second later), and releases after a reopening are
+# spread over up to a minute (at most 5 % of the wait) by message id.
+_MIN_HOLD = 1.0
+_MAX_SPREAD = 60.0
+
+
+def held_report(report: DeliveryReport, until: float | None, now: float, message_id: str) -> DeliveryReport:
+    """A recipient that only provider limits kept from its chain: held until `until`, not deferred.
+
+    `until` is the chain's earliest reopening (None: something reopened
+    meanwhile). The hold is spread a little per message so that a quota
+    window opening does not release the whole queue into it at one instant.
+    """
+    hold = max(until if until is not None else now, now + _MIN_HOLD)
+    hold += (zlib.crc32(message_id.encode()) % 1000) / 1000 * min(_MAX_SPREAD, 0.05 * (hold - now))
+    return replace(
+        report, outcome=AttemptOutcome.DEFER, hold_until=hold, reason=f"held until {_local(hold)}: {report.reason}"
+    )
+
+
+def limited_by_provider(result: AttemptResult, provider: str | None) -> bool:
+    """Whether the provider answered with a class that closes the transport (quota, throttling)."""
+    return any(klass.closes_transport for _rr, klass in attempt_classes(result, provider))
+
+
+def host_failed_reason(transport: str, result: AttemptResult, provider: str | None, verdict: GateVerdict) -> str:
+    """The main log's reason for a transport the chain passed over.
+
+    The upstream's words; for a provider limit, which one and until when the
+    transport is closed; for a failure only the operator can fix (basic
+    authentication switched off, credentials refused), the hint that fixes it.
+    """
+    classes = attempt_classes(result, provider)
+    reason = result.detail
+    closing = next(((rr, klass) for rr, klass in classes if klass.closes_transport), None)
+    if closing is not None:
+        reason = closure_reason(closing[1], closing[0])
+        if verdict.until is not None:
+            reason += f"; transport closed until {_local(verdict.until)}"
+    hint = next(
+        (klass.hint_for(transport) for _rr, klass in classes
+         if klass.hint and klass.retry is RetryWhen.NOW and not klass.sender_only),
+        "",
+    )
+    if hint:
+        reason = f"{reason}; {hint}" if reason else hint
+    return reason
+
+
+def _local(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))

@@ -66,11 +66,16 @@ from relayd.delivery.outcome import (
     apply_reports,
     due_recipients,
     gate_report,
+    held_report,
+    host_failed_reason,
     leftover_report,
+    limited_by_provider,
     reason_label,
     report_of,
+    transport_provider,
     without_unbounced,
 )
+from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply
 from relayd.queue.fairness import Lane
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.router import domain_of, group_by_route, route
@@ -114,6 +119,7 @@ class DeliveryAgent:
         state_retry_interval: float = STATE_RETRY_INTERVAL,
         release_room: Callable[[], bool] = lambda: False,
         keep_room: Callable[[], bool] = lambda: False,
+        provider_wait: Callable[[ReplyClass], float] = ReplyClass.wait,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -129,6 +135,9 @@ class DeliveryAgent:
         # an outcome (then it is written at once), put back once recorded.
         self._release_room = release_room
         self._keep_room = keep_room
+        # Seconds a provider's quota or throttling reply keeps a transport (or
+        # a message) waiting; the provider table's own figures in production.
+        self._provider_wait = provider_wait
         self._unrecorded: dict[str, Unrecorded] = {}
         # Route chains per (tenant, domain) for lane_of, valid for one config object.
         self._chains_of: RelayConfig | None = None
@@ -420,12 +429,19 @@ class DeliveryAgent:
     async def walk_chain(
         self, entry: QueueEntry, body: bytes, route: Route, addresses: list[str], config: RelayConfig
     ) -> list[DeliveryReport]:
-        """Try the route's transports in order until every recipient has a verdict."""
+        """Try the route's transports in order until every recipient has a verdict.
+
+        A recipient that only provider limits kept from every transport (a
+        quota or throttling reply, or a gate that no operator may force) is
+        held until the chain's earliest reopening, not deferred by the retry
+        schedule and never bounced for it.
+        """
         transports = self._transports()
         remaining = list(addresses)
         reports: list[DeliveryReport] = []
         last: dict[str, DeliveryReport] = {}
         refused_sender = {a: True for a in addresses}
+        limited = {a: True for a in addresses}  # only provider limits kept it from every transport
         tried: list[str] = []
         closed: list[tuple[str, GateVerdict]] = []
         forced = self._is_forced(entry.id)
@@ -439,36 +455,51 @@ class DeliveryAgent:
                     closed.append((name, verdict))
                 for a in remaining:
                     refused_sender[a] = False
+                    limited[a] = limited[a] and not verdict.is_open and not verdict.forceable
                 continue
             result = await self._attempt(entry, body, remaining, transports[name], config)
+            provider = transport_provider(config, name)
             still: list[str] = []
             for address in remaining:
                 rr = result.for_address(address) or RecipientResult(
                     address, AttemptOutcome.DEFER, Stage.WRITE, detail="transport gave no answer"
                 )
                 report = report_of(route, result, rr, tried)
+                klass = classify_reply(provider, rr.reply) if rr.outcome is not AttemptOutcome.DELIVERED else None
                 if rr.outcome is AttemptOutcome.NEXT_TRANSPORT:
                     last[address] = report
                     # A 5xx to MAIL FROM (or a provider refusing the sender after the
                     # data, e.g. SES "Email address is not verified") is a refusal of
-                    # this sender by this provider, not a problem of the transport.
+                    # this sender by this provider, not a problem of the transport;
+                    # a quota or a refused login answered there is neither.
                     permanent_sender = (
                         rr.stage in (Stage.MAIL, Stage.AFTER_DATA)
                         and rr.reply is not None
                         and rr.reply.is_permanent
+                        and (klass is None or klass.sender_only)
                     )
                     refused_sender[address] = refused_sender[address] and permanent_sender
+                    limited[address] = limited[address] and klass is not None and klass.closes_transport
                     still.append(address)
+                elif klass is not None and rr.outcome is AttemptOutcome.DEFER and klass.retry is not RetryWhen.NOW:
+                    # A rate the message waits out on this transport (the next second may pass).
+                    reports.append(replace(report, hold_until=self._clock() + self._provider_wait(klass)))
                 else:
                     reports.append(report)
-            if still and result.connection_failed:
+            if still and (result.connection_failed or limited_by_provider(result, provider)):
                 self._events.emit(ev.HostFailed(
                     queue_id=entry.id, transport=name, host=result.host, ip=result.ip, port=result.port,
-                    reason=result.detail or last[still[0]].reason, reason_label=reason_label(last[still[0]]),
+                    reason=host_failed_reason(name, result, provider, self._gates.check(name, self._clock()))
+                    or last[still[0]].reason,
+                    reason_label=reason_label(last[still[0]]),
                 ))
             remaining = still
         for address in remaining:
-            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address], closed))
+            report = leftover_report(route, address, last.get(address), tried, refused_sender[address], closed)
+            if limited[address] and report.outcome is AttemptOutcome.DEFER:
+                now = self._clock()
+                report = held_report(report, earliest_reopening(self._gates, route.transports, now).until, now, entry.id)
+            reports.append(report)
         return reports
 
     async def _attempt(
@@ -486,7 +517,9 @@ class DeliveryAgent:
             self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
             raise
         seconds = time.monotonic() - started
-        self._gates.attempt_ended(transport.name, gate_report(transport.name, result, config), self._clock())
+        now = self._clock()
+        report = gate_report(transport.name, result, config, now=now, wait=self._provider_wait)
+        self._gates.attempt_ended(transport.name, report, now)
         self._events.emit(ev.UpstreamAttempted(
             transport=transport.name, seconds=seconds, reachable=not result.connection_failed
         ))

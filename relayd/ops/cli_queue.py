@@ -396,7 +396,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"), waiting_reason=str(data.get("waiting_reason") or ""))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
@@ -410,7 +410,7 @@ def _print_history(message_id: str, entry: QueueEntry | None, data: dict[str, An
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"), waiting_reason=str(data.get("waiting_reason") or ""))))
     return EXIT_OK
 
 

@@ -313,6 +313,7 @@ class QueueControl:
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
         spool_room: Callable[[], dict[str, object]] | None = None,
+        provider_limits: Callable[[float], Mapping[str, Mapping[str, object]]] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -325,6 +326,7 @@ class QueueControl:
         self._listeners = listeners
         self._clock = clock
         self._spool_room = spool_room
+        self._provider_limits = provider_limits
         self._started = clock()
         self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
 
@@ -359,6 +361,9 @@ class QueueControl:
                 "last_error": record.last_error if record is not None else None,
                 "last_error_at": record.last_error_at if record is not None else None,
             }
+        limits = self._provider_limits(self._clock()) if self._provider_limits is not None else {}
+        for name, limit in limits.items():
+            table.setdefault(name, {}).update(limit)  # closed_until, closed_reason, hint
         return table
 
     async def health(self, request: Request) -> dict[str, Any]:
@@ -436,6 +441,8 @@ class QueueControl:
         answer["message"] = entry_to_json(entry)
         answer["in_flight"] = self._scheduler.in_flight(message_id)
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
+        if answer["waiting_until"] is not None:
+            answer["waiting_reason"] = self._agent.gate_hold(entry).reason  # e.g. a provider's quota
         answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
             from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
