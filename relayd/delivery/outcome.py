@@ -289,18 +289,18 @@ _MIN_HOLD = 1.0
 _MAX_SPREAD = 60.0
 
 
-def held_report(report: DeliveryReport, until: float | None, now: float, message_id: str) -> DeliveryReport:
-    """A recipient that only provider limits kept from its chain: held until `until`, not deferred.
+def held_report(report: DeliveryReport, reopening: GateVerdict, now: float, message_id: str) -> DeliveryReport:
+    """A recipient that only provider limits kept from its chain: held, not deferred.
 
-    `until` is the chain's earliest reopening (None: something reopened
-    meanwhile). The hold is spread a little per message so that a quota
-    window opening does not release the whole queue into it at one instant.
+    `reopening` is the chain's earliest reopening (open: something reopened
+    meanwhile); its reason, the provider's limit in its own words, becomes
+    the recipient's reason. The hold is spread a little per message so that
+    a quota window opening does not release the whole queue at one instant.
     """
-    hold = max(until if until is not None else now, now + _MIN_HOLD)
+    hold = max(reopening.until if reopening.until is not None else now, now + _MIN_HOLD)
     hold += (zlib.crc32(message_id.encode()) % 1000) / 1000 * min(_MAX_SPREAD, 0.05 * (hold - now))
-    return replace(
-        report, outcome=AttemptOutcome.DEFER, hold_until=hold, reason=f"held until {_local(hold)}: {report.reason}"
-    )
+    why = reopening.reason or report.reason
+    return replace(report, outcome=AttemptOutcome.DEFER, hold_until=hold, reason=f"held until {_local(hold)}: {why}")
 
 
 def limited_by_provider(result: AttemptResult, provider: str | None) -> bool:

@@ -498,7 +498,7 @@ class DeliveryAgent:
             report = leftover_report(route, address, last.get(address), tried, refused_sender[address], closed)
             if limited[address] and report.outcome is AttemptOutcome.DEFER:
                 now = self._clock()
-                report = held_report(report, earliest_reopening(self._gates, route.transports, now).until, now, entry.id)
+                report = held_report(report, earliest_reopening(self._gates, route.transports, now), now, entry.id)
             reports.append(report)
         return reports
 

@@ -509,7 +509,7 @@ def transport_state(h: Mapping[str, Any]) -> str:
     """
     closed = h.get("closed_until")
     if isinstance(closed, (int, float)):
-        return f"closed until {format_time(closed)}: {sanitize(str(h.get('closed_reason', '')), limit=100)}"
+        return f"closed until {format_time(closed)}: {sanitize(str(h.get('closed_reason', '')), limit=60)}"
     skipped = h.get("skipped_until")
     if skipped:
         return f"retry wait until {format_time(skipped)}"
