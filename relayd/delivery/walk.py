@@ -25,7 +25,11 @@ The failover policy itself (which error means "next transport", "defer" or
   `relayd.delivery.upstreamhealth`, or any later limit) is skipped without a
   connection attempt; every attempt's start and end are reported to the gates;
 * a recipient left over after the whole chain is deferred, except when every
-  transport refused the sender permanently (5xx to MAIL FROM), which fails it;
+  transport refused the sender permanently (5xx to MAIL FROM), which fails it,
+  and when only provider limits (a quota or throttling reply,
+  `relayd.delivery.providerreplies`, or a gate no operator may force) kept it
+  from every transport, which holds it until the earliest reopening without
+  advancing its retry schedule; the arithmetic is `relayd.delivery.outcome`;
 * a deferred recipient's next attempt follows the retry schedule of the last
   transport that was tried for it; when the schedule has run out (the maximum
   age), the recipient fails with "retry timeout exceeded";
