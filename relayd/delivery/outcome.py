@@ -3,8 +3,9 @@
 Takes: the reports the chain walk (`relayd.delivery.walk`) collected for a
 message's recipients, the message as queued, the time and the config.
 Emits: the message's new recipient states (delivered, deferred with the next
-attempt from the retry schedule, failed), the reports to log, the failures
-to bounce, and what an attempt tells the gates (`gate_report`).
+attempt from the retry schedule, held for a provider's limit, failed), the
+events for those verdicts, the failures to bounce, and what an attempt tells
+the gates (`gate_report`).
 Untrusted input: none beyond the upstream replies inside the reports, which
 are only carried along.
 How it fails: it does not; an illegal recipient transition raises
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from relayd.config.model import RelayConfig, SmtpTransportConfig
+from relayd.observe import events as ev
 from relayd.delivery.gates import AttemptEnd, GateReport, GateVerdict
 from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply, provider_of
 from relayd.delivery.upstreamhealth import RETRY_WAIT
@@ -183,6 +185,33 @@ def apply_reports(
                 )
         final_reports.append(report)
     return Outcome(replace(entry, recipients=tuple(recipients)), tuple(final_reports), tuple(newly_failed))
+
+
+def verdict_events(entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> tuple[list[ev.Event], bool]:
+    """One event per verdict of a pass, and whether the next delivery is still the first (=> vs ->)."""
+    first_delivered = first
+    env = entry.envelope
+    events: list[ev.Event] = []
+    for report in outcome.reports:
+        state = next((r for r in outcome.entry.recipients if r.address == report.address), None)
+        attempt = state.attempts if state is not None else 0
+        if report.outcome is AttemptOutcome.DELIVERED:
+            events.append(ev.RecipientDelivered(
+                queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                report=report, attempt=attempt, first=first_delivered,
+            ))
+            first_delivered = False
+        elif report.outcome is AttemptOutcome.FAIL:
+            events.append(ev.RecipientFailed(
+                queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                report=report, attempt=attempt, bounce_discarded=env.is_bounce,
+            ))
+        else:
+            events.append(ev.RecipientDeferred(
+                queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
+                report=report, attempt=attempt, next_attempt=state.next_attempt if state is not None else None,
+            ))
+    return events, first_delivered
 
 
 def _held(

@@ -77,6 +77,7 @@ from relayd.delivery.outcome import (
     reason_label,
     report_of,
     transport_provider,
+    verdict_events,
     without_unbounced,
 )
 from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply
@@ -531,28 +532,8 @@ class DeliveryAgent:
 
     def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
         """One event per verdict; returns whether the next delivery is still the first (=> vs ->)."""
-        first_delivered = first
-        env = entry.envelope
-        for report in outcome.reports:
-            state = next((r for r in outcome.entry.recipients if r.address == report.address), None)
-            attempt = state.attempts if state is not None else 0
-            event: ev.Event
-            if report.outcome is AttemptOutcome.DELIVERED:
-                event = ev.RecipientDelivered(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, first=first_delivered,
-                )
-                first_delivered = False
-            elif report.outcome is AttemptOutcome.FAIL:
-                event = ev.RecipientFailed(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, bounce_discarded=env.is_bounce,
-                )
-            else:
-                event = ev.RecipientDeferred(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, next_attempt=state.next_attempt if state is not None else None,
-                )
+        events, first_delivered = verdict_events(entry, outcome, first=first)
+        for event in events:
             self._events.emit(event)
         return first_delivered
 
