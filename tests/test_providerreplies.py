@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from relayd.config.loader import load_config
+from relayd.config.passwords import hash_password
 from relayd.delivery.providerreplies import (
     BASIC_AUTH_DISABLED,
     DAILY_QUOTA,
@@ -129,3 +133,22 @@ def test_which_provider_a_transport_is_comes_from_its_preset_else_its_host(
     preset: str | None, host: str, provider: str | None
 ) -> None:
     assert provider_of(preset, host) == provider
+
+
+def test_a_transport_on_a_providers_host_without_a_preset_is_that_provider(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "version: 1\nhostname: relay.example.com\nspool_dir: spool\n"
+        "credentials: {store: credentials.enc, master_key_file: master.key}\n"
+        "listeners: [{name: submission, tls: none, allow_plaintext_auth: true}]\n"
+        "transports:\n"
+        "  m365: {host: smtp.office365.com}\n"
+        "  ses: {host: email-smtp.eu-west-1.amazonaws.com, port: 2587}\n"
+        "  own: {host: mail.internal.example}\n"
+        "tenants:\n"
+        f"  acme:\n    password_hash: \"{hash_password('x' * 12)}\"\n    senders: ['*@acme.example']\n"
+        "    routes: [{domains: ['*'], via: [m365, ses, own]}]\n"
+    )
+    config = load_config(path, check_files=False)
+    providers = {name: getattr(t, "provider") for name, t in config.transports.items()}
+    assert providers == {"m365": "office365", "ses": "ses", "own": None}

@@ -56,7 +56,7 @@ from relayd.config.model import (
     TlsMode,
     TransportConfig,
 )
-from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.config.presets import PROVIDER_PRESETS, PresetError, provider_for_host, resolve_preset
 from relayd.config.retry import (
     DEFAULT_RETRY,
     RetrySchedule,
@@ -1165,7 +1165,7 @@ class _Reader:
                 tm, "max_messages_per_connection", self.integer(_MESSAGES_PER_CONNECTION),
                 d.max_messages_per_connection),
             idle_timeout=self.get(tm, "idle_timeout", self.duration(_IDLE), d.idle_timeout),
-            provider=preset.name if preset else None,
+            provider=preset.name if preset else provider_for_host(host),
             max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
             auth_mechanism=mechanism,
         )

@@ -34,6 +34,7 @@ import enum
 import re
 from dataclasses import dataclass
 
+from relayd.config.presets import provider_for_host
 from relayd.values import SmtpReply
 
 
@@ -256,26 +257,11 @@ def family(provider: str | None) -> str | None:
     return provider
 
 
-# Host names of the providers' submission services, for transports set up
-# without a preset (host: smtp.gmail.com).
-_HOSTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"smtp(-relay)?\.(gmail|googlemail)\.com"), "gmail"),
-    (re.compile(r"smtp\.office365\.com|smtp-mail\.outlook\.com|.+\.mail\.protection\.outlook\.com"), "office365"),
-    (re.compile(r"email-smtp(-fips)?\.[a-z0-9-]+\.amazonaws\.com"), "ses"),
-    (re.compile(r"smtp\.sendgrid\.net"), "sendgrid"),
-    (re.compile(r"smtp(\.eu)?\.mailgun\.org"), "mailgun"),
-)
-
-
 def provider_of(preset: str | None, host: str = "") -> str | None:
     """Which provider's replies a transport gets: its preset, else its host name; None: unknown."""
     if preset:
         return family(preset)
-    name = host.lower().rstrip(".")
-    for pattern, provider in _HOSTS:
-        if pattern.fullmatch(name):
-            return provider
-    return None
+    return provider_for_host(host)
 
 
 def classify_reply(provider: str | None, reply: SmtpReply | None) -> ReplyClass | None:
