@@ -70,9 +70,9 @@ class ProviderLimits:
 
     # -- views ------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> dict[str, dict[str, object]]:
+    def snapshot(self, now: float) -> dict[str, dict[str, str | float]]:
         """Per transport with something to say: the closure (if still closed) and the last hint."""
-        view: dict[str, dict[str, object]] = {}
+        view: dict[str, dict[str, str | float]] = {}
         for name, closure in self._closed.items():
             if closure.until > now:
                 view[name] = {"closed_until": closure.until, "closed_reason": closure.reason}
