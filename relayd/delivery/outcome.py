@@ -260,7 +260,7 @@ def attempt_classes(result: AttemptResult, provider: str | None) -> list[tuple[R
 
 
 def gate_report(
-    transport: str, result: AttemptResult, config: RelayConfig, *, now: float = 0.0,
+    transport: str, result: AttemptResult, config: RelayConfig, *, now: float,
     wait: Callable[[ReplyClass], float] = ReplyClass.wait,
 ) -> GateReport:
     """What an attempt tells the gates: reached, unreachable, or a provider limit, and what was accepted.
