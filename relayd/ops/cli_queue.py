@@ -139,7 +139,7 @@ def cmd_queue_count(args: argparse.Namespace) -> int:
 
 
 def _retry_waits(config: RelayConfig) -> dict[str, float]:
-    """Until when the running relayd skips each transport; {} when it is not running."""
+    """Until when the running relayd skips each transport (retry wait or provider limit); {} when it is not running."""
     try:
         reply = control_client(config).request("health")
     except ControlUnavailable:
@@ -149,9 +149,11 @@ def _retry_waits(config: RelayConfig) -> dict[str, float]:
         return {}
     waits: dict[str, float] = {}
     for name, entry in transports.items():
-        until = entry.get("skipped_until") if isinstance(entry, dict) else None
-        if isinstance(until, (int, float)):
-            waits[name] = float(until)
+        if not isinstance(entry, dict):
+            continue
+        untils = [t for t in (entry.get("skipped_until"), entry.get("closed_until")) if isinstance(t, (int, float))]
+        if untils:
+            waits[name] = float(max(untils))
     return waits
 
 
