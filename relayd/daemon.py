@@ -42,7 +42,7 @@ from relayd.delivery.gates import GateSet
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
-from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.metrics import QueueGauges, RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.queue.queuewire import queue_counts
 from relayd.queue.scheduler import Scheduler
@@ -327,7 +327,7 @@ class Relay:
             return None
         counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
                               self.scheduler.waiting())
-        return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
+        return QueueGauges(counts.by_state(), counts.oldest_age)
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:

@@ -24,6 +24,7 @@ from relayd.config import bounds
 from relayd.config.model import TlsMode
 from relayd.config.retry import RetrySchedule, RetrySyntaxError, parse_duration, parse_retry_schedule
 from relayd.config.yamltree import ConfigProblem, Map, Node, Pos, Scalar, Seq, is_broken, is_null
+from relayd.netaddr import is_loopback
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -104,11 +105,6 @@ def ip_address_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
         return ipaddress.ip_address(text)
     except ValueError:
         return None
-
-
-def is_loopback(text: str) -> bool:
-    ip = ip_address_of(text)
-    return ip is not None and ip.is_loopback
 
 
 def _sender_pattern_ok(pattern: str) -> bool:

@@ -13,7 +13,8 @@ import grp
 import re
 
 from relayd.config import bounds
-from relayd.config.fields import FieldReader, format_seconds, ip_address_of, is_loopback, kind
+from relayd.config.fields import FieldReader, format_seconds, ip_address_of, kind
+from relayd.netaddr import is_loopback
 from relayd.config.model import ListenerConfig, TlsFiles, TlsMode
 from relayd.config.yamltree import Map, Node, Pos, Scalar, is_null
 

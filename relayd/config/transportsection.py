@@ -14,7 +14,8 @@ from types import MappingProxyType
 from typing import Mapping
 
 from relayd.config import bounds
-from relayd.config.fields import NAME, FieldReader, is_loopback, kind
+from relayd.config.fields import NAME, FieldReader, kind
+from relayd.netaddr import is_loopback
 from relayd.config.model import (
     UPSTREAM_AUTH_MECHANISMS,
     CaptureTransportConfig,
@@ -140,7 +141,7 @@ class TransportSections(FieldReader):
     def check_transport_safety(self, tm: Map, host: str, tls: TlsMode, credential: str | None,
                                verify: bool) -> None:
         """Mail may go in clear only to this machine; a login never goes unverified."""
-        if tls is TlsMode.NONE and host and not (is_loopback(host) or host.lower() == "localhost"):
+        if tls is TlsMode.NONE and host and not is_loopback(host):
             self.add(self.pos_of(tm, "tls"),
                      f"tls: none is only allowed towards a loopback host (127.0.0.0/8, ::1 or "
                      f"localhost); mail to {host} would cross the network in clear")

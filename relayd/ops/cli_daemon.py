@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import email.utils
-import ipaddress
 import json
 import re
 import smtplib
@@ -29,6 +28,7 @@ from relayd.config.model import CaptureTransportConfig, RelayConfig, TenantConfi
 from relayd.delivery import verifyrecord
 from relayd.delivery.router import route
 from relayd.jsonwire import JsonObject, as_int, as_list, as_object, as_objects, scalar_fields
+from relayd.netaddr import is_loopback
 from relayd.ops.clicommon import EXIT_FAILURE, EXIT_OK, PROG, CliError, UsageError, load_relay_config, read_password
 from relayd.ops.controlclient import ControlUnavailable, DaemonNotRunning
 from relayd.ops.queuesource import checked, control_client, offline_entries
@@ -67,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             entries = offline_entries(config, why)
             counts = queue_counts(entries, (), time.time())
-            print(json.dumps({"running": False, "queue": counts}, indent=1))
+            print(json.dumps({"running": False, "queue": counts.as_json()}, indent=1))
             return EXIT_FAILURE
         raise CliError(str(why)) from None
     except ControlUnavailable as exc:
@@ -110,20 +110,13 @@ def _default_sender(tenant: TenantConfig, hostname: str) -> str:
     raise UsageError(f"tenant {tenant.name} has no concrete sender pattern; give --from ADDRESS")
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return address == "localhost"
-
-
 def _connect_host(address: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address, address)
 
 
 def _tls_context(config: RelayConfig, host: str) -> ssl.SSLContext:
     """On loopback, trust exactly relayd's own certificate; elsewhere the system CAs."""
-    if _is_loopback(host) and config.tls is not None:
+    if is_loopback(host) and config.tls is not None:
         context = ssl.create_default_context(cafile=str(config.tls.cert_file))
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         # The listener's own certificate is the only trust anchor, so the name
@@ -248,7 +241,7 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     recipient = args.to
     sender = args.sender or _default_sender(tenant, config.hostname)
     host, port = _listener_port(config)
-    bound = [a for a in tenant.bind_addresses if _is_loopback(a)] if _is_loopback(host) else []
+    bound = [a for a in tenant.bind_addresses if is_loopback(a)] if is_loopback(host) else []
     source = bound[0] if bound else None
     password = None if source else read_password(args, f"Password of tenant {tenant.name}: ", confirm=False)
     try:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence, TextIO
 
+from relayd.config.loader import ConfigError, load_config
 from relayd.config.model import RelayConfig, TlsMode
 from relayd.ops.sendmailargs import (
     CONFIG_ENV,
@@ -442,11 +443,6 @@ def local_user() -> str:
 
 def load_relay_config(path: Path) -> RelayConfig | None:
     """relay.yaml, or None when this user may not read it (the socket needs no config)."""
-    # Loaded here, not at the top: the loader brings PyYAML and the credential
-    # store's cryptography, which would triple the start-up of every cron job
-    # and PHP mail() call that names its socket and never reads relay.yaml.
-    from relayd.config.loader import ConfigError, load_config
-
     try:
         with open(path, "rb"):
             pass

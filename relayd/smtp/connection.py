@@ -23,7 +23,8 @@ from aiosmtpd.smtp import SMTP, Session
 from relayd import replies
 from relayd.config.model import ListenerConfig
 from relayd.observe.events import ConnectionRefused, RejectionsNotLogged, SessionClosed, SessionDropped, SessionOpened
-from relayd.smtp.services import ListenerServices, SubmissionSession, describe_uid, is_loopback, peer_uid
+from relayd.netaddr import is_loopback
+from relayd.smtp.services import ListenerServices, SubmissionSession, describe_uid, peer_uid
 from relayd.smtp.sessionlimits import ConnectionCounter, DataDeadline, LogGate, SessionBudget, write_and_close
 from relayd.smtp.submission import SubmissionHandler
 

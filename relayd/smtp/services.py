@@ -11,7 +11,6 @@ reports them. Fails: never; a uid without a name is shown as the number.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import pwd
 import socket
 import struct
@@ -47,13 +46,6 @@ class ListenerServices:
     admit: Callable[[str, int], Optional[str]] = lambda _tenant, _size: None
     # Opens a message in the queue whose body is written as DATA arrives.
     receive: Callable[[Envelope], Awaitable[IncomingBody]] | None = None
-
-
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return address == "localhost"
 
 
 class SubmissionSession(Session):

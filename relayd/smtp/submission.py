@@ -21,7 +21,8 @@ from relayd.observe.events import Notice, SmtpRefused
 from relayd.smtp import policy
 from relayd.smtp.datastream import DataDecoder
 from relayd.smtp.intake import DataTurns, MessageIntake
-from relayd.smtp.services import ListenerServices, SubmissionSession, is_loopback
+from relayd.netaddr import is_loopback
+from relayd.smtp.services import ListenerServices, SubmissionSession
 from relayd.values import Envelope
 
 
