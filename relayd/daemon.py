@@ -17,7 +17,7 @@ import ssl
 import sys
 import time
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from relayd import hardening, replies, sdnotify
@@ -52,6 +52,8 @@ from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.queue.spoolroom import SpoolRoom
 from relayd.delivery.transport import CredentialLike, Transport, build_transports
 from relayd.delivery.upstreamhealth import UpstreamHealth
+from relayd.delivery.providergate import ProviderLimits
+from relayd.delivery.providerreplies import ReplyClass
 from relayd.values import Envelope, QueueEntry, Recipient
 
 
@@ -115,6 +117,7 @@ class Relay:
         *,
         environ: Mapping[str, str] | None = None,
         spool_io: SpoolIO | None = None,
+        provider_wait: Callable[[ReplyClass], float] = ReplyClass.wait,
     ) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
@@ -124,6 +127,7 @@ class Relay:
         # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
         self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
         self.health = UpstreamHealth()
+        self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir,
@@ -141,13 +145,14 @@ class Relay:
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            gates=GateSet([self.health, self.oauth.gate]),
+            gates=GateSet([self.health, self.oauth.gate, self.provider_limits]),
             events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
             is_forced=lambda message_id: self.scheduler.is_forced(message_id),
             release_room=self.room.release_emergency_reserve,
             keep_room=self.room.keep_emergency_reserve,
+            provider_wait=provider_wait,
         )
         self.scheduler = Scheduler(
             self.agent.deliver,
@@ -183,6 +188,7 @@ class Relay:
                 spool=self.spool,
                 agent=self.agent,
                 health=self.health,
+                provider_limits=self.provider_limits.snapshot,
                 events=self.events,
                 outcomes=self.outcomes,
                 reload=self.reload_report,

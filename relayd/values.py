@@ -268,3 +268,8 @@ class DeliveryReport:
     reply: SmtpReply | None = None
     reason: str = ""
     tried: tuple[str, ...] = field(default_factory=tuple)
+    # Set on a deferral the provider imposed (a quota or rate reply, or every
+    # transport closed by a provider's limit): the next attempt is at this
+    # time and the retry schedule does not advance (waiting for a quota is
+    # not a failed delivery).
+    hold_until: float | None = None

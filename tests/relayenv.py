@@ -267,13 +267,14 @@ class RelayThread:
 
     def __init__(
         self, config_path: Path, environ: dict[str, str] | None = None, spool_io: Any = None,
-        loop_factory: Any = None,
+        loop_factory: Any = None, relay_options: dict[str, Any] | None = None,
     ) -> None:
         from relayd.config.loader import load_config
 
         self.config = load_config(config_path)
         self.environ = environ
         self.spool_io = spool_io
+        self.relay_options = relay_options or {}  # further Relay(...) keywords, e.g. provider_wait
         self.loop = (loop_factory or new_test_loop)()
         self.relay: Any = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -284,7 +285,7 @@ class RelayThread:
         self._thread.start()
 
         async def start() -> Any:
-            relay = Relay(self.config, environ=self.environ, spool_io=self.spool_io)
+            relay = Relay(self.config, environ=self.environ, spool_io=self.spool_io, **self.relay_options)
             await relay.start()
             await relay.wait_index_loaded()
             return relay

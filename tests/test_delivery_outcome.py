@@ -7,7 +7,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from relayd.config.model import CredentialsConfig, ListenerConfig, RelayConfig, RouteRule, TenantConfig
-from relayd.delivery.walk import RETRY_TIMEOUT, DeliveryAgent, apply_reports
+from relayd.delivery.outcome import RETRY_TIMEOUT, apply_reports
+from relayd.delivery.walk import DeliveryAgent
 from relayd.observe.events import NullSink
 from relayd.delivery.gates import GateSet
 from relayd.delivery.upstreamhealth import UpstreamHealth

@@ -66,13 +66,19 @@ CASES = [
     (Stage.MAIL, "550 5.4.5 Daily user sending limit exceeded.", "gmail", NEXT),
     (Stage.RCPT, "550 5.4.5 Daily user sending quota exceeded.", "gmail", NEXT),
     (Stage.RCPT, "550 5.4.5 Daily user sending limit exceeded.", None, NEXT),
-    (Stage.AFTER_DATA, "550 5.4.5 Daily user sending limit exceeded.", "gmail", DEFER),
-    (Stage.MAIL, "454 Throttling failure: Maximum sending rate exceeded.", "ses", NEXT),
+    # a refusal of the data is not a delivery: the next transport cannot duplicate it
+    (Stage.AFTER_DATA, "550 5.4.5 Daily user sending limit exceeded.", "gmail", NEXT),
+    # a sending rate waits on the same transport: the next second may pass
+    (Stage.MAIL, "454 Throttling failure: Maximum sending rate exceeded.", "ses", DEFER),
     (Stage.RCPT, "454 Throttling failure: Daily message quota exceeded.", "ses", NEXT),
     (Stage.AFTER_DATA, "454 Throttling failure: Maximum sending rate exceeded.", "ses", DEFER),
-    (Stage.AFTER_DATA, "554 Throttling failure: Daily message quota exceeded.", "ses", DEFER),
+    (Stage.AFTER_DATA, "554 Throttling failure: Daily message quota exceeded.", "ses", NEXT),
     (Stage.RCPT, "550 Maximum credits exceeded", "sendgrid", NEXT),
-    (Stage.DATA, "550 5.7.1 Rate limit exceeded, try later", "mailgun", NEXT),
+    (Stage.DATA, "550 5.7.1 Rate limit exceeded, try later", "mailgun", DEFER),
+    (Stage.AFTER_DATA, "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; "
+     "Failed to process message due to a permanent exception with message Cannot submit message.", "office365", NEXT),
+    (Stage.AUTH, "535 5.7.139 Authentication unsuccessful, basic authentication is disabled.", "office365", NEXT),
+    (Stage.MAIL, "550 5.7.30 Basic authentication is not supported for Client Submission.", "office365", NEXT),
     (Stage.RCPT, "421 Domain mg.example.com has exceeded its hourly message limit", "mailgun", NEXT),
     (Stage.AUTH, "454 4.7.0 Too many login attempts, please try again later", "gmail", NEXT),
     (Stage.RCPT, "550 5.7.1 Too many login attempts", None, NEXT),

@@ -133,7 +133,9 @@ class SmtpTransportConfig:
     max_connections: int = 10
     max_messages_per_connection: int = 100
     idle_timeout: float = 10.0  # keep an idle upstream connection this long for reuse
-    provider: str | None = None  # preset name (gmail, sendgrid, ...), for error hints
+    # The provider (a preset name: gmail, sendgrid, ...; from the preset, else
+    # from a well-known host) whose reply texts and hints apply.
+    provider: str | None = None
     # The SASL mechanism to log in with (one of UPSTREAM_AUTH_MECHANISMS);
     # None: the first of relayd.delivery.upstreamauth.PREFERENCE the upstream offers.
     auth_mechanism: str | None = None

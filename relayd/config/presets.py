@@ -187,3 +187,25 @@ def resolve_preset(name: str, region: str | None = None) -> ProviderPreset:
     if not is_valid_region(region):
         raise PresetError(f"'{region}' is not an AWS region name such as eu-west-1 or us-east-1")
     return replace(preset, host=preset.host.format(region=region))
+
+
+# The providers' submission hosts, for a transport set up with `host:` and no
+# preset: its replies are still read as that provider's (quota, throttling,
+# refused senders) and its failures get that provider's hints.
+_PROVIDER_HOSTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"smtp(-relay)?\.(gmail|googlemail)\.com"), "gmail"),
+    (re.compile(r"smtp\.office365\.com|smtp-mail\.outlook\.com|[a-z0-9-]+\.mail\.protection\.outlook\.com"),
+     "office365"),
+    (re.compile(r"email-smtp(-fips)?\.[a-z0-9-]+\.amazonaws\.com"), "ses"),
+    (re.compile(r"smtp\.sendgrid\.net"), "sendgrid"),
+    (re.compile(r"smtp(\.eu)?\.mailgun\.org"), "mailgun"),
+)
+
+
+def provider_for_host(host: str) -> str | None:
+    """The provider whose submission service `host` is (gmail, office365, ses, ...); None: unknown."""
+    name = host.lower().rstrip(".")
+    for pattern, provider in _PROVIDER_HOSTS:
+        if pattern.fullmatch(name):
+            return provider
+    return None

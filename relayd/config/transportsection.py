@@ -24,7 +24,7 @@ from relayd.config.model import (
     TlsMode,
     TransportConfig,
 )
-from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.config.presets import PROVIDER_PRESETS, PresetError, provider_for_host, resolve_preset
 from relayd.config.yamltree import Map, Node, Scalar
 
 
@@ -134,7 +134,7 @@ class TransportSections(OAuthSection):
                 tm, "max_messages_per_connection", self.integer(bounds.MESSAGES_PER_CONNECTION),
                 d.max_messages_per_connection),
             idle_timeout=self.get(tm, "idle_timeout", self.duration(bounds.IDLE), d.idle_timeout),
-            provider=preset.name if preset else None,
+            provider=preset.name if preset else provider_for_host(host),
             max_parallel=self.get(tm, "max_parallel", self.integer(bounds.PARALLEL), None),
             auth_mechanism=mechanism,
             oauth=self.oauth(tm, preset.name if preset else None, credential, mechanism),

@@ -32,12 +32,18 @@ upstream's own final answer decides.
 * A 4xx to DATA or after the data defers; a 5xx there fails.
 * Quota and rate answers are facts about the provider, not about the message,
   whatever their first digit (Gmail answers 550 5.4.5 when the daily limit is
-  used up, SES 454 when throttling). Before the end of the data they send the
-  message to the next transport; after the data they defer it.
+  used up, SES 454 when throttling). Which reply is which, per provider, is
+  the table in `relayd.delivery.providerreplies`. They send the message to the
+  next transport at any stage: a 4xx or 5xx reply, even to the data, means the
+  upstream did not take the message, so another provider cannot cause a
+  duplicate. A rate limit whose class says not to fail over (SES's maximum
+  sending rate: the next second may pass) defers instead, and the delivery
+  walk retries it on the same transport after the class's minutes.
 * A provider's refusal of the sender identity (SES "Email address is not
-  verified", "sender not allowed to send") is provider-specific at any stage:
-  try the next transport. A 5xx after the data means the upstream did not take
-  the message, so another provider cannot cause a duplicate.
+  verified", Microsoft 365 SendAsDenied) is provider-specific at any stage:
+  try the next transport; when every transport refused it, the recipient
+  fails (the walk decides). A 5xx after the data means the upstream did not
+  take the message, so another provider cannot cause a duplicate.
 * A mailbox that is over quota (5.2.2) is the recipient's state, not the
   provider's: it follows the ordinary rules.
 * Writing to a local Maildir (the capture transport) that fails defers.
@@ -46,8 +52,8 @@ upstream's own final answer decides.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from relayd.delivery.providerreplies import RetryWhen, classify_reply, family
 from relayd.values import AttemptOutcome, SmtpReply, Stage
 
 # Stages at or after which the body has left relayd (or, for WRITE, the message
@@ -55,85 +61,23 @@ from relayd.values import AttemptOutcome, SmtpReply, Stage
 _BODY_SENT = frozenset({Stage.AFTER_DATA, Stage.WRITE})
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyPattern:
-    """A reply text that means something particular at one provider (or any)."""
-
-    provider: str | None  # None: seen at several providers, applies to all
-    pattern: re.Pattern[str]
-    meaning: str
-
-
-def _p(provider: str | None, regex: str, meaning: str) -> ReplyPattern:
-    return ReplyPattern(provider, re.compile(regex, re.IGNORECASE), meaning)
-
-
-# Quota and rate answers. Matched against the reply text (which, in aiosmtplib's
-# form, starts with the enhanced status code).
-QUOTA_PATTERNS: tuple[ReplyPattern, ...] = (
-    _p("gmail", r"\b5\.4\.5\b", "Gmail daily sending limit"),
-    _p(None, r"daily user sending (limit|quota)", "Gmail daily sending limit"),
-    _p(None, r"\b(sending|message|daily|hourly|monthly) (message )?quota\b", "sending quota"),
-    _p(None, r"quota exceeded", "sending quota"),
-    _p("ses", r"throttl", "SES throttling"),
-    _p(None, r"throttling failure", "SES throttling"),
-    _p(None, r"maximum sending rate exceeded", "SES sending rate"),
-    _p(None, r"daily message quota exceeded", "SES daily quota"),
-    _p(None, r"maximum credits exceeded", "SendGrid credits used up"),
-    _p(None, r"(hourly|daily|monthly) (message |sending )?limit", "Mailgun/SendGrid sending limit"),
-    _p(None, r"\brate[- ]limit", "rate limit"),
-    _p(None, r"too many (login|auth\w*) attempts", "login rate limit"),
-    _p(None, r"too many (messages|emails|requests)", "rate limit"),
-)
-
-# A full mailbox is the recipient's state; these texts never count as quota.
-_MAILBOX_FULL = re.compile(r"\b5\.2\.2\b|\bover quota\b|mailbox (is )?full", re.IGNORECASE)
-
-# Refusals of the sender identity by one provider (another may accept it).
-SENDER_IDENTITY_PATTERNS: tuple[ReplyPattern, ...] = (
-    _p(None, r"(email )?address is not verified", "SES unverified sender"),
-    _p(None, r"identities failed the check", "SES unverified sender"),
-    _p(None, r"is not allowed to send", "sender not allowed on this account"),
-    _p(None, r"sender address rejected: not owned", "sender not owned by the account"),
-    _p(None, r"sendasdenied", "Microsoft 365 send-as denied"),
-)
-
-
-def _matches(patterns: tuple[ReplyPattern, ...], reply: SmtpReply, provider: str | None) -> bool:
-    text = f"{reply.code} {reply.text}"
-    for entry in patterns:
-        if entry.provider is not None and provider is not None and entry.provider != provider:
-            continue
-        if entry.pattern.search(text):
-            return True
-    return False
-
-
 def is_quota_reply(reply: SmtpReply | None, provider: str | None = None) -> bool:
-    """True when the reply says the provider's quota or rate limit is reached.
+    """True when the reply says the provider's quota, rate or login limit is reached.
 
-    A provider-tagged pattern applies to that provider, and to any transport
-    whose provider is unknown (None). A full mailbox is never a quota reply.
+    The provider table (`relayd.delivery.providerreplies`) decides: a
+    provider's row applies to that provider, and to any transport whose
+    provider is unknown (None). A full mailbox is never a quota reply.
     """
-    if reply is None or _MAILBOX_FULL.search(reply.text):
-        return False
-    if not (reply.is_temporary or reply.is_permanent):
-        return False
-    return _matches(QUOTA_PATTERNS, reply, _family(provider))
+    klass = classify_reply(provider, reply)
+    return klass is not None and klass.retry is not RetryWhen.NOW and not klass.sender_only
 
 
 def is_sender_identity_refusal(reply: SmtpReply | None, provider: str | None = None) -> bool:
     """True when the provider refuses this sender identity (not the recipient)."""
     if reply is None or not reply.is_permanent:
         return False
-    return _matches(SENDER_IDENTITY_PATTERNS, reply, _family(provider))
-
-
-def _family(provider: str | None) -> str | None:
-    """Presets that share one provider's replies (Workspace is Gmail)."""
-    if provider == "google_workspace":
-        return "gmail"
-    return provider
+    klass = classify_reply(provider, reply)
+    return klass is not None and klass.sender_only
 
 
 def classify(stage: Stage, reply: SmtpReply | None, *, provider: str | None = None) -> AttemptOutcome:
@@ -148,9 +92,14 @@ def classify(stage: Stage, reply: SmtpReply | None, *, provider: str | None = No
     body_sent = stage in _BODY_SENT
     if reply is None:
         return AttemptOutcome.DEFER if body_sent else AttemptOutcome.NEXT_TRANSPORT
-    if is_quota_reply(reply, provider):
-        return AttemptOutcome.DEFER if body_sent else AttemptOutcome.NEXT_TRANSPORT
     if is_sender_identity_refusal(reply, provider):
+        return AttemptOutcome.NEXT_TRANSPORT
+    if is_quota_reply(reply, provider):
+        # A 4xx or 5xx, even after the data, means the upstream did not take
+        # the message: handing it on cannot make a duplicate.
+        klass = classify_reply(provider, reply)
+        if klass is not None and not klass.fail_over:
+            return AttemptOutcome.DEFER
         return AttemptOutcome.NEXT_TRANSPORT
     if body_sent:
         return _after_data(reply)
@@ -186,13 +135,21 @@ def hint_for(
     `detail` is the transport's own description of a failure without a reply;
     a connect failure's detail names the port as "port N".
     """
-    family = _family(provider)
+    known = family(provider)
     text = f"{reply.code} {reply.text}" if reply is not None else ""
     for rule in _HINT_RULES:
-        hint = rule(family, stage, reply, text, detail)
+        hint = rule(known, stage, reply, text, detail)
         if hint is not None:
             return hint
     return None
+
+
+def _hint_provider_reply(
+    family: str | None, stage: Stage, reply: SmtpReply | None, text: str, detail: str
+) -> str | None:
+    """The provider table's hint for a well-known reply (quota, disabled basic auth, ...)."""
+    klass = classify_reply(family, reply)
+    return klass.hint if klass is not None and klass.hint else None
 
 
 def _hint_login_throttled(
@@ -298,6 +255,7 @@ def _hint_connect(
 
 
 _HINT_RULES = (
+    _hint_provider_reply,
     _hint_login_throttled,
     _hint_auth,
     _hint_sender,

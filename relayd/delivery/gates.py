@@ -84,9 +84,9 @@ class AttemptEnd(enum.Enum):
     # Connection-level failure: connect, greeting, TLS, AUTH, or the session
     # broke off. The transport, not the message, is the problem.
     UNREACHABLE = "unreachable"
-    # The provider said a rate or quota of the account is used up. Nothing
-    # reports this yet: the per-provider reply classifier will, with the
-    # provider's reset time, and a quota gate closes until then.
+    # The provider said a rate or quota of the account is used up
+    # (`relayd.delivery.providerreplies`), with the time it is worth trying
+    # again in `reset_at`; the provider-limit gate closes until then.
     QUOTA_REACHED = "quota reached"
     # The attempt did not finish (shutdown cancelled it, or a bug raised): it
     # says nothing about the upstream, but a gate that counts gets its slot back.
@@ -109,6 +109,7 @@ class GateReport:
     reset_at: float | None = None
     messages: int = 0
     recipients: int = 0
+    hint: str = ""  # what fixes it, for the operator (e.g. "switch this transport to XOAUTH2: ...")
 
 
 class Gate(Protocol):

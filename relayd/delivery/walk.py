@@ -25,7 +25,11 @@ The failover policy itself (which error means "next transport", "defer" or
   `relayd.delivery.upstreamhealth`, or any later limit) is skipped without a
   connection attempt; every attempt's start and end are reported to the gates;
 * a recipient left over after the whole chain is deferred, except when every
-  transport refused the sender permanently (5xx to MAIL FROM), which fails it;
+  transport refused the sender permanently (5xx to MAIL FROM), which fails it,
+  and when only provider limits (a quota or throttling reply,
+  `relayd.delivery.providerreplies`, or a gate no operator may force) kept it
+  from every transport, which holds it until the earliest reopening without
+  advancing its retry schedule; the arithmetic is `relayd.delivery.outcome`;
 * a deferred recipient's next attempt follows the retry schedule of the last
   transport that was tried for it; when the schedule has run out (the maximum
   age), the recipient fails with "retry timeout exceeded";
@@ -51,18 +55,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Awaitable, Callable, Mapping, Sequence
 
 from relayd.observe import events as ev
 from relayd.config.model import RelayConfig
 from relayd.delivery.dsn import auto_submitted_keyword
+from relayd.delivery.outcome import (
+    CANCELLED,
+    CANCELLED_REPLY,
+    Outcome,
+    Progress,
+    Unrecorded,
+    apply_reports,
+    due_recipients,
+    gate_report,
+    held_report,
+    host_failed_reason,
+    leftover_report,
+    limited_by_provider,
+    reason_label,
+    report_of,
+    transport_provider,
+    verdict_events,
+    without_unbounced,
+)
+from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply
 from relayd.queue.fairness import Lane
 from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.router import domain_of, group_by_route, route
 from relayd.delivery.transport import Transport
-from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
     AttemptResult,
@@ -70,166 +93,19 @@ from relayd.values import (
     DeliveryReport,
     Envelope,
     QueueEntry,
-    Recipient,
     RecipientResult,
-    RecipientState,
     Route,
     SmtpReply,
     Stage,
 )
 
-RETRY_TIMEOUT = "retry timeout exceeded"
 # Route chains remembered for lane_of; a queue to more distinct domains than
 # this simply starts the cache again (bounded memory, a few routes re-done).
 _CHAIN_CACHE_SIZE = 10_000
-CANCELLED = "delivery cancelled by administrator"
-# A local, permanent decision carries a synthetic 5xx so the DSN reads as a
-# failure, not as an expired delivery.
-CANCELLED_REPLY = SmtpReply(550, f"5.0.0 {CANCELLED}")
 # Seconds between attempts to record an outcome the spool refused (full or
 # failing disk); every delivery waits meanwhile.
 STATE_RETRY_INTERVAL = 5.0
 _AFTER_RETRY = 0.2  # seconds other deliveries wait past a held message's next try
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The entry after one pass, and the reports that produced it."""
-
-    entry: QueueEntry
-    reports: tuple[DeliveryReport, ...]
-    newly_failed: tuple[DeliveryReport, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Unrecorded:
-    """A message whose outcome is known in memory but could not be written to the spool.
-
-    `entry` is the truth (what went out is final there); `on_disk` the last
-    state that was written; `unbounced` failures whose bounce is not queued
-    yet (their recipients are recorded as failed only after it is).
-    """
-
-    entry: QueueEntry
-    unbounced: tuple[DeliveryReport, ...]
-    on_disk: QueueEntry
-    reason: str
-    retry_at: float
-
-    @property
-    def id(self) -> str:
-        return self.entry.id
-
-
-class _Progress:
-    """One pass as it goes: the state known so far and the state last made durable."""
-
-    __slots__ = ("known", "recorded", "unbounced", "first_delivered")
-
-    def __init__(self, entry: QueueEntry) -> None:
-        self.known = self.recorded = entry
-        self.unbounced: list[DeliveryReport] = []
-        self.first_delivered = True
-
-
-def without_unbounced(known: QueueEntry, before: QueueEntry, unbounced: Sequence[DeliveryReport]) -> QueueEntry:
-    """`known` with the recipients whose bounce is not queued yet as they were in `before`."""
-    if not unbounced:
-        return known
-    waiting = {r.address for r in unbounced}
-    earlier = {r.address: r for r in before.recipients}
-    return replace(
-        known,
-        recipients=tuple(earlier.get(r.address, r) if r.address in waiting else r for r in known.recipients),
-    )
-
-
-def due_recipients(entry: QueueEntry, now: float, *, forced: bool) -> list[str]:
-    return [
-        r.address
-        for r in entry.undelivered
-        if forced or r.next_attempt is None or r.next_attempt <= now
-    ]
-
-
-def _report(route: Route, result: AttemptResult | None, rr: RecipientResult, tried: list[str]) -> DeliveryReport:
-    return DeliveryReport(
-        address=rr.address,
-        outcome=rr.outcome,
-        rule=route.rule,
-        transport=result.transport if result else "",
-        host=result.host if result else "",
-        ip=result.ip if result else "",
-        port=result.port if result else 0,
-        tls=result.tls if result else "",
-        reply=rr.reply,
-        reason=rr.describe(),
-        tried=tuple(tried),
-    )
-
-
-def leftover_report(
-    route: Route, address: str, last: DeliveryReport | None, tried: list[str], all_refused_sender: bool,
-    closed: Sequence[tuple[str, GateVerdict]] = (),
-) -> DeliveryReport:
-    """The verdict for a recipient that no transport in its chain took."""
-    if last is None:
-        reason = closed_reason(closed) if tried else "no transport available"
-        return DeliveryReport(address, AttemptOutcome.DEFER, route.rule, reason=reason, tried=tuple(tried))
-    outcome = AttemptOutcome.FAIL if all_refused_sender else AttemptOutcome.DEFER
-    return replace(last, outcome=outcome, tried=tuple(tried))
-
-
-def closed_reason(closed: Sequence[tuple[str, GateVerdict]]) -> str:
-    """Why no transport was tried: every one was closed by a gate (or is not configured)."""
-    if all(verdict.reason == RETRY_WAIT for _name, verdict in closed):
-        return "all transports are in their retry wait"
-    return "no transport may take it now: " + "; ".join(
-        f"{name} {verdict.reason}" for name, verdict in closed
-    )
-
-
-def apply_reports(
-    entry: QueueEntry,
-    reports: Sequence[DeliveryReport],
-    *,
-    now: float,
-    config: RelayConfig,
-) -> Outcome:
-    """Pure: the new recipient states after one pass (retry arithmetic included)."""
-    by_address = {r.address: r for r in reports}
-    recipients: list[Recipient] = []
-    final_reports: list[DeliveryReport] = []
-    newly_failed: list[DeliveryReport] = []
-    for recipient in entry.recipients:
-        report = by_address.get(recipient.address)
-        if report is None or recipient.state.is_final:
-            recipients.append(recipient)
-            continue
-        attempts = recipient.attempts + 1
-        if report.outcome is AttemptOutcome.DELIVERED:
-            recipients.append(recipient.moved_to(RecipientState.DELIVERED, attempts=attempts, next_attempt=None))
-        elif report.outcome is AttemptOutcome.FAIL:
-            recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
-            newly_failed.append(report)
-        else:
-            first = recipient.first_failure if recipient.first_failure is not None else now
-            schedule = config.retry_for(report.transport or (report.tried[-1] if report.tried else ""))
-            planned = schedule.next_attempt(first, now, recipient.last_interval)
-            if planned is None:
-                report = replace(report, outcome=AttemptOutcome.FAIL, reason=f"{RETRY_TIMEOUT}: {report.reason}")
-                recipients.append(recipient.moved_to(RecipientState.FAILED, attempts=attempts, last_error=report.reason, next_attempt=None))
-                newly_failed.append(report)
-            else:
-                next_attempt, interval = planned
-                recipients.append(
-                    recipient.moved_to(
-                        RecipientState.DEFERRED, attempts=attempts, first_failure=first,
-                        next_attempt=next_attempt, last_interval=interval, last_error=report.reason,
-                    )
-                )
-        final_reports.append(report)
-    return Outcome(replace(entry, recipients=tuple(recipients)), tuple(final_reports), tuple(newly_failed))
 
 
 class DeliveryAgent:
@@ -250,6 +126,7 @@ class DeliveryAgent:
         state_retry_interval: float = STATE_RETRY_INTERVAL,
         release_room: Callable[[], bool] = lambda: False,
         keep_room: Callable[[], bool] = lambda: False,
+        provider_wait: Callable[[ReplyClass], float] = ReplyClass.wait,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -265,6 +142,9 @@ class DeliveryAgent:
         # an outcome (then it is written at once), put back once recorded.
         self._release_room = release_room
         self._keep_room = keep_room
+        # Seconds a provider's quota or throttling reply keeps a transport (or
+        # a message) waiting; the provider table's own figures in production.
+        self._provider_wait = provider_wait
         self._unrecorded: dict[str, Unrecorded] = {}
         # Route chains per (tenant, domain) for lane_of, valid for one config object.
         self._chains_of: RelayConfig | None = None
@@ -310,7 +190,7 @@ class DeliveryAgent:
         addresses = due_recipients(entry, now, forced=self._is_forced(entry.id))
         if not addresses:
             return entry
-        progress = _Progress(entry)
+        progress = Progress(entry)
         try:
             return await self._pass(progress, body, addresses, config)
         except SpoolEntryMissing:
@@ -321,7 +201,7 @@ class DeliveryAgent:
             )
 
     async def _pass(
-        self, progress: "_Progress", body: bytes, addresses: list[str], config: RelayConfig
+        self, progress: "Progress", body: bytes, addresses: list[str], config: RelayConfig
     ) -> QueueEntry | None:
         entry = progress.recorded
         immediate, groups = self._plan(entry, addresses, config)
@@ -337,7 +217,7 @@ class DeliveryAgent:
             progress.unbounced.clear()
         return await self._record_final(progress.known)
 
-    async def _commit(self, progress: "_Progress", reports: Sequence[DeliveryReport], config: RelayConfig) -> None:
+    async def _commit(self, progress: "Progress", reports: Sequence[DeliveryReport], config: RelayConfig) -> None:
         """Log one route group's verdicts and make them durable at once (failures wait for their bounce)."""
         if not reports:
             return
@@ -548,12 +428,19 @@ class DeliveryAgent:
     async def walk_chain(
         self, entry: QueueEntry, body: bytes, route: Route, addresses: list[str], config: RelayConfig
     ) -> list[DeliveryReport]:
-        """Try the route's transports in order until every recipient has a verdict."""
+        """Try the route's transports in order until every recipient has a verdict.
+
+        A recipient that only provider limits kept from every transport (a
+        quota or throttling reply, or a gate that no operator may force) is
+        held until the chain's earliest reopening, not deferred by the retry
+        schedule and never bounced for it.
+        """
         transports = self._transports()
         remaining = list(addresses)
         reports: list[DeliveryReport] = []
         last: dict[str, DeliveryReport] = {}
         refused_sender = {a: True for a in addresses}
+        limited = {a: True for a in addresses}  # only provider limits kept it from every transport
         tried: list[str] = []
         closed: list[tuple[str, GateVerdict]] = []
         forced = self._is_forced(entry.id)
@@ -567,36 +454,51 @@ class DeliveryAgent:
                     closed.append((name, verdict))
                 for a in remaining:
                     refused_sender[a] = False
+                    limited[a] = limited[a] and not verdict.is_open and not verdict.forceable
                 continue
             result = await self._attempt(entry, body, remaining, transports[name], config)
+            provider = transport_provider(config, name)
             still: list[str] = []
             for address in remaining:
                 rr = result.for_address(address) or RecipientResult(
                     address, AttemptOutcome.DEFER, Stage.WRITE, detail="transport gave no answer"
                 )
-                report = _report(route, result, rr, tried)
+                report = report_of(route, result, rr, tried)
+                klass = classify_reply(provider, rr.reply) if rr.outcome is not AttemptOutcome.DELIVERED else None
                 if rr.outcome is AttemptOutcome.NEXT_TRANSPORT:
                     last[address] = report
                     # A 5xx to MAIL FROM (or a provider refusing the sender after the
                     # data, e.g. SES "Email address is not verified") is a refusal of
-                    # this sender by this provider, not a problem of the transport.
+                    # this sender by this provider, not a problem of the transport;
+                    # a quota or a refused login answered there is neither.
                     permanent_sender = (
                         rr.stage in (Stage.MAIL, Stage.AFTER_DATA)
                         and rr.reply is not None
                         and rr.reply.is_permanent
+                        and (klass is None or klass.sender_only)
                     )
                     refused_sender[address] = refused_sender[address] and permanent_sender
+                    limited[address] = limited[address] and klass is not None and klass.closes_transport
                     still.append(address)
+                elif klass is not None and rr.outcome is AttemptOutcome.DEFER and klass.retry is not RetryWhen.NOW:
+                    # A rate the message waits out on this transport (the next second may pass).
+                    reports.append(replace(report, hold_until=self._clock() + self._provider_wait(klass)))
                 else:
                     reports.append(report)
-            if still and result.connection_failed:
+            if still and (result.connection_failed or limited_by_provider(result, provider)):
                 self._events.emit(ev.HostFailed(
                     queue_id=entry.id, transport=name, host=result.host, ip=result.ip, port=result.port,
-                    reason=result.detail or last[still[0]].reason, reason_label=_reason_label(last[still[0]]),
+                    reason=host_failed_reason(name, result, provider, self._gates.check(name, self._clock()))
+                    or last[still[0]].reason,
+                    reason_label=reason_label(last[still[0]]),
                 ))
             remaining = still
         for address in remaining:
-            reports.append(leftover_report(route, address, last.get(address), tried, refused_sender[address], closed))
+            report = leftover_report(route, address, last.get(address), tried, refused_sender[address], closed)
+            if limited[address] and report.outcome is AttemptOutcome.DEFER:
+                now = self._clock()
+                report = held_report(report, earliest_reopening(self._gates, route.transports, now), now, entry.id)
+            reports.append(report)
         return reports
 
     async def _attempt(
@@ -614,7 +516,9 @@ class DeliveryAgent:
             self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
             raise
         seconds = time.monotonic() - started
-        self._gates.attempt_ended(transport.name, gate_report(transport.name, result, config), self._clock())
+        now = self._clock()
+        report = gate_report(transport.name, result, config, now=now, wait=self._provider_wait)
+        self._gates.attempt_ended(transport.name, report, now)
         self._events.emit(ev.UpstreamAttempted(
             transport=transport.name, seconds=seconds, reachable=not result.connection_failed
         ))
@@ -622,28 +526,8 @@ class DeliveryAgent:
 
     def _log_outcome(self, entry: QueueEntry, outcome: Outcome, *, first: bool = True) -> bool:
         """One event per verdict; returns whether the next delivery is still the first (=> vs ->)."""
-        first_delivered = first
-        env = entry.envelope
-        for report in outcome.reports:
-            state = next((r for r in outcome.entry.recipients if r.address == report.address), None)
-            attempt = state.attempts if state is not None else 0
-            event: ev.Event
-            if report.outcome is AttemptOutcome.DELIVERED:
-                event = ev.RecipientDelivered(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, first=first_delivered,
-                )
-                first_delivered = False
-            elif report.outcome is AttemptOutcome.FAIL:
-                event = ev.RecipientFailed(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, bounce_discarded=env.is_bounce,
-                )
-            else:
-                event = ev.RecipientDeferred(
-                    queue_id=entry.id, tenant=env.tenant, sender=env.sender, message_id=env.header_message_id,
-                    report=report, attempt=attempt, next_attempt=state.next_attempt if state is not None else None,
-                )
+        events, first_delivered = verdict_events(entry, outcome, first=first)
+        for event in events:
             self._events.emit(event)
         return first_delivered
 
@@ -680,24 +564,3 @@ class DeliveryAgent:
             reason=f"message is Auto-Submitted: {keyword} (RFC 3834), a bounce could loop",
         ))
         return True
-
-
-def gate_report(transport: str, result: AttemptResult, config: RelayConfig) -> GateReport:
-    """What an attempt tells the gates: reached or unreachable, and what the upstream accepted."""
-    if result.connection_failed:
-        return GateReport(
-            AttemptEnd.UNREACHABLE, result.detail or "connection failed", retry=config.retry_for(transport)
-        )
-    accepted = sum(1 for r in result.results if r.outcome is AttemptOutcome.DELIVERED)
-    return GateReport(AttemptEnd.REACHED, messages=1 if accepted else 0, recipients=accepted)
-
-
-def _reason_label(report: DeliveryReport) -> str:
-    """A small, fixed set of metric label values (never free text)."""
-    if report.reply is not None:
-        return str(report.reply.code)
-    text = report.reason.lower()
-    for word in ("refused", "timeout", "certificate", "tls", "auth", "credential"):
-        if word in text:
-            return word
-    return "other"

@@ -139,7 +139,7 @@ def cmd_queue_count(args: argparse.Namespace) -> int:
 
 
 def _retry_waits(config: RelayConfig) -> dict[str, float]:
-    """Until when the running relayd skips each transport; {} when it is not running."""
+    """Until when the running relayd skips each transport (retry wait or provider limit); {} when it is not running."""
     try:
         reply = control_client(config).request("health")
     except ControlUnavailable:
@@ -149,9 +149,11 @@ def _retry_waits(config: RelayConfig) -> dict[str, float]:
         return {}
     waits: dict[str, float] = {}
     for name, entry in transports.items():
-        until = entry.get("skipped_until") if isinstance(entry, dict) else None
-        if isinstance(until, (int, float)):
-            waits[name] = float(until)
+        if not isinstance(entry, dict):
+            continue
+        untils = [t for t in (entry.get("skipped_until"), entry.get("closed_until")) if isinstance(t, (int, float))]
+        if untils:
+            waits[name] = float(max(untils))
     return waits
 
 
@@ -237,7 +239,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
@@ -251,7 +253,7 @@ def _print_history(message_id: str, entry: QueueEntry | None, data: JsonObject, 
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""))))
     return EXIT_OK
 
 

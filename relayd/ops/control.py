@@ -42,6 +42,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 from relayd.config.model import RelayConfig
+from relayd.delivery.gates import GateVerdict
 from relayd.delivery.upstreamhealth import UpstreamRecord, UpstreamState
 from relayd.jsonwire import JsonOut, JsonValue, scalar_fields
 from relayd.observe.events import EventSink, OperatorAction
@@ -93,6 +94,7 @@ class Outcomes(Protocol):
     def unrecorded(self) -> dict[str, str]: ...
     def forget(self, message_id: str) -> None: ...
     async def give_up(self, entry: QueueEntry) -> bool: ...
+    def gate_hold(self, entry: QueueEntry) -> GateVerdict: ...
 
 
 class HealthTable(Protocol):
@@ -150,6 +152,7 @@ class QueueControl:
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
         spool_room: Callable[[], Mapping[str, object]] | None = None,
+        provider_limits: Callable[[float], Mapping[str, Mapping[str, str | float]]] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -162,6 +165,7 @@ class QueueControl:
         self._listeners = listeners
         self._clock = clock
         self._spool_room = spool_room
+        self._provider_limits = provider_limits
         self._started = clock()
         self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
 
@@ -196,6 +200,10 @@ class QueueControl:
                 "last_error": record.last_error if record is not None else None,
                 "last_error_at": record.last_error_at if record is not None else None,
             }
+        limits = self._provider_limits(self._clock()) if self._provider_limits is not None else {}
+        for name, limit in limits.items():  # closed_until, closed_reason, hint
+            row = table.get(name)
+            table[name] = {**(row if isinstance(row, Mapping) else {}), **limit}
         return table
 
     async def health(self, request: Request) -> dict[str, JsonOut]:
@@ -273,6 +281,8 @@ class QueueControl:
         answer["message"] = entry_to_json(entry)
         answer["in_flight"] = self._scheduler.in_flight(message_id)
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
+        if answer["waiting_until"] is not None:
+            answer["waiting_reason"] = self._agent.gate_hold(entry).reason  # e.g. a provider's quota
         answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
             try:

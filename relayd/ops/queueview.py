@@ -411,12 +411,13 @@ def printable_block(data: bytes) -> str:
 
 def show_lines(
     entry: QueueEntry, *, in_flight: bool, now: float, waiting_until: float | None = None,
-    cannot_record: str | None = None,
+    cannot_record: str | None = None, waiting_reason: str = "",
 ) -> list[str]:
     """Envelope, state and one line per recipient with its delivery state.
 
     `waiting_until`: the message is due but every transport is in its retry
-    wait until then. `cannot_record`: why the outcome of its last attempt is
+    wait until then, or closed by the limit `waiting_reason` names (a
+    provider's quota). `cannot_record`: why the outcome of its last attempt is
     held in memory only (the spool could not write it); delivery waits.
     """
     env = entry.envelope
@@ -424,6 +425,8 @@ def show_lines(
     state = message_state(row, now)
     if state == "active" and waiting_until is not None and waiting_until > now:
         state = f"deferred (every transport is in its retry wait until {format_time(waiting_until)})"
+        if waiting_reason and waiting_reason != "retry wait":
+            state = f"held until {format_time(waiting_until)}: {sanitize(waiting_reason, limit=300)}"
     if cannot_record:
         state = f"held: cannot record delivery state ({sanitize(cannot_record, limit=300)})"
     client = f"[{sanitize(env.client_ip)}]:{env.client_port}" if env.client_ip else "local"
@@ -519,6 +522,9 @@ def transport_state(h: JsonObject) -> str:
     nothing has gone wrong yet), `failing` when its last attempt failed more
     recently than its last success, `retry wait until ...` while skipped.
     """
+    closed = _number(h.get("closed_until"))
+    if closed:
+        return f"closed until {format_time(closed)}: {sanitize(str(h.get('closed_reason', '')), limit=60)}"
     skipped = _number(h.get("skipped_until"))
     if skipped:
         return f"retry wait until {format_time(skipped)}"
@@ -555,7 +561,11 @@ def transport_table(transports: Mapping[str, JsonObject], now: float) -> list[st
             when = f"{format_duration(now - at)} ago: " if at else ""
             last_error = when + sanitize(str(error), limit=120)
         rows.append([sanitize(name), state, last_success, last_error, _verify_cell(h.get("last_verify"), now)])
-    return table_lines(headers, rows)
+    hints = [
+        f"hint for {sanitize(name)}: {sanitize(str(transports[name]['hint']), limit=300)}"
+        for name in sorted(transports) if transports[name].get("hint")
+    ]
+    return table_lines(headers, rows) + hints
 
 
 def table_lines(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
