@@ -42,9 +42,12 @@ from relayd.delivery.gates import GateSet
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
-from relayd.observe.metrics import QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.failures import RecentFailures
+from relayd.observe.httpserve import ObserveApp, start_observe_server
+from relayd.observe.metrics import RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
-from relayd.queue.queuewire import queue_counts
+from relayd.observe.status import QueueGauges, TransportStatus
+from relayd.ops.statussource import StatusSources, queue_gauges, status_login, transport_statuses
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
@@ -123,6 +126,8 @@ class Relay:
         self.outcomes = RecentOutcomes()
         # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
         self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
+        self.failures = RecentFailures()
+        self.events.add(self.failures)
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
@@ -134,12 +139,14 @@ class Relay:
         )
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
+        self.status_login = status_login(config, self.credentials)
         self.transports: dict[str, Transport] = self._build_transports(config)
+        self.gates = GateSet([self.health])
         self.agent = DeliveryAgent(
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            gates=GateSet([self.health]),
+            gates=self.gates,
             events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
@@ -195,6 +202,7 @@ class Relay:
         self._tasks: list[asyncio.Task[None]] = []
         self.index_loaded: asyncio.Task[None] | None = None
         self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
+        self._observe_app: ObserveApp | None = None
 
     def warn(self, text: str) -> None:
         """A warning for the operator, through the event fan-out."""
@@ -203,7 +211,8 @@ class Relay:
     # -- construction helpers --------------------------------------------------
 
     def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
-        needed = any(getattr(t, "credential", None) for t in config.transports.values())
+        needed = config.metrics.status_auth is not None or any(
+            getattr(t, "credential", None) for t in config.transports.values())
         if not needed and not config.credentials.store.exists():
             return None
         keys = load_master_keys(config.credentials, self.environ)
@@ -301,10 +310,7 @@ class Relay:
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         if self.config.metrics.port is not None:
-            self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
-            self._metrics_server = self.metrics.start_http_server(
-                self.config.metrics.address, self.config.metrics.port
-            )
+            self._start_observe_server()
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
         self.events.emit(ev.DaemonStarted(listening=listening))
         self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
@@ -314,14 +320,31 @@ class Relay:
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
 
+    def _start_observe_server(self) -> None:
+        """/metrics and the status page on the metrics address; both read the present on this loop."""
+        loop = asyncio.get_running_loop()
+        status = StatusSources(
+            config=lambda: self.config, listeners=lambda: self.server.bound, queue=self.queue_gauges,
+            transports=self.transport_statuses, failures=self.failures.latest,
+        )
+        self.metrics.read_queue_with(loop_reader(loop, self.queue_gauges))
+        self.metrics.read_transports_with(loop_reader(loop, self.transport_statuses))
+        self._observe_app = ObserveApp(self.metrics.registry, loop_reader(loop, status.snapshot),
+                                       lambda: self.config.hostname, self.status_login)
+        self._metrics_server = start_observe_server(
+            self.config.metrics.address, self.config.metrics.port or 0, self._observe_app)
+
     def queue_gauges(self) -> QueueGauges | None:
         """The queue by state and its oldest message's age, for the metrics; None until the
         index is loaded (a partial count would be a wrong number, not a smaller one)."""
         if self.index_loaded is None or not self.index_loaded.done():
             return None
-        counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
-                              self.scheduler.waiting())
-        return QueueGauges(counts.by_state(), counts.oldest_age)
+        return queue_gauges(self.scheduler.entries(), self.scheduler.in_flight_ids(), self.scheduler.waiting(),
+                            time.time())
+
+    def transport_statuses(self) -> list[TransportStatus]:
+        """Every transport's gate state and last success and error, for the metrics and the status page."""
+        return transport_statuses(self.config, self.gates, self.health.snapshot(), time.time())
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -374,6 +397,7 @@ class Relay:
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
             server.shutdown()
+            server.server_close()
         self.passwords.close()
         self.events.emit(ev.DaemonStopped())
         self.log.close()
@@ -395,6 +419,7 @@ class Relay:
         try:
             new = load_config(self.config.source)
             credentials = self._reopen_credentials(new)
+            login = status_login(new, credentials)
         except ConfigError as error:
             problems = str(error).splitlines()
         except CredentialError as error:
@@ -414,6 +439,9 @@ class Relay:
         old_transports = self.transports
         self.credentials = credentials
         self.config = new
+        self.status_login = login
+        if self._observe_app is not None:
+            self._observe_app.auth = login
         self.transports = self._build_transports(new)
         self.passwords.clear()
         for transport in old_transports.values():
@@ -461,10 +489,11 @@ class Relay:
 
 
 def _credential_names(config: RelayConfig) -> set[str]:
-    return {
+    names = {
         t.credential for t in config.transports.values()
         if isinstance(t, SmtpTransportConfig) and t.credential is not None
     }
+    return names | ({config.metrics.status_auth} if config.metrics.status_auth else set())
 
 
 def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
