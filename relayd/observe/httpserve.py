@@ -155,24 +155,31 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self.connection_slots.release()
 
 
-def _server_class(address: str) -> type[_BoundedServer]:
+def _server_class(address: str, max_connections: int) -> type[_BoundedServer]:
     """A server class of its own for each server: its own address family and its own slots."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
 
     class Server(_BoundedServer):
         address_family = family
-        connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        connection_slots = threading.BoundedSemaphore(max_connections)
 
     return Server
 
 
-def start_observe_server(address: str, port: int, app: ObserveApp) -> tuple[WSGIServer, threading.Thread]:
+def start_observe_server(
+    address: str, port: int, app: WSGIApplication, *,
+    max_connections: int = MAX_CONNECTIONS, read_timeout: float = READ_TIMEOUT,
+) -> tuple[WSGIServer, threading.Thread]:
     """Serve `app` on `address`:`port` (0 picks a free port) from a daemon thread.
 
     Stop it with ``server.shutdown(); server.server_close()``. `address` is an
     IP literal (the config insists), never looked up in DNS.
     """
-    server = make_server(address, port, app, _server_class(address), _QuietHandler)
+
+    class Handler(_QuietHandler):
+        timeout = read_timeout
+
+    server = make_server(address, port, app, _server_class(address, max_connections), Handler)
     thread = threading.Thread(target=server.serve_forever, name="relayd-metrics", daemon=True)
     thread.start()
     return server, thread

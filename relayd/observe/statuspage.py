@@ -37,7 +37,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2329;background:#f
 h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.4em 0 .4em}
 .muted{color:#66707a} table{border-collapse:collapse;background:#fff;min-width:40em}
 th,td{border:1px solid #d8dde3;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#eef1f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef1f4} .n{text-align:right;font-variant-numeric:tabular-nums}
 .state{display:inline-block;padding:0 .5em;border-radius:.7em;color:#fff;font-weight:600}
 .open{background:#2e7d32} .limited{background:#b26a00} .down{background:#c62828} .reauthorise{background:#6a1b9a}
 .bar{width:16em;height:.9em;background:#e3e7eb;border-radius:.45em;overflow:hidden}
