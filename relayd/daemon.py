@@ -46,7 +46,7 @@ from relayd.observe.failures import RecentFailures
 from relayd.observe.httpserve import ObserveApp, start_observe_server
 from relayd.observe.metrics import RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
-from relayd.observe.status import QueueGauges, TransportStatus
+from relayd.observe.status import QueueGauges, SpoolSpace, TransportStatus
 from relayd.ops.statussource import StatusSources, queue_gauges, status_login, transport_statuses
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
@@ -325,9 +325,10 @@ class Relay:
         loop = asyncio.get_running_loop()
         status = StatusSources(
             config=lambda: self.config, listeners=lambda: self.server.bound, queue=self.queue_gauges,
-            transports=self.transport_statuses, failures=self.failures.latest,
+            spool=self.spool_space, transports=self.transport_statuses, failures=self.failures.latest,
         )
         self.metrics.read_queue_with(loop_reader(loop, self.queue_gauges))
+        self.metrics.read_spool_with(loop_reader(loop, self.spool_space))
         self.metrics.read_transports_with(loop_reader(loop, self.transport_statuses))
         self._observe_app = ObserveApp(self.metrics.registry, loop_reader(loop, status.snapshot),
                                        lambda: self.config.hostname, self.status_login)
@@ -341,6 +342,10 @@ class Relay:
             return None
         return queue_gauges(self.scheduler.entries(), self.scheduler.in_flight_ids(), self.scheduler.waiting(),
                             time.time())
+
+    def spool_space(self) -> SpoolSpace:
+        room = self.room.disk()
+        return SpoolSpace(room.free_bytes if room else None, room.total_bytes if room else None, self.room.reserve())
 
     def transport_statuses(self) -> list[TransportStatus]:
         """Every transport's gate state and last success and error, for the metrics and the status page."""

@@ -114,6 +114,9 @@ def test_every_delivery_queue_and_transport_metric_moves_in_a_running_relayd(
     with RelaydProcess(relay_files):
         before = Scrape(scrape_text(port))
         assert "_created" not in before.text
+        free, size = before.value("relayd_spool_free_bytes"), before.value("relayd_spool_size_bytes")
+        assert free is not None and size is not None and 0 < free <= size
+        assert (before.value("relayd_spool_reserve_bytes") or 0) > 0
         assert before.value("relayd_transport_state", transport="dead", state="open") == 1
         assert before.value("relayd_transport_last_success_timestamp_seconds", transport="provider") is None
 

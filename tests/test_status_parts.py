@@ -17,6 +17,7 @@ from relayd.observe.status import (
     FailureLine,
     ListenerStatus,
     QueueGauges,
+    SpoolSpace,
     StatusSnapshot,
     TenantUsage,
     TransportStatus,
@@ -76,6 +77,7 @@ BASE = StatusSnapshot(
     taken_at=NOW, hostname="relay.test",
     listeners=[ListenerStatus("submission", "::1", 587, "starttls"), ListenerStatus("local", "/run/r.sock", 0, "none")],
     queue=QueueGauges({"queued": 2, "deferred": 5, "held": 0, "frozen": 1}, 7200.0),
+    spool=SpoolSpace(3 * 1024**3, 10 * 1024**3, 512 * 1024**2),
     transports=[TransportStatus(HOSTILE, "down", NOW + 90, HOSTILE, None, HOSTILE, NOW - 30, HOSTILE)],
     usage=[TenantUsage(HOSTILE, "day", 850, 1000), TenantUsage("beta", "month", 12, None),
            TenantUsage("gamma", "day", 1500, 1000)],
@@ -98,6 +100,7 @@ def test_the_page_shows_queue_counts_transport_closure_listeners_and_usage_bars(
     page = render_page(snapshot())
     assert 'id="queue-deferred">5<' in page and 'id="queue-total">8<' in page
     assert 'id="queue-oldest">2h 0m<' in page
+    assert "3.0 GiB free</span>; new mail is refused below 512.0 MiB" in page
     assert "[::1]:587" in page and "/run/r.sock" in page
     assert 'class="state down"' in page and "(in 1m)" in page and "(30s ago)" in page
     assert "850 of 1000 (85%)" in page and 'class="high" style="width:85.0%"' in page

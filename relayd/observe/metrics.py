@@ -54,7 +54,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from relayd.observe import events as ev
-from relayd.observe.status import QUEUE_STATES, TRANSPORT_STATES, QueueReader, TransportReader, TransportStatus
+from relayd.observe.status import (
+    QUEUE_STATES,
+    TRANSPORT_STATES,
+    QueueReader,
+    SpoolReader,
+    SpoolSpace,
+    TransportReader,
+    TransportStatus,
+)
 
 # The library's function has no annotations; it takes nothing and returns nothing.
 _disable_created_series: Callable[[], None] = prometheus_client.disable_created_metrics
@@ -236,6 +244,7 @@ class _Current:
         yield from self._owner._counts.registry.collect()
         yield from self._owner._gauges.collect()
         yield from transport_families(self._owner.read_transports())
+        yield from spool_families(self._owner.read_spool())
 
     def describe(self) -> Iterator[Metric]:
         # Lets the public registry detect two RelayMetrics registered on it.
@@ -256,6 +265,7 @@ class RelayMetrics:
         self._gauges = _build_gauges()
         self._queue_reader: QueueReader | None = None
         self._transport_reader: TransportReader | None = None
+        self._spool_reader: SpoolReader | None = None
         self.registry.register(_Current(self))
 
     def read_queue_with(self, reader: QueueReader) -> None:
@@ -271,6 +281,13 @@ class RelayMetrics:
         if self._transport_reader is None:
             return ()
         return self._transport_reader() or ()
+
+    def read_spool_with(self, reader: SpoolReader) -> None:
+        """Have every scrape report the spool's free space from `reader`."""
+        self._spool_reader = reader
+
+    def read_spool(self) -> SpoolSpace | None:
+        return self._spool_reader() if self._spool_reader is not None else None
 
     def refresh_queue(self) -> None:
         """Set the queue gauges from the reader, if one is set and it answers."""
@@ -436,3 +453,21 @@ def transport_families(transports: Sequence[TransportStatus]) -> list[Metric]:
         if t.last_success is not None:
             success.add_metric([t.name], t.last_success)
     return [state, reopens, success]
+
+
+def spool_families(space: SpoolSpace | None) -> list[Metric]:
+    """The spool's free space against the reserve below which new mail is refused."""
+    free = GaugeMetricFamily(
+        "relayd_spool_free_bytes", "Bytes free for relayd on the spool's file system.")
+    size = GaugeMetricFamily(
+        "relayd_spool_size_bytes", "Size of the spool's file system in bytes.")
+    reserve = GaugeMetricFamily(
+        "relayd_spool_reserve_bytes",
+        "Free bytes below which new messages are refused with 452 4.3.1 (spool_limits.min_free).")
+    if space is not None:
+        if space.free_bytes is not None:
+            free.add_metric([], float(space.free_bytes))
+        if space.total_bytes is not None:
+            size.add_metric([], float(space.total_bytes))
+        reserve.add_metric([], float(space.reserve_bytes))
+    return [free, size, reserve]

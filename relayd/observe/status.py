@@ -59,6 +59,15 @@ class TransportStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolSpace:
+    """Room on the spool's file system; below `reserve_bytes` free, new mail gets 452 4.3.1."""
+
+    free_bytes: int | None  # None: statvfs failed
+    total_bytes: int | None
+    reserve_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerStatus:
     name: str
     address: str
@@ -102,6 +111,7 @@ class StatusSnapshot:
     hostname: str
     listeners: Sequence[ListenerStatus]
     queue: QueueGauges | None  # None until the queue index is loaded
+    spool: SpoolSpace
     transports: Sequence[TransportStatus]
     usage: Sequence[TenantUsage]
     failures: Sequence[FailureLine]  # newest first
@@ -109,6 +119,7 @@ class StatusSnapshot:
 
 TransportReader = Callable[[], "Sequence[TransportStatus] | None"]
 QueueReader = Callable[[], "QueueGauges | None"]
+SpoolReader = Callable[[], "SpoolSpace | None"]
 StatusReader = Callable[[], "StatusSnapshot | None"]
 # Where tenant usage comes from: the tenant quota stage, when there is one.
 UsageSource = Callable[[], Sequence[TenantUsage]]

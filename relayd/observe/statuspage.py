@@ -25,6 +25,7 @@ from relayd.observe.status import (
     FailureLine,
     ListenerStatus,
     QueueGauges,
+    SpoolSpace,
     StatusSnapshot,
     TenantUsage,
     TransportStatus,
@@ -59,6 +60,7 @@ def render_page(snapshot: StatusSnapshot) -> str:
         f'<p class="muted">As of {_utc(now)}; this page refreshes every {REFRESH_SECONDS} seconds.</p>',
         *_listeners(snapshot.listeners),
         *_queue(snapshot.queue),
+        _spool(snapshot.spool),
         *_transports(snapshot.transports, now),
         *_usage(snapshot.usage),
         *_failures(snapshot.failures, now),
@@ -94,6 +96,23 @@ def _queue(queue: QueueGauges | None) -> list[str]:
     oldest = "none (the queue is empty)" if queue.oldest_age is None else _duration(queue.oldest_age)
     return ["<h2>Queue</h2>", *_table(("State", "Messages"), rows, "queue"),
             f'<p>Oldest message: <span id="queue-oldest">{escape(oldest)}</span></p>']
+
+
+def _spool(spool: SpoolSpace) -> str:
+    if spool.free_bytes is None:
+        return '<p id="spool">Spool: free space unknown (statvfs failed).</p>'
+    low = ' class="state down"' if spool.free_bytes < 2 * spool.reserve_bytes else ""
+    return (f'<p id="spool">Spool: <span{low}>{_bytes(spool.free_bytes)} free</span>; new mail is refused '
+            f"below {_bytes(spool.reserve_bytes)}.</p>")
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def _transports(transports: Sequence[TransportStatus], now: float) -> list[str]:

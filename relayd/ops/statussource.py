@@ -36,6 +36,7 @@ from relayd.observe.status import (
     FailureLine,
     ListenerStatus,
     QueueGauges,
+    SpoolSpace,
     StatusSnapshot,
     TenantUsage,
     TransportStatus,
@@ -138,6 +139,7 @@ class StatusSources:
     config: Callable[[], RelayConfig]
     listeners: Callable[[], Sequence[tuple[str, str, int]]]
     queue: Callable[[], QueueGauges | None]
+    spool: Callable[[], SpoolSpace]
     transports: Callable[[], Sequence[TransportStatus]]
     failures: Callable[[], Sequence[FailureLine]]
     usage: Callable[[], Sequence[TenantUsage]] = lambda: ()
@@ -151,6 +153,7 @@ class StatusSources:
             listeners=[ListenerStatus(name, address, port, tls.get(name, ""))
                        for name, address, port in self.listeners()],
             queue=self.queue(),
+            spool=self.spool(),
             transports=self.transports(),
             usage=self.usage(),
             failures=self.failures(),
