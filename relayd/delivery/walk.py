@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from relayd.observe import events as ev
 from relayd.config.model import RelayConfig
@@ -61,6 +61,7 @@ from relayd.queue.fairness import Lane
 from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.router import domain_of, group_by_route, route
+from relayd.delivery.transport import Transport
 from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
@@ -239,7 +240,7 @@ class DeliveryAgent:
         *,
         config: Callable[[], RelayConfig],
         spool: Spool,
-        transports: Callable[[], Mapping[str, Any]],  # name -> relayd.delivery.transport.Transport
+        transports: Callable[[], Mapping[str, Transport]],
         gates: Gate,
         events: ev.EventSink,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
@@ -599,7 +600,7 @@ class DeliveryAgent:
         return reports
 
     async def _attempt(
-        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Any, config: RelayConfig
+        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Transport, config: RelayConfig
     ) -> AttemptResult:
         delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
         started = time.monotonic()
