@@ -16,9 +16,7 @@ import signal
 import ssl
 import sys
 import time
-import threading
 from typing import Mapping
-from wsgiref.simple_server import WSGIServer
 
 from relayd import hardening, replies, sdnotify
 from relayd.smtp.authcheck import PasswordChecker
@@ -43,11 +41,9 @@ from relayd.smtp.listener import ListenerServices, SubmissionRefused, Submission
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
 from relayd.observe.failures import RecentFailures
-from relayd.observe.httpserve import ObserveApp, start_observe_server
-from relayd.observe.metrics import RelayMetrics, loop_reader
+from relayd.observe.metrics import RelayMetrics
 from relayd.observe.outcomes import RecentOutcomes
-from relayd.observe.status import QueueGauges, SpoolSpace, TransportStatus
-from relayd.ops.statussource import StatusSources, queue_gauges, status_login, transport_statuses
+from relayd.ops.statussource import ObserveListener, RelayPresent, start_observe_listener, status_login
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
@@ -201,8 +197,12 @@ class Relay:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.index_loaded: asyncio.Task[None] | None = None
-        self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
-        self._observe_app: ObserveApp | None = None
+        self._observe: ObserveListener | None = None
+        self.present = RelayPresent(
+            config=lambda: self.config, listeners=lambda: self.server.bound, scheduler=self.scheduler,
+            gates=self.gates, health=self.health, room=self.room, failures=self.failures,
+            index_ready=lambda: self.index_loaded is not None and self.index_loaded.done(),
+        )
 
     def warn(self, text: str) -> None:
         """A warning for the operator, through the event fan-out."""
@@ -310,7 +310,8 @@ class Relay:
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         if self.config.metrics.port is not None:
-            self._start_observe_server()
+            self._observe = start_observe_listener(self.present, self.metrics, asyncio.get_running_loop(),
+                                                   self.status_login)
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
         self.events.emit(ev.DaemonStarted(listening=listening))
         self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
@@ -319,37 +320,6 @@ class Relay:
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
-
-    def _start_observe_server(self) -> None:
-        """/metrics and the status page on the metrics address; both read the present on this loop."""
-        loop = asyncio.get_running_loop()
-        status = StatusSources(
-            config=lambda: self.config, listeners=lambda: self.server.bound, queue=self.queue_gauges,
-            spool=self.spool_space, transports=self.transport_statuses, failures=self.failures.latest,
-        )
-        self.metrics.read_queue_with(loop_reader(loop, self.queue_gauges))
-        self.metrics.read_spool_with(loop_reader(loop, self.spool_space))
-        self.metrics.read_transports_with(loop_reader(loop, self.transport_statuses))
-        self._observe_app = ObserveApp(self.metrics.registry, loop_reader(loop, status.snapshot),
-                                       lambda: self.config.hostname, self.status_login)
-        self._metrics_server = start_observe_server(
-            self.config.metrics.address, self.config.metrics.port or 0, self._observe_app)
-
-    def queue_gauges(self) -> QueueGauges | None:
-        """The queue by state and its oldest message's age, for the metrics; None until the
-        index is loaded (a partial count would be a wrong number, not a smaller one)."""
-        if self.index_loaded is None or not self.index_loaded.done():
-            return None
-        return queue_gauges(self.scheduler.entries(), self.scheduler.in_flight_ids(), self.scheduler.waiting(),
-                            time.time())
-
-    def spool_space(self) -> SpoolSpace:
-        room = self.room.disk()
-        return SpoolSpace(room.free_bytes if room else None, room.total_bytes if room else None, self.room.reserve())
-
-    def transport_statuses(self) -> list[TransportStatus]:
-        """Every transport's gate state and last success and error, for the metrics and the status page."""
-        return transport_statuses(self.config, self.gates, self.health.snapshot(), time.time())
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -399,10 +369,8 @@ class Relay:
         for transport in self.transports.values():
             await transport.close()
         await self.spool.stop()
-        if self._metrics_server is not None:
-            server, _thread = self._metrics_server
-            server.shutdown()
-            server.server_close()
+        if self._observe is not None:
+            self._observe.stop()
         self.passwords.close()
         self.events.emit(ev.DaemonStopped())
         self.log.close()
@@ -445,8 +413,8 @@ class Relay:
         self.credentials = credentials
         self.config = new
         self.status_login = login
-        if self._observe_app is not None:
-            self._observe_app.auth = login
+        if self._observe is not None:
+            self._observe.app.auth = login
         self.transports = self._build_transports(new)
         self.passwords.clear()
         for transport in old_transports.values():

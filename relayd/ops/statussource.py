@@ -1,4 +1,4 @@
-"""The relay's present state, read from the running stages for the metrics and the status page.
+"""The relay's present state, read from the running stages for the metrics and the status page, and the listener serving both.
 
 Takes: the queue index (entries, messages in delivery, messages held back by
 the gates), the gate set and the upstream health records, the bound
@@ -21,17 +21,24 @@ is given a word here.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Mapping, Sequence
+from wsgiref.simple_server import WSGIServer
 
 from relayd.config.credentials import CredentialError, CredentialStore
 from relayd.config.model import RelayConfig
 from relayd.delivery.failover import hint_for
 from relayd.delivery.gates import Gate, GateVerdict
-from relayd.delivery.upstreamhealth import UpstreamRecord, UpstreamState
-from relayd.observe.httpserve import BasicAuth
+from relayd.delivery.upstreamhealth import UpstreamHealth, UpstreamRecord, UpstreamState
+from relayd.observe.failures import RecentFailures
+from relayd.observe.httpserve import BasicAuth, ObserveApp, start_observe_server
+from relayd.observe.metrics import RelayMetrics, loop_reader
+from relayd.queue.scheduler import Scheduler
+from relayd.queue.spoolroom import SpoolRoom
 from relayd.observe.status import (
     FailureLine,
     ListenerStatus,
@@ -40,6 +47,7 @@ from relayd.observe.status import (
     StatusSnapshot,
     TenantUsage,
     TransportStatus,
+    UsageSource,
 )
 from relayd.values import QueueEntry, RecipientState, SmtpReply, Stage
 
@@ -133,16 +141,32 @@ def transport_statuses(
 
 
 @dataclass(frozen=True, slots=True)
-class StatusSources:
-    """Where each part of the status page comes from; each is called on the event loop."""
+class RelayPresent:
+    """The running stages the present is read from; every method runs on the daemon's event loop."""
 
     config: Callable[[], RelayConfig]
-    listeners: Callable[[], Sequence[tuple[str, str, int]]]
-    queue: Callable[[], QueueGauges | None]
-    spool: Callable[[], SpoolSpace]
-    transports: Callable[[], Sequence[TransportStatus]]
-    failures: Callable[[], Sequence[FailureLine]]
-    usage: Callable[[], Sequence[TenantUsage]] = lambda: ()
+    listeners: Callable[[], Sequence[tuple[str, str, int]]]  # (name, address, port) as bound
+    scheduler: Scheduler
+    gates: Gate
+    health: UpstreamHealth
+    room: SpoolRoom
+    failures: RecentFailures
+    index_ready: Callable[[], bool]
+    usage: UsageSource = lambda: ()  # the tenant quota stage's usage, where there is one
+
+    def queue(self) -> QueueGauges | None:
+        """None until the queue index is loaded: a partial count would be a wrong number, not a smaller one."""
+        if not self.index_ready():
+            return None
+        s = self.scheduler
+        return queue_gauges(s.entries(), s.in_flight_ids(), s.waiting(), time.time())
+
+    def spool(self) -> SpoolSpace:
+        room = self.room.disk()
+        return SpoolSpace(room.free_bytes if room else None, room.total_bytes if room else None, self.room.reserve())
+
+    def transports(self) -> list[TransportStatus]:
+        return transport_statuses(self.config(), self.gates, self.health.snapshot(), time.time())
 
     def snapshot(self) -> StatusSnapshot:
         config = self.config()
@@ -156,8 +180,34 @@ class StatusSources:
             spool=self.spool(),
             transports=self.transports(),
             usage=self.usage(),
-            failures=self.failures(),
+            failures=self.failures.latest(),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ObserveListener:
+    """The running metrics listener: its app (whose `auth` a reload replaces) and its server thread."""
+
+    app: ObserveApp
+    server: WSGIServer
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_observe_listener(
+    present: RelayPresent, metrics: RelayMetrics, loop: asyncio.AbstractEventLoop, auth: BasicAuth | None
+) -> ObserveListener:
+    """/metrics and the status page on the configured metrics address; both read `present` on `loop`."""
+    metrics.read_queue_with(loop_reader(loop, present.queue))
+    metrics.read_spool_with(loop_reader(loop, present.spool))
+    metrics.read_transports_with(loop_reader(loop, present.transports))
+    app = ObserveApp(metrics.registry, loop_reader(loop, present.snapshot), lambda: present.config().hostname, auth)
+    config = present.config().metrics
+    server, thread = start_observe_server(config.address, config.port or 0, app)
+    return ObserveListener(app, server, thread)
 
 
 def status_login(config: RelayConfig, store: CredentialStore | None) -> BasicAuth | None:
