@@ -198,3 +198,25 @@ def test_a_status_auth_credential_missing_from_the_store_stops_the_start(
     seeded_relay(relay_files, upstreams, "  status_auth: nosuchlogin\n")
     with pytest.raises(AssertionError, match=r"relayd exited 78: .*status_auth names credential 'nosuchlogin'"):
         RelaydProcess(relay_files)
+
+
+def test_a_reload_takes_a_new_status_password_and_keeps_the_old_one_when_the_login_is_missing(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    port, _provider = seeded_relay(relay_files, upstreams, "  status_auth: statuspage\n")
+    store_status_login(relay_files, "statuspage", "ops", "first-password")
+    url = f"http://127.0.0.1:{port}/"
+    with RelaydProcess(relay_files) as relay:
+        assert fetch(url, ("ops", "first-password"))[0] == 200
+        store_status_login(relay_files, "statuspage", "ops", "second-password")
+        relay.signal(signal.SIGHUP)
+        wait_until(lambda: fetch(url, ("ops", "second-password"))[0] == 200, what="the new password")
+        assert fetch(url, ("ops", "first-password"))[0] == 401
+
+        relay_files.config.write_text(relay_files.config.read_text().replace(
+            "status_auth: statuspage", "status_auth: gone"))
+        relay.signal(signal.SIGHUP)
+        relay_files.wait_for_log("reload failed, keeping the running configuration")
+        assert "status_auth names credential 'gone'" in relay_files.mainlog()
+        assert fetch(url, ("ops", "second-password"))[0] == 200
+        assert fetch(url)[0] == 401
