@@ -54,6 +54,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from relayd.observe import events as ev
+from relayd.observe.status import QueueGauges as QueueGauges  # where callers found it before
 from relayd.observe.status import (
     QUEUE_STATES,
     TRANSPORT_STATES,
