@@ -7,6 +7,7 @@ import time
 import urllib.request
 from dataclasses import replace
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from relayd.delivery.gates import OPEN, closed_until
@@ -170,6 +171,28 @@ def test_a_page_while_the_loop_does_not_answer_says_it_is_busy() -> None:
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with direct.open(f"http://127.0.0.1:{server.server_address[1]}/status", timeout=5) as resp:
             assert b"relay.test is busy" in resp.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+def test_the_listener_serves_on_the_ipv6_loopback() -> None:
+    server, thread = start_observe_server("::1", 0, _app())
+    try:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(f"http://[::1]:{server.server_address[1]}/", timeout=5) as resp:
+            assert b"relayd on relay.test" in resp.read()
     finally:
         server.shutdown()
         server.server_close()
