@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
 import signal
 import smtplib
@@ -30,28 +29,10 @@ import trustme
 from relayd.config.credentials import CredentialStore, generate_master_key, write_key_file
 from relayd.config.passwords import hash_password
 from tests.eventloop import TEST_LOOP, new_test_loop
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ACME = ("acme", "acme-relay-password")  # the usual tenant's login and password
-
-
-# Ports handed to relayd and other servers a test starts later. Drawn at random
-# below Linux's ephemeral range (32768-60999), so the port a test reserves is
-# not handed out meanwhile to a socket bound to port 0 (fake upstreams, clients)
-# here or in another test run on the same machine.
-RESERVED_PORTS = range(20000, 32000)
-
-
-def free_port() -> int:
-    for _ in range(200):
-        port = random.choice(RESERVED_PORTS)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 @dataclass
