@@ -197,3 +197,26 @@ def test_the_listener_serves_on_the_ipv6_loopback() -> None:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_page_loads_within_a_second_reuse_one_snapshot() -> None:
+    asked: list[float] = []
+    now = [100.0]
+
+    def status() -> StatusSnapshot:
+        asked.append(now[0])
+        return BASE
+
+    app = ObserveApp(CollectorRegistry(), status, lambda: "relay.test", clock=lambda: now[0])
+    server, thread = start_observe_server("127.0.0.1", 0, app)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        for step in (0.0, 0.3, 0.5, 0.1, 0.5):  # at 100.0, 100.3, 100.8, 100.9, 101.4
+            now[0] += step
+            with direct.open(f"http://127.0.0.1:{server.server_address[1]}/", timeout=5) as resp:
+                assert resp.status == 200
+        assert asked == pytest.approx([100.0, 101.4])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

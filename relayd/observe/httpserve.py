@@ -12,7 +12,8 @@ Untrusted input: every request. Bounded: at most `MAX_CONNECTIONS` served at
 once (more are closed unanswered), `READ_TIMEOUT` seconds for each read of a
 request, request lines and headers by http.server's own limits (64 KiB a
 line, 100 headers); there is no request body to read. Basic credentials are
-compared in constant time.
+compared in constant time. A snapshot is reused for `PAGE_REUSE` seconds, so
+reloading the page in a loop cannot keep the event loop walking the queue.
 Fails: a status reader that does not answer serves a short "busy" page; the
 scrape and the page never raise into the server thread.
 
@@ -28,6 +29,7 @@ import binascii
 import hmac
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
@@ -38,11 +40,12 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 
 from relayd.config.credentials import Secret
-from relayd.observe.status import StatusReader
+from relayd.observe.status import StatusReader, StatusSnapshot
 from relayd.observe.statuspage import render_loading, render_page
 
 MAX_CONNECTIONS = 16
 READ_TIMEOUT = 10.0
+PAGE_REUSE = 1.0  # seconds one snapshot answers every page load
 REALM = "relayd"
 _HTML_HEADERS = [
     ("Content-Type", "text/html; charset=utf-8"),
@@ -83,11 +86,15 @@ class ObserveApp:
         status: StatusReader,
         hostname: Callable[[], str],
         auth: BasicAuth | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics: WSGIApplication = prometheus_client.make_wsgi_app(registry)
         self._status = status
         self._hostname = hostname
         self.auth = auth  # replaced whole on reload
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: tuple[float, StatusSnapshot] | None = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -105,8 +112,17 @@ class ObserveApp:
             return self._page(start_response, method)
         return _plain(start_response, "404 Not Found", "not found: try /metrics or /\n")
 
+    def _snapshot(self) -> StatusSnapshot | None:
+        with self._lock:  # one request at a time asks the event loop; the others reuse its answer
+            now = self._clock()
+            if self._last is not None and now - self._last[0] < PAGE_REUSE:
+                return self._last[1]
+            snapshot = self._status()
+            self._last = (now, snapshot) if snapshot is not None else None
+            return snapshot
+
     def _page(self, start_response: StartResponse, method: str) -> Iterable[bytes]:
-        snapshot = self._status()
+        snapshot = self._snapshot()
         body = (render_page(snapshot) if snapshot is not None else render_loading(self._hostname())).encode()
         start_response("200 OK", [*_HTML_HEADERS, ("Content-Length", str(len(body)))])
         return [b""] if method == "HEAD" else [body]
