@@ -9,7 +9,13 @@ Emits: `relayd.observe.status` values: `QueueGauges`, `TransportStatus`,
 `StatusSnapshot`.
 Untrusted input: error texts in the health records (kept as they are; the
 page escapes them).
-Fails: never for a transport a gate does not know (it is open).
+Fails: never for a transport a gate does not know (it is open);
+`status_login` raises CredentialError for a `metrics: status_auth:` login
+missing from the credential store (relayd does not start, a reload is refused).
+
+Tenant usage is a seam: `RelayPresent.usage` returns nothing until a tenant
+quota stage hands the daemon a reader of `TenantUsage` values (tenant, window,
+used, limit); the page then draws one bar per tenant and window.
 
 Which word a closed gate maps to (see `relayd.observe.status`): the host
 retry state (`retry`) is ``down``; the OAuth gate (`oauth`) is
