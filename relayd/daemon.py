@@ -16,9 +16,7 @@ import signal
 import ssl
 import sys
 import time
-import threading
 from typing import Callable, Mapping
-from wsgiref.simple_server import WSGIServer
 
 from relayd import hardening, replies, sdnotify
 from relayd.smtp.authcheck import PasswordChecker
@@ -42,9 +40,10 @@ from relayd.delivery.oauthsources import STATE_FILE, OAuthSources
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
-from relayd.observe.metrics import QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.failures import RecentFailures
+from relayd.observe.metrics import RelayMetrics
 from relayd.observe.outcomes import RecentOutcomes
-from relayd.queue.queuewire import queue_counts
+from relayd.ops.statussource import ObserveListener, RelayPresent, start_observe_listener, status_login
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
@@ -126,6 +125,8 @@ class Relay:
         self.outcomes = RecentOutcomes()
         # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
         self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
+        self.failures = RecentFailures()
+        self.events.add(self.failures)
         self.health = UpstreamHealth()
         self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
         self.passwords = PasswordChecker()
@@ -140,12 +141,14 @@ class Relay:
         self.credentials = self._open_credentials(config)
         self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events,
                                   lambda name: self.config.retry_for(name))
+        self.status_login = status_login(config, self.credentials)
         self.transports: dict[str, Transport] = self._build_transports(config)
+        self.gates = GateSet([self.health, self.oauth.gate, self.provider_limits])
         self.agent = DeliveryAgent(
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            gates=GateSet([self.health, self.oauth.gate, self.provider_limits]),
+            gates=self.gates,
             events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
@@ -202,7 +205,12 @@ class Relay:
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.index_loaded: asyncio.Task[None] | None = None
-        self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
+        self._observe: ObserveListener | None = None
+        self.present = RelayPresent(
+            config=lambda: self.config, listeners=lambda: self.server.bound, scheduler=self.scheduler,
+            gates=self.gates, health=self.health, room=self.room, failures=self.failures,
+            index_ready=lambda: self.index_loaded is not None and self.index_loaded.done(),
+        )
 
     def warn(self, text: str) -> None:
         """A warning for the operator, through the event fan-out."""
@@ -211,7 +219,8 @@ class Relay:
     # -- construction helpers --------------------------------------------------
 
     def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
-        needed = any(getattr(t, "credential", None) for t in config.transports.values())
+        needed = config.metrics.status_auth is not None or any(
+            getattr(t, "credential", None) for t in config.transports.values())
         if not needed and not config.credentials.store.exists():
             return None
         keys = load_master_keys(config.credentials, self.environ)
@@ -310,10 +319,8 @@ class Relay:
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         if self.config.metrics.port is not None:
-            self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
-            self._metrics_server = self.metrics.start_http_server(
-                self.config.metrics.address, self.config.metrics.port
-            )
+            self._observe = start_observe_listener(self.present, self.metrics, asyncio.get_running_loop(),
+                                                   self.status_login)
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
         self.events.emit(ev.DaemonStarted(listening=listening))
         self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
@@ -322,15 +329,6 @@ class Relay:
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
-
-    def queue_gauges(self) -> QueueGauges | None:
-        """The queue by state and its oldest message's age, for the metrics; None until the
-        index is loaded (a partial count would be a wrong number, not a smaller one)."""
-        if self.index_loaded is None or not self.index_loaded.done():
-            return None
-        counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
-                              self.scheduler.waiting())
-        return QueueGauges(counts.by_state(), counts.oldest_age)
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -380,9 +378,8 @@ class Relay:
         for transport in self.transports.values():
             await transport.close()
         await self.spool.stop()
-        if self._metrics_server is not None:
-            server, _thread = self._metrics_server
-            server.shutdown()
+        if self._observe is not None:
+            self._observe.stop()
         self.passwords.close()
         await self.oauth.state_file.close()
         self.events.emit(ev.DaemonStopped())
@@ -405,6 +402,7 @@ class Relay:
         try:
             new = load_config(self.config.source)
             credentials = self._reopen_credentials(new)
+            login = status_login(new, credentials)
         except ConfigError as error:
             problems = str(error).splitlines()
         except CredentialError as error:
@@ -424,6 +422,9 @@ class Relay:
         old_transports = self.transports
         self.credentials = credentials
         self.config = new
+        self.status_login = login
+        if self._observe is not None:
+            self._observe.app.auth = login
         self.transports = self._build_transports(new)
         self.passwords.clear()
         for transport in old_transports.values():
@@ -471,10 +472,11 @@ class Relay:
 
 
 def _credential_names(config: RelayConfig) -> set[str]:
-    return {
+    names = {
         t.credential for t in config.transports.values()
         if isinstance(t, SmtpTransportConfig) and t.credential is not None
     }
+    return names | ({config.metrics.status_auth} if config.metrics.status_auth else set())
 
 
 def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:

@@ -330,6 +330,24 @@ def test_config_check_finds_a_missing_credential_a_foreign_key_a_bad_hash_and_a_
     ]
 
 
+def test_config_check_finds_a_status_auth_login_missing_from_the_store(
+    relay_files: RelayFiles, upstreams: Callable[..., Any], relayctl: Run
+) -> None:
+    up = upstreams()
+    relay_files.write(upstreams=[UpstreamSpec("up", up.port)],
+                      tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], ["up"])])])
+    with relay_files.config.open("a") as config:
+        config.write("metrics:\n  port: 9587\n  status_auth: page-login\n")
+    code, out, _ = relayctl("config", "check")
+    line = relay_files.config.read_text().splitlines().index("  status_auth: page-login") + 1
+    assert code == 1
+    assert out.splitlines() == [
+        f"{relay_files.config}:{line}:16: metrics: status_auth: credential page-login is not in "
+        f"{relay_files.root / 'credentials.enc'}; add it with `relayctl secret set page-login --user USER`",
+        f"{relay_files.config}: 1 problem",
+    ]
+
+
 def test_config_check_says_when_the_master_key_cannot_be_found(
     relay_files: RelayFiles, upstreams: Callable[..., Any], relayctl: Run
 ) -> None:

@@ -141,7 +141,7 @@ def test_a_rejection_held_back_by_the_log_gate_writes_no_line_but_is_still_count
     metrics = RelayMetrics()
     metrics.emit(refused)
     assert logged(refused) == ""
-    assert metrics.smtp_rejections.labels(reason="RCPT")._value.get() == 1
+    assert metrics.smtp_rejections.labels(stage="RCPT", code="5.7.1")._value.get() == 1
     assert logged(ev.SessionOpened(), ev.UpstreamAttempted(transport="gmail", seconds=0.1, reachable=True)) == ""
 
 
@@ -176,7 +176,9 @@ def test_session_upstream_and_bounce_events_move_their_metrics() -> None:
     assert 'relayd_failovers_total{reason="refused",transport="gmail"} 1.0' in text
     assert 'relayd_bounces_total{tenant="acme"} 1.0' in text
     assert "relayd_auth_failures_total 1.0" in text
-    assert 'relayd_smtp_rejections_total{reason="CONNECT"} 1.0' in text
+    assert 'relayd_smtp_rejections_total{code="4.7.0",stage="CONNECT"} 1.0' in text
+    assert 'relayd_upstream_attempts_total{result="unreachable",transport="gmail"} 1.0' in text
+    assert "_created" not in text
 
 
 def test_an_arrival_counts_the_message_and_its_bytes_for_its_tenant() -> None:

@@ -84,21 +84,21 @@ def test_reset_clears_counters_and_histogram_but_keeps_present_state() -> None:
     m.bounces.labels("acme").inc()
     m.delivery_seconds.labels("gmail").observe(1.0)
     m.sessions.inc()
-    m.set_queue_size("active", 3)
+    m.set_queue_size("queued", 3)
     m.reset()
     assert sample(m, "relayd_bounces_total", {"tenant": "acme"}) is None
     assert sample(m, "relayd_delivery_seconds_count", {"transport": "gmail"}) is None
     assert sample(m, "relayd_smtp_sessions") == 1
-    assert sample(m, "relayd_queue_messages", {"state": "active"}) == 3
+    assert sample(m, "relayd_queue_messages", {"state": "queued"}) == 3
     m.bounces.labels("acme").inc()
     assert sample(m, "relayd_bounces_total", {"tenant": "acme"}) == 1
 
 
 def test_two_instances_do_not_share_values() -> None:
     a, b = RelayMetrics(), RelayMetrics()
-    a.smtp_rejections.labels("relay_denied").inc()
-    assert sample(a, "relayd_smtp_rejections_total", {"reason": "relay_denied"}) == 1
-    assert sample(b, "relayd_smtp_rejections_total", {"reason": "relay_denied"}) is None
+    a.smtp_rejections.labels("RCPT", "5.7.1").inc()
+    assert sample(a, "relayd_smtp_rejections_total", {"stage": "RCPT", "code": "5.7.1"}) == 1
+    assert sample(b, "relayd_smtp_rejections_total", {"stage": "RCPT", "code": "5.7.1"}) is None
 
 
 def test_two_instances_on_one_registry_are_refused() -> None:
@@ -165,16 +165,21 @@ def test_a_running_relayd_exports_its_queue_by_state_and_the_oldest_messages_age
         relay_files.wait_for_log("== r0@customer.test")
         control = ControlClient(relay_files.root / "spool" / "control.sock")
         assert control.request("freeze", ids=[ids[0]])["ok"]
-        # r1 and r2 wait for the provider's retry time (it refused r0's connection).
+        # r1 and r2 wait for the provider's retry time (it refused r0's connection): deferred
+        # after an attempt of their own, held by the transport's retry wait without one.
+        def waiting(scraped: dict[str, float]) -> float:
+            return scraped.get('relayd_queue_messages{state="deferred"}', 0) + scraped.get(
+                'relayd_queue_messages{state="held"}', 0)
+
         deadline = time.monotonic() + 15
-        while _scrape(metrics_port).get('relayd_queue_messages{state="deferred"}') != 2:
+        while waiting(_scrape(metrics_port)) != 2:
             assert time.monotonic() < deadline, _scrape(metrics_port)
             time.sleep(0.1)
         time.sleep(1.0)
         scraped = _scrape(metrics_port)
-        assert scraped['relayd_queue_messages{state="deferred"}'] == 2
+        assert waiting(scraped) == 2
         assert scraped['relayd_queue_messages{state="frozen"}'] == 1
-        assert scraped['relayd_queue_messages{state="active"}'] == 0
+        assert scraped['relayd_queue_messages{state="queued"}'] == 0
         age = scraped["relayd_queue_oldest_message_age_seconds"]
         assert 1.0 <= age <= time.time() - first_submitted + 1
 
@@ -182,8 +187,9 @@ def test_a_running_relayd_exports_its_queue_by_state_and_the_oldest_messages_age
         assert control.request("flush")["ok"]
         relay_files.wait_for_log("Completed", count=3, timeout=30)
         deadline = time.monotonic() + 10
-        while _scrape(metrics_port)['relayd_queue_messages{state="deferred"}'] and time.monotonic() < deadline:
+        while waiting(_scrape(metrics_port)) and time.monotonic() < deadline:
             time.sleep(0.1)
         scraped = _scrape(metrics_port)
-        assert [scraped[f'relayd_queue_messages{{state="{s}"}}'] for s in ("active", "deferred", "frozen")] == [0, 0, 0]
+        states = ("queued", "deferred", "held", "frozen")
+        assert [scraped[f'relayd_queue_messages{{state="{s}"}}'] for s in states] == [0, 0, 0, 0]
         assert scraped["relayd_queue_oldest_message_age_seconds"] == 0

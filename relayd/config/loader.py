@@ -70,7 +70,7 @@ _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "contro
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
 _DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
-_METRICS_KEYS = ("address", "port")
+_METRICS_KEYS = ("address", "port", "status_auth")
 _SPOOL_LIMITS_KEYS = ("min_free", "tenant_max_bytes", "tenant_max_messages")
 
 
@@ -216,6 +216,7 @@ class Reader(ListenerSections, TransportSections, TenantSections):
         return MetricsConfig(
             address=self.get(s, "address", self.ip_literal, d.address),
             port=self.get(s, "port", self.integer(bounds.PORT), d.port),
+            status_auth=self.get(s, "status_auth", self.credential_name, d.status_auth),
         )
 
 

@@ -231,7 +231,10 @@ class SpoolLimits:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     address: str = "127.0.0.1"
-    port: int | None = None  # None: no HTTP exporter
+    port: int | None = None  # None: no HTTP exporter (and no status page)
+    # A credential store entry (user and password) for HTTP basic auth on /metrics and the
+    # status page; None: no authentication (the listener is loopback by default).
+    status_auth: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

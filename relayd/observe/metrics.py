@@ -29,54 +29,68 @@ the loop for one `QueueGauges` through `loop_reader`, so
 `relayd_queue_messages` and `relayd_queue_oldest_message_age_seconds` are
 exact at the moment of the scrape. A loop too busy to answer within
 `SCRAPE_WAIT` leaves the last values in place rather than stalling Prometheus.
+The transports' gate states (`relayd_transport_state`, with the time a closed
+one reopens and its last success) are read the same way, from the gates
+themselves, and are absent from a scrape the loop did not answer.
+
+The library's `_created` series (one more sample per counter and label set,
+the time it was first used) are switched off: they double the series count
+and no dashboard or alert of relayd reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Sequence, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from relayd.observe import events as ev
+from relayd.observe.status import QueueGauges as QueueGauges  # where callers found it before
+from relayd.observe.status import (
+    QUEUE_STATES,
+    TRANSPORT_STATES,
+    QueueReader,
+    SpoolReader,
+    SpoolSpace,
+    TransportReader,
+    TransportStatus,
+)
+
+# The library's function has no annotations; it takes nothing and returns nothing.
+_disable_created_series: Callable[[], None] = prometheus_client.disable_created_metrics
+_disable_created_series()
 
 DELIVERY_RESULTS = frozenset({"delivered", "deferred", "failed"})
-QUEUE_STATES = frozenset({"active", "frozen", "deferred"})
+ATTEMPT_RESULTS = ("reached", "unreachable")
 SCRAPE_WAIT = 2.0  # seconds a scrape waits for the event loop's queue counts; Prometheus times out at 10
+_REPLY_CODE = re.compile(r"([2-5][0-9][0-9])(?:[ -]([245]\.[0-9]{1,3}\.[0-9]{1,3})\b)?")
+T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class QueueGauges:
-    """The queue at one moment: messages by state, and the oldest message's age (None: empty)."""
-
-    by_state: Mapping[str, int]
-    oldest_age: float | None
-
-
-QueueReader = Callable[[], "QueueGauges | None"]
-
-
-def loop_reader(loop: asyncio.AbstractEventLoop, compute: Callable[[], QueueGauges | None],
-                timeout: float = SCRAPE_WAIT) -> QueueReader:
+def loop_reader(loop: asyncio.AbstractEventLoop, compute: Callable[[], T | None],
+                timeout: float = SCRAPE_WAIT) -> Callable[[], T | None]:
     """A reader that runs `compute` on `loop` (which owns the queue) and waits for it.
 
     Called on the loop's own thread it computes directly; from another thread
     it returns None when the loop does not answer within `timeout`.
     """
-    def read() -> QueueGauges | None:
+    def read() -> T | None:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
             return compute()
-        answer: concurrent.futures.Future[QueueGauges | None] = concurrent.futures.Future()
+        answer: concurrent.futures.Future[T | None] = concurrent.futures.Future()
 
         def on_loop() -> None:
             try:
@@ -107,6 +121,7 @@ class _Counts:
     smtp_rejections: Counter
     auth_failures: Counter
     deliveries: Counter
+    upstream_attempts: Counter
     failovers: Counter
     bounces: Counter
     delivery_seconds: Histogram
@@ -146,8 +161,9 @@ def _build_counts() -> _Counts:
         ),
         smtp_rejections=Counter(
             "relayd_smtp_rejections",
-            "Commands refused on the submission listeners, by reason.",
-            ["reason"],
+            "Commands and connections refused on the submission listeners, by stage (CONNECT, "
+            "MAIL, RCPT, DATA...) and the reply's status code (enhanced, e.g. 5.7.1, when it has one).",
+            ["stage", "code"],
             registry=r,
         ),
         auth_failures=Counter(
@@ -159,6 +175,13 @@ def _build_counts() -> _Counts:
             "relayd_deliveries",
             "Recipient delivery outcomes (delivered, deferred, failed) per tenant and transport.",
             ["tenant", "transport", "result"],
+            registry=r,
+        ),
+        upstream_attempts=Counter(
+            "relayd_upstream_attempts",
+            "Upstream SMTP transactions per transport, by result: reached (the upstream took the "
+            "session, whatever it answered) or unreachable (connect, greeting, TLS or AUTH failed).",
+            ["transport", "result"],
             registry=r,
         ),
         failovers=Counter(
@@ -195,8 +218,8 @@ def _build_gauges() -> _Gauges:
     return _Gauges(
         queue_messages=Gauge(
             "relayd_queue_messages",
-            "Messages in the queue, by state: active (due or in delivery), deferred (waiting for "
-            "a retry time), frozen.",
+            "Messages in the queue, by state: queued (due or in delivery), deferred (waiting for "
+            "a retry time after an attempt), held (every transport of its route closed by a gate), frozen.",
             ["state"],
             registry=None,
         ),
@@ -229,6 +252,8 @@ class _Current:
         self._owner.refresh_queue()
         yield from self._owner._counts.registry.collect()
         yield from self._owner._gauges.collect()
+        yield from transport_families(self._owner.read_transports())
+        yield from spool_families(self._owner.read_spool())
 
     def describe(self) -> Iterator[Metric]:
         # Lets the public registry detect two RelayMetrics registered on it.
@@ -248,11 +273,30 @@ class RelayMetrics:
         self._counts = _build_counts()
         self._gauges = _build_gauges()
         self._queue_reader: QueueReader | None = None
+        self._transport_reader: TransportReader | None = None
+        self._spool_reader: SpoolReader | None = None
         self.registry.register(_Current(self))
 
     def read_queue_with(self, reader: QueueReader) -> None:
         """Have every scrape set the queue gauges from `reader` (see the module doc)."""
         self._queue_reader = reader
+
+    def read_transports_with(self, reader: TransportReader) -> None:
+        """Have every scrape report the transports' gate states from `reader`."""
+        self._transport_reader = reader
+
+    def read_transports(self) -> Sequence[TransportStatus]:
+        """The transports now, or nothing when no reader is set or it does not answer."""
+        if self._transport_reader is None:
+            return ()
+        return self._transport_reader() or ()
+
+    def read_spool_with(self, reader: SpoolReader) -> None:
+        """Have every scrape report the spool's free space from `reader`."""
+        self._spool_reader = reader
+
+    def read_spool(self) -> SpoolSpace | None:
+        return self._spool_reader() if self._spool_reader is not None else None
 
     def refresh_queue(self) -> None:
         """Set the queue gauges from the reader, if one is set and it answers."""
@@ -261,7 +305,7 @@ class RelayMetrics:
         snapshot = self._queue_reader()
         if snapshot is None:
             return
-        for state in sorted(QUEUE_STATES):
+        for state in QUEUE_STATES:
             self.set_queue_size(state, snapshot.by_state.get(state, 0))
         self._gauges.queue_oldest_age.set(snapshot.oldest_age or 0.0)
 
@@ -295,6 +339,7 @@ class RelayMetrics:
             self.bytes_received.labels(tenant=event.tenant).inc(event.entry.envelope.size)
         elif isinstance(event, ev.UpstreamAttempted):
             self.delivery_seconds.labels(transport=event.transport).observe(event.seconds)
+            self.upstream_attempts.labels(event.transport, ATTEMPT_RESULTS[0 if event.reachable else 1]).inc()
             self.upstream_up.labels(transport=event.transport).set(1 if event.reachable else 0)
         elif isinstance(event, ev.HostFailed):
             self.failovers.labels(transport=event.transport, reason=event.reason_label).inc()
@@ -310,9 +355,10 @@ class RelayMetrics:
 
     def _emit_session(self, event: ev.Event) -> None:
         if isinstance(event, ev.SmtpRefused):
-            self.smtp_rejections.labels(reason=event.stage).inc()
+            self.smtp_rejections.labels(stage=event.stage, code=reply_code(event.reply)).inc()
         elif isinstance(event, ev.ConnectionRefused):
-            self.smtp_rejections.labels(reason="CONNECT").inc()
+            # Every connection refusal is the listener's 421 4.7.0 "too many connections".
+            self.smtp_rejections.labels(stage="CONNECT", code="4.7.0").inc()
         elif isinstance(event, ev.AuthFailed):
             self.auth_failures.inc()
         elif isinstance(event, ev.SessionOpened):
@@ -327,7 +373,7 @@ class RelayMetrics:
         self._counts.deliveries.labels(tenant, transport, result).inc()
 
     def set_queue_size(self, state: str, count: int) -> None:
-        """Set the number of queued messages in `state` (active, frozen or deferred)."""
+        """Set the number of queued messages in `state` (queued, deferred, held or frozen)."""
         if state not in QUEUE_STATES:
             raise ValueError(f"queue state must be one of {sorted(QUEUE_STATES)}")
         self._gauges.queue_messages.labels(state).set(count)
@@ -351,6 +397,10 @@ class RelayMetrics:
     @property
     def deliveries(self) -> Counter:
         return self._counts.deliveries
+
+    @property
+    def upstream_attempts(self) -> Counter:
+        return self._counts.upstream_attempts
 
     @property
     def failovers(self) -> Counter:
@@ -381,3 +431,57 @@ def _result(event: ev.RecipientOutcome) -> str:
     if isinstance(event, ev.RecipientDelivered):
         return "delivered"
     return "failed" if isinstance(event, ev.RecipientFailed) else "deferred"
+
+
+def reply_code(reply: str) -> str:
+    """The status code of an SMTP reply relayd sent, as a metric label: "5.7.1", else "550", else "other".
+
+    The replies are relayd's own, so the set of values is small and fixed.
+    """
+    match = _REPLY_CODE.match(reply)
+    if match is None:
+        return "other"
+    return match.group(2) or match.group(1)
+
+
+def transport_families(transports: Sequence[TransportStatus]) -> list[Metric]:
+    """The per-transport gate gauges for one scrape (absent when the loop did not answer)."""
+    state = GaugeMetricFamily(
+        "relayd_transport_state",
+        "1 for the transport's current state: open, limited (rate limit, quota or another gate), "
+        "down (retry wait after a connection failure) or reauthorise (its OAuth grant was refused).",
+        labels=["transport", "state"])
+    reopens = GaugeMetricFamily(
+        "relayd_transport_reopen_timestamp_seconds",
+        "When a closed transport may take mail again (Unix time); absent while it is open.",
+        labels=["transport"])
+    success = GaugeMetricFamily(
+        "relayd_transport_last_success_timestamp_seconds",
+        "When the transport last reached its upstream (Unix time); absent before the first success.",
+        labels=["transport"])
+    for t in transports:
+        for name in TRANSPORT_STATES:
+            state.add_metric([t.name, name], 1.0 if t.state == name else 0.0)
+        if t.reopens_at is not None:
+            reopens.add_metric([t.name], t.reopens_at)
+        if t.last_success is not None:
+            success.add_metric([t.name], t.last_success)
+    return [state, reopens, success]
+
+
+def spool_families(space: SpoolSpace | None) -> list[Metric]:
+    """The spool's free space against the reserve below which new mail is refused."""
+    free = GaugeMetricFamily(
+        "relayd_spool_free_bytes", "Bytes free for relayd on the spool's file system.")
+    size = GaugeMetricFamily(
+        "relayd_spool_size_bytes", "Size of the spool's file system in bytes.")
+    reserve = GaugeMetricFamily(
+        "relayd_spool_reserve_bytes",
+        "Free bytes below which new messages are refused with 452 4.3.1 (spool_limits.min_free).")
+    if space is not None:
+        if space.free_bytes is not None:
+            free.add_metric([], float(space.free_bytes))
+        if space.total_bytes is not None:
+            size.add_metric([], float(space.total_bytes))
+        reserve.add_metric([], float(space.reserve_bytes))
+    return [free, size, reserve]

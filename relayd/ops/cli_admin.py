@@ -120,17 +120,22 @@ def _open_store(config: RelayConfig, environ: Mapping[str, str]) -> CredentialSt
 def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: str) -> list[str]:
     needed = {t.name: t.credential for t in config.transports.values()
               if isinstance(t, SmtpTransportConfig) and t.credential is not None}
-    if not needed:
+    status_auth = config.metrics.status_auth
+    if not needed and status_auth is None:
         return []
     try:
         store = _open_store(config, environ)
     except CredentialError as exc:
         return [f"{file}: cannot check the credentials named by transports: {exc}"]
-    return [
+    problems = [
         f"{_where(file, ('transports', transport, 'credential'))}: transport {transport}: credential {name} "
         f"is not in {config.credentials.store}; add it with `{PROG} secret set {name} --user USER`"
         for transport, name in sorted(needed.items()) if store.get(name) is None
     ]
+    if status_auth is not None and store.get(status_auth) is None:
+        problems.append(f"{_where(file, ('metrics', 'status_auth'))}: metrics: status_auth: credential {status_auth} "
+                        f"is not in {config.credentials.store}; add it with `{PROG} secret set {status_auth} --user USER`")
+    return problems
 
 
 def _where(file: str, keys: Sequence[str]) -> str:
