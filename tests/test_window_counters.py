@@ -94,5 +94,7 @@ def test_a_file_that_is_not_a_counter_database_is_a_named_error(tmp_path: Path) 
 
     path = tmp_path / "counters.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(CounterError, match="counters.sqlite"):
-        SqliteCounters(path)
+    store = SqliteCounters(path)
+    with pytest.raises(CounterError, match="counters.sqlite: cannot open the counter database"):
+        store.open()
+    store.close_now()

@@ -63,13 +63,21 @@ class SqliteCounters:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-counters")
         self._db: sqlite3.Connection | None = None
         self._expired_at = 0.0
-        self._run(self._open)
+        self._closed = False
 
     @classmethod
     def in_directory(cls, directory: Path) -> "SqliteCounters":
         return cls(directory / FILE_NAME)
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Open (creating) the database now, on the counters' thread; raises CounterError.
+
+        Without it the first call opens it; relayd calls it at start so a
+        damaged file stops the start with its name rather than a later count.
+        """
+        self._run(self._conn)
+
+    def _open(self) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -77,8 +85,11 @@ class SqliteCounters:
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute(_SCHEMA)
         except sqlite3.Error as error:
-            raise CounterError(f"{self.path}: cannot open the counter database: {error}") from None
-        self._db = db
+            raise CounterError(
+                f"{self.path}: cannot open the counter database: {error} (move the file aside to "
+                "start counting afresh)"
+            ) from None
+        return db
 
     def _run(self, work: Callable[[], T]) -> T:
         """Run `work` on the counters' thread and wait (start-up and tests, outside the loop)."""
@@ -115,8 +126,10 @@ class SqliteCounters:
     # -- on the counters' thread ----------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
+        if self._closed:
             raise CounterError(f"{self.path}: the counter database is closed")
+        if self._db is None:
+            self._db = self._open()
         return self._db
 
     def _add(self, key: str, slot: str, ends: float, n: int, now: float) -> int:
@@ -143,6 +156,7 @@ class SqliteCounters:
         return int(row[0]) if row is not None else 0
 
     def _close(self) -> None:
+        self._closed = True
         if self._db is not None:
             self._db.close()
             self._db = None
