@@ -46,6 +46,7 @@ from relayd.observe.mainlog import MainLog
 from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
 from relayd.observe.countstore import SqliteCounters
 from relayd.observe.outcomes import RecentOutcomes
+from relayd.observe.shapingmetrics import ShapingCollector
 from relayd.queue.queuewire import queue_counts
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
@@ -310,6 +311,7 @@ class Relay:
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
+        self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
         if self.config.metrics.port is not None:
             self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(

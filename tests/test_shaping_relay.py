@@ -73,11 +73,12 @@ def test_a_daily_cap_of_3_on_a_sends_exactly_3_via_a_and_the_rest_via_b_before_a
     relay_files: RelayFiles, upstreams: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     fakes = setup(relay_files, upstreams, ["a", "b"], {"a": "max_per_day: 3"})
-    with RelayThread(relay_files.config):
+    with RelayThread(relay_files.config) as relay:
         submit_many(relay_files, 7)
         fakes["b"].wait_for_messages(4, timeout=60)
         status = json.loads(relayctl(relay_files, capsys, "status", "--json")[1])
         _, text = relayctl(relay_files, capsys, "status")
+        metrics = relay.relay.metrics.render().decode()
     assert len(fakes["a"].messages) == 3
     assert len(fakes["a"].received) == 3  # A never had to refuse one
     assert len(fakes["b"].messages) == 4
@@ -86,6 +87,12 @@ def test_a_daily_cap_of_3_on_a_sends_exactly_3_via_a_and_the_rest_via_b_before_a
     assert status["shaping"]["a"]["held"] == "daily quota 3 reached, resets 00:00 UTC"
     assert status["shaping"]["a"]["next_release"] is not None
     assert "3/3" in text and "held: daily quota 3 reached, resets 00:00 UTC; next release 00:00:00 UTC" in text
+    assert 'relayd_transport_window_sent{transport="a",unit="messages",window="day"} 3.0' in metrics
+    assert 'relayd_transport_window_limit{transport="a",unit="messages",window="day"} 3.0' in metrics
+    assert 'relayd_transport_held{transport="a"} 1.0' in metrics
+    assert 'relayd_transport_held{transport="b"} 0.0' in metrics
+    assert 'relayd_transport_next_release_timestamp_seconds{transport="a"}' in metrics
+    assert 'relayd_transport_send_rate{transport="a"}' in metrics
 
 
 def test_chain_of_one_holds_the_rest_shows_why_and_releases_them_when_the_minute_opens(
