@@ -46,6 +46,7 @@ MAX_RELEASE_SPREAD = 900.0  # seconds over which a window's backlog is released
 _SPREAD_SHARE = 0.1  # of the wait until the window's end
 _RETRY_GATE = "retry"  # relayd.delivery.upstreamhealth's closures keep their own wording
 _WARNED_MEMORY = 100_000  # messages remembered as warned; older ones may be warned once more
+_SWEEP_EVERY = 10_000  # holds recorded between two sweeps of reasons whose release has passed
 
 
 def release_share(message_id: str) -> float:
@@ -77,6 +78,7 @@ class HoldBook:
         self._held: dict[str, GateVerdict] = {}
         self._cursor: dict[str, float] = {}  # transport -> next free release under its rate
         self._warned: dict[str, None] = {}
+        self._since_sweep = 0
 
     def hold_until(self, entry: QueueEntry) -> float | None:
         if self._unrecorded():
@@ -88,6 +90,10 @@ class HoldBook:
         now = self._clock()
         until = self._release_time(entry.id, verdict, now)
         self._held[entry.id] = replace(verdict, until=until)
+        self._since_sweep += 1
+        if self._since_sweep >= _SWEEP_EVERY:  # messages removed while held leave no reason behind for long
+            self._since_sweep = 0
+            self.reasons()
         self._warn_when_old(entry, verdict, now)
         return until
 
