@@ -122,6 +122,10 @@ class ShapingGate:
         self._counters = counters
         self._zone = zone
         self._windows = {span: Window(span, zone) for span in (Span.MINUTE, Span.HOUR, Span.DAY)}
+        # The current window of each span as (start, end, slot): checks run many times per
+        # message, and computing calendar bounds each time would cost more than the rest.
+        self._current: dict[Span, tuple[float, float, str]] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
         self._on_error = on_error
         self._counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
         self._buckets: dict[str, _Bucket] = {}
@@ -174,11 +178,13 @@ class ShapingGate:
         if report.messages <= 0 and report.recipients <= 0:
             return
         self._rates.setdefault(transport, _Rate()).add(report.messages, now)
-        additions = [(message_key(transport), self._windows[span], report.messages) for span in self._windows]
-        additions.append((recipient_key(transport), self._windows[Span.DAY], report.recipients))
+        messages, recipients = self._keys_of(transport)
+        additions = [(messages, window, report.messages) for window in self._windows.values()]
+        additions.append((recipients, self._windows[Span.DAY], report.recipients))
         for key, window, n in additions:
-            self._prune(key, window, now)
-            slot = (key, window.slot(now))
+            slot = (key, self._slot(window, now))
+            if slot not in self._counts:
+                self._prune(key, window, now)  # a new window began: forget this key's last one
             self._counts[slot] = self._counts.get(slot, 0) + n
         self._persist(additions, now)
 
@@ -216,13 +222,14 @@ class ShapingGate:
     def _verdicts(self, transport: str, limits: Shaping, now: float) -> list[GateVerdict]:
         verdicts: list[GateVerdict] = []
         in_flight = self._in_flight.get(transport, 0)
+        messages, recipients = self._keys_of(transport)
         for span, window in self._windows.items():
             cap = _message_cap(limits, span)
-            if cap is not None and self._used(message_key(transport), window, now) + in_flight >= cap:
+            if cap is not None and self._used(messages, window, now) + in_flight >= cap:
                 verdicts.append(self._window_closed(transport, window, now, f"{_SPAN_WORD[span]} {cap} reached"))
         rcpt_cap = limits.max_recipients_per_day
         day = self._windows[Span.DAY]
-        if rcpt_cap is not None and self._used(recipient_key(transport), day, now) + in_flight >= rcpt_cap:
+        if rcpt_cap is not None and self._used(recipients, day, now) + in_flight >= rcpt_cap:
             verdicts.append(self._window_closed(transport, day, now, f"daily recipient quota {rcpt_cap} reached"))
         if limits.max_per_second is not None:
             bucket = self._refilled(transport, limits.max_per_second, now)
@@ -235,7 +242,7 @@ class ShapingGate:
         return verdicts
 
     def _window_closed(self, transport: str, window: Window, now: float, what: str) -> GateVerdict:
-        end = window.end(now)
+        end = self._end(window, now)
         return closed_until(
             end, f"{what}, resets {self._clock_text(end, window.span)}", gate=QUOTA_GATE,
             forceable=False, transport=transport,
@@ -259,11 +266,28 @@ class ShapingGate:
         return bucket
 
     def _used(self, key: str, window: Window, now: float) -> int:
-        return self._counts.get((key, window.slot(now)), 0)
+        return self._counts.get((key, self._slot(window, now)), 0)
+
+    def _slot(self, window: Window, now: float) -> str:
+        current = self._current.get(window.span)
+        if current is None or not current[0] <= now < current[1]:
+            start, end = window.bounds(now)
+            current = self._current[window.span] = (start, end, f"{window.span.value}:{int(start)}")
+        return current[2]
+
+    def _end(self, window: Window, now: float) -> float:
+        self._slot(window, now)
+        return self._current[window.span][1]
+
+    def _keys_of(self, transport: str) -> tuple[str, str]:
+        keys = self._keys.get(transport)
+        if keys is None:
+            keys = self._keys[transport] = (message_key(transport), recipient_key(transport))
+        return keys
 
     def _prune(self, key: str, window: Window, now: float) -> None:
         """Forget this key's counts of windows that are over (one live slot per key and span)."""
-        live = window.slot(now)
+        live = self._slot(window, now)
         prefix = window.span.value + ":"
         for slot in [s for s in self._counts if s[0] == key and s[1].startswith(prefix) and s[1] != live]:
             del self._counts[slot]
