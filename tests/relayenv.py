@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import smtplib
@@ -31,10 +32,23 @@ from relayd.config.passwords import hash_password
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports handed to relayd and other servers a test starts later. Drawn at random
+# below Linux's ephemeral range (32768-60999), so the port a test reserves is
+# not handed out meanwhile to a socket bound to port 0 (fake upstreams, clients)
+# here or in another test run on the same machine.
+RESERVED_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    for _ in range(200):
+        port = random.choice(RESERVED_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000 on 127.0.0.1")
 
 
 @dataclass
