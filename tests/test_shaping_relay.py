@@ -178,6 +178,7 @@ def test_config_check_shows_the_effective_limits_of_presets_and_overrides(
         "transports:\n"
         "  ses: {preset: ses, region: eu-west-1, max_per_day: 50000}\n"
         "  local: {host: 127.0.0.1, port: 2526, tls: none, max_per_second: 0.5}\n"
+        "  dev: {host: 127.0.0.1, port: 2527, tls: none}\n"
         "tenants: {}\n"
     )
     capsys.readouterr()
@@ -187,6 +188,7 @@ def test_config_check_shows_the_effective_limits_of_presets_and_overrides(
     assert ("  transport ses: max_per_second 1, max_per_day 50000; max_connections 10, "
             "max_messages_per_connection 100; preset ses") in out
     assert "  transport local: max_per_second 0.5; max_connections 10" in out
+    assert "transport dev" not in out  # unshaped: nothing to show
 
 
 def test_a_damaged_counter_database_stops_the_start_with_its_name_and_no_traceback(

@@ -249,17 +249,19 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def shaping_lines(config: RelayConfig) -> list[str]:
-    """The effective send limits of every transport (preset values overridden by relay.yaml); pure."""
+    """The effective send limits of every shaped transport (preset values overridden by relay.yaml); pure."""
     lines = []
     for name in sorted(config.transports):
         t = config.transports[name]
-        parts = [t.shaping.describe()]
+        if not t.shaping.is_limited:
+            continue
+        line = f"  transport {name}: {t.shaping.describe()}"
         if isinstance(t, SmtpTransportConfig):
-            parts.append(f"max_connections {t.max_connections}, "
-                         f"max_messages_per_connection {t.max_messages_per_connection}")
+            line += (f"; max_connections {t.max_connections}, "
+                     f"max_messages_per_connection {t.max_messages_per_connection}")
             if t.provider:
-                parts.append(f"preset {t.provider}")
-        lines.append(f"  transport {name}: " + "; ".join(parts))
+                line += f"; preset {t.provider}"
+        lines.append(line)
     return lines
 
 
