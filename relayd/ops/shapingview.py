@@ -21,7 +21,7 @@ def _number(value: JsonValue) -> float | None:
 
 
 def shaping_lines(status: JsonObject) -> list[str]:
-    """The table for a whole `status` answer, after a blank line; nothing when no transport is shaped or used."""
+    """The table for a whole `status` answer, after a blank line; nothing when no transport is shaped."""
     table = shaping_table({name: as_object(s) for name, s in as_object(status.get("shaping")).items()})
     return ["", *table] if table else []
 
@@ -34,14 +34,14 @@ def _cap_cell(cap: JsonObject | None) -> str:
 
 
 def shaping_table(shaping: Mapping[str, JsonObject]) -> list[str]:
-    """Per shaped or used transport: rate, this minute/hour/day against the limits, the next release; pure."""
+    """Per shaped transport: rate, this minute/hour/day against the limits, the next release; pure."""
     headers = ["TRANSPORT", "RATE", "MINUTE", "HOUR", "DAY", "RCPT/DAY", "LIMIT STATE"]
     rows: list[list[str]] = []
     for name in sorted(shaping):
         s = shaping[name]
         caps = {(c.get("span"), c.get("what")): c for c in as_objects(s.get("caps"))}
-        if not s.get("limits") and not any(c.get("used") for c in caps.values()):
-            continue
+        if not s.get("limits"):
+            continue  # unshaped: its counts are in --json and the metrics
         release = _number(s.get("next_release"))
         state = "open"
         if release is not None and s.get("held"):
