@@ -41,9 +41,15 @@ from relayd.smtp.listener import ListenerServices, SubmissionRefused, Submission
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
 from relayd.observe.failures import RecentFailures
-from relayd.observe.metrics import RelayMetrics
+from relayd.observe.metrics import RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.ops.statussource import ObserveListener, RelayPresent, start_observe_listener, status_login
+from relayd.delivery.holding import HoldBook
+from relayd.delivery.shaping import ShapingGate, status_wire
+from relayd.jsonwire import JsonOutObject
+from relayd.observe.counters import CounterError
+from relayd.observe.countstore import SqliteCounters
+from relayd.observe.shapingmetrics import ShapingCollector
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
@@ -129,6 +135,8 @@ class Relay:
         self.events.add(self.failures)
         self.health = UpstreamHealth()
         self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
+        self.counters = SqliteCounters.in_directory(config.spool_dir)
+        self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir,
@@ -143,7 +151,7 @@ class Relay:
                                   lambda name: self.config.retry_for(name))
         self.status_login = status_login(config, self.credentials)
         self.transports: dict[str, Transport] = self._build_transports(config)
-        self.gates = GateSet([self.health, self.oauth.gate, self.provider_limits])
+        self.gates = GateSet([self.health, self.oauth.gate, self.provider_limits, self.shaping])
         self.agent = DeliveryAgent(
             config=lambda: self.config,
             spool=self.spool,
@@ -157,6 +165,10 @@ class Relay:
             keep_room=self.room.keep_emergency_reserve,
             provider_wait=provider_wait,
         )
+        self.holds = HoldBook(
+            hold_until=self.agent.hold_until, gate_hold=self.agent.gate_hold, unrecorded=self.agent.unrecorded,
+            spacing=self.shaping.spacing, config=lambda: self.config, events=self.events,
+        )
         self.scheduler = Scheduler(
             self.agent.deliver,
             max_parallel=config.delivery.max_parallel,
@@ -164,7 +176,7 @@ class Relay:
             on_error=lambda message_id, error: self.events.emit(ev.Notice(
                 text=f"{message_id} delivery error: {type(error).__name__}: {error}", level="error"
             )),
-            hold_until=self.agent.hold_until,
+            hold_until=self.holds.hold_until,
             lane_of=self.agent.lane_of,
             transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
@@ -197,6 +209,8 @@ class Relay:
                 reload=self.reload_report,
                 listeners=lambda: self.server.bound,
                 spool_room=self.room.status,
+                shaping=self.shaping_status,
+                hold_reasons=self.holds.reasons,
             ).handlers(),
             log_error=lambda text: self.events.emit(ev.Notice(text=text, level="error")),
             ready=self.wait_index_loaded,
@@ -311,6 +325,8 @@ class Relay:
 
     async def _start_stages(self) -> None:
         await self.spool.start()
+        await asyncio.to_thread(self.counters.open)
+        await self.shaping.load(self.config.transports, time.time())
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
@@ -318,6 +334,7 @@ class Relay:
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
+        self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
         if self.config.metrics.port is not None:
             self._observe = start_observe_listener(self.present, self.metrics, asyncio.get_running_loop(),
                                                    self.status_login)
@@ -329,6 +346,10 @@ class Relay:
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
+
+    def shaping_status(self) -> dict[str, JsonOutObject]:
+        """Per transport: rate, window counts against limits, next release (status, metrics)."""
+        return {s.transport: status_wire(s) for s in self.shaping.status(sorted(self.config.transports), time.time())}
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -367,6 +388,8 @@ class Relay:
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
         await self.agent.record_unrecorded()
+        await self.shaping.drain()
+        await self.counters.close()
         for message_id, reason in self.agent.unrecorded().items():
             self.events.emit(ev.Notice(
                 text=f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
@@ -429,6 +452,8 @@ class Relay:
         self.passwords.clear()
         for transport in old_transports.values():
             await transport.close()
+        await self.shaping.load(new.transports, time.time())
+        self.scheduler.gate_opened()  # a raised or removed limit releases what it held
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []
@@ -542,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     try:
         return run_event_loop(serve(config, environ))
-    except CredentialError as error:
+    except (CredentialError, CounterError) as error:
         print(f"relayd: {error}", file=sys.stderr)
         return 78
     except OSError as error:

@@ -169,8 +169,16 @@ def test_config_check_no_files_passes_the_shipped_example_on_a_fresh_box(tmp_pat
     schema_only = subprocess.run([RELAYCTL, "config", "check", "--no-files", str(example)],
                                  capture_output=True, text=True, timeout=60)
     assert schema_only.returncode == 0, schema_only.stdout + schema_only.stderr
-    assert schema_only.stdout == (f"{example}: OK (3 tenants, 6 transports, 3 listeners; "
-                                  "files not checked (--no-files))\n")
+    assert schema_only.stdout == (
+        f"{example}: OK (3 tenants, 6 transports, 3 listeners; files not checked (--no-files))\n"
+        # The effective send limits of every shaped transport: presets, overridden by relay.yaml.
+        "  transport gmail_acme: max_per_day 500; max_connections 10, max_messages_per_connection 100; "
+        "preset gmail\n"
+        "  transport gmail_globex: max_per_day 500; max_connections 10, max_messages_per_connection 100; "
+        "preset gmail\n"
+        "  transport ses_ops: max_per_second 1, max_per_day 50000; max_connections 10, "
+        "max_messages_per_connection 100; preset ses\n"
+    )
 
 
 def test_config_check_no_files_still_finds_errors_in_the_yaml(tmp_path: Path) -> None:

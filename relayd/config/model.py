@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Union
 
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
+from relayd.config.shaping import UNSHAPED, Shaping
 
 
 class TlsMode(enum.Enum):
@@ -145,6 +146,8 @@ class SmtpTransportConfig:
     max_parallel: int | None = None
     # Where XOAUTH2 access tokens come from (`auth:`); None: a password credential.
     oauth: OAuthConfig | None = None
+    # Send limits (relayd.config.shaping): the preset's, overridden by relay.yaml.
+    shaping: Shaping = UNSHAPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,7 @@ class CaptureTransportConfig:
     maildir: Path
     retry: RetrySchedule | None = None
     max_parallel: int | None = None  # as SmtpTransportConfig.max_parallel
+    shaping: Shaping = UNSHAPED  # as SmtpTransportConfig.shaping
 
 
 TransportConfig = Union[SmtpTransportConfig, CaptureTransportConfig]
@@ -269,6 +273,11 @@ class RelayConfig:
     def retry_for(self, transport_name: str) -> RetrySchedule:
         t = self.transports.get(transport_name)
         return (t.retry if t is not None and t.retry is not None else self.retry)
+
+    def transport_shaping(self, transport_name: str) -> Shaping:
+        """A transport's send limits (UNSHAPED for a name no transport has)."""
+        t = self.transports.get(transport_name)
+        return t.shaping if t is not None else UNSHAPED
 
     def transport_max_parallel(self, transport_name: str) -> int:
         """How many deliveries may start on one transport at once.

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from relayd.config import bounds
-from relayd.config.fields import NAME, kind
+from relayd.config.fields import NAME, Conv, FieldReader, kind
 from relayd.config.oauthsection import OAuthSection
 from relayd.netaddr import is_loopback
 from relayd.config.model import (
@@ -25,14 +25,24 @@ from relayd.config.model import (
     TransportConfig,
 )
 from relayd.config.presets import PROVIDER_PRESETS, PresetError, provider_for_host, resolve_preset
+from relayd.config.shaping import (
+    KEYS as SHAPING_KEYS,
+    PER_DAY,
+    PER_HOUR,
+    PER_MINUTE,
+    PER_SECOND,
+    RECIPIENTS_PER_DAY,
+    UNSHAPED,
+    Shaping,
+)
 from relayd.config.yamltree import Map, Node, Scalar
 
 
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region",
-              "max_parallel", "auth_mechanism", "auth")
-_CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
+              "max_parallel", "auth_mechanism", "auth", *SHAPING_KEYS)
+_CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel", *SHAPING_KEYS)
 
 
 class TransportSections(OAuthSection):
@@ -86,7 +96,33 @@ class TransportSections(OAuthSection):
             maildir=self.need(tm, "maildir", self.path, Path(".")),
             retry=self.get(tm, "retry", self.schedule, None),
             max_parallel=self.get(tm, "max_parallel", self.integer(bounds.PARALLEL), None),
+            shaping=self.shaping(tm, UNSHAPED),
         )
+
+    def shaping(self, tm: Map, defaults: Shaping) -> Shaping:
+        """The transport's send limits: its own `max_per_*` keys over the preset's."""
+        return defaults.overridden(
+            max_per_second=self.get(tm, "max_per_second", self.rate(PER_SECOND), None),
+            max_per_minute=self.get(tm, "max_per_minute", self.integer(PER_MINUTE), None),
+            max_per_hour=self.get(tm, "max_per_hour", self.integer(PER_HOUR), None),
+            max_per_day=self.get(tm, "max_per_day", self.integer(PER_DAY), None),
+            max_recipients_per_day=self.get(tm, "max_recipients_per_day", self.integer(RECIPIENTS_PER_DAY), None),
+        )
+
+    def rate(self, limits: tuple[float, float]) -> Conv[float]:
+        lo, hi = limits
+
+        def conv(node: Node, key: str) -> float | None:
+            v = node.value if isinstance(node, Scalar) else None
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.add(node.pos, f"{key} must be a number such as 2 or 0.5, but this is {kind(node)}")
+                return None
+            if not lo <= v <= hi:
+                self.add(node.pos, f"{key} must be from {lo:g} to {hi:g}; {v} is out of range")
+                return None
+            return float(v)
+
+        return conv
 
     def smtp_transport(self, name: str, tm: Map) -> SmtpTransportConfig:
         d = SmtpTransportConfig(name=name, host="", port=0)
@@ -138,6 +174,7 @@ class TransportSections(OAuthSection):
             max_parallel=self.get(tm, "max_parallel", self.integer(bounds.PARALLEL), None),
             auth_mechanism=mechanism,
             oauth=self.oauth(tm, preset.name if preset else None, credential, mechanism),
+            shaping=self.shaping(tm, preset.shaping if preset else UNSHAPED),
         )
 
     def check_transport_safety(self, tm: Map, host: str, tls: TlsMode, credential: str | None,

@@ -84,6 +84,7 @@ from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_repl
 from relayd.queue.fairness import Lane
 from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
+from relayd.delivery.holding import held_back
 from relayd.delivery.router import domain_of, group_by_route, route
 from relayd.delivery.transport import Transport
 from relayd.values import (
@@ -208,8 +209,13 @@ class DeliveryAgent:
         if immediate:
             await self._commit(progress, immediate, config)
         for route_, group in groups:
-            reports = await self.walk_chain(entry, body, route_, group, config)
+            # A limit may have closed the whole chain since the scheduler looked: wait, no attempt.
+            wait = self._chain_wait(route_.transports, self._clock())
+            reports, group = held_back(entry, route_, group, wait, config, now=self._clock())
+            reports += await self.walk_chain(entry, body, route_, group, config) if group else []
             await self._commit(progress, reports, config)
+        if progress.known is entry:
+            return entry  # every group was held back by a limit: nothing happened, nothing to write
         if progress.unbounced:
             # The bounce is queued durably before the failures are recorded:
             # a crash in between can only duplicate a bounce, never lose one.

@@ -99,11 +99,12 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
         json.dump([row_to_json(r, now) for r in rows], out, indent=1)
         out.write("\n")
         return EXIT_OK
-    for chunk in wire_chunks(config):
+    held: dict[str, str] = {}
+    for chunk in wire_chunks(config, held):
         if selection.is_empty:
             try:
                 arrays = [as_list(w) for w in chunk]
-                text = "".join(f"{w[0]}\n" for w in arrays) if args.ids_only else listing_text(arrays, now)
+                text = "".join(f"{w[0]}\n" for w in arrays) if args.ids_only else listing_text(arrays, now, held)
             except (TypeError, ValueError, IndexError, KeyError):
                 raise CliError("relayd sent a malformed queue listing") from None
         else:
@@ -111,7 +112,7 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
             if args.ids_only:
                 text = "".join(f"{row.id}\n" for row in chosen)
             else:
-                text = "".join(line + "\n" for row in chosen for line in listing_lines(row, now))
+                text = "".join(line + "\n" for row in chosen for line in listing_lines(row, now, held.get(row.id)))
         out.write(text)
     out.flush()
     return EXIT_OK
@@ -239,7 +240,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""), held=_held(data))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
@@ -253,8 +254,14 @@ def _print_history(message_id: str, entry: QueueEntry | None, data: JsonObject, 
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=_cannot_record(data), waiting_reason=str(data.get("waiting_reason") or ""), held=_held(data))))
     return EXIT_OK
+
+
+def _held(data: JsonObject) -> str | None:
+    """Why a transport's limit holds the message (relayd.delivery.holding), if it does."""
+    reason = data.get("held")
+    return reason if isinstance(reason, str) else None
 
 
 def _cannot_record(data: JsonObject) -> str | None:

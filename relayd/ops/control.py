@@ -44,7 +44,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 from relayd.config.model import RelayConfig
 from relayd.delivery.gates import GateVerdict
 from relayd.delivery.upstreamhealth import UpstreamRecord, UpstreamState
-from relayd.jsonwire import JsonOut, JsonValue, scalar_fields
+from relayd.jsonwire import JsonOut, JsonOutObject, JsonValue, scalar_fields
 from relayd.observe.events import EventSink, OperatorAction
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.ops.controlserver import ControlError, Handler, Request
@@ -153,6 +153,8 @@ class QueueControl:
         clock: Callable[[], float] = time.time,
         spool_room: Callable[[], Mapping[str, object]] | None = None,
         provider_limits: Callable[[float], Mapping[str, Mapping[str, str | float]]] | None = None,
+        shaping: Callable[[], Mapping[str, JsonOutObject]] = dict,
+        hold_reasons: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -166,6 +168,8 @@ class QueueControl:
         self._clock = clock
         self._spool_room = spool_room
         self._provider_limits = provider_limits
+        self._shaping = shaping  # per transport: rate, counts against limits, next release
+        self._hold_reasons = hold_reasons  # message id -> "held: <transport> <limit>, resets ..."
         self._started = clock()
         self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
 
@@ -222,6 +226,7 @@ class QueueControl:
             ).as_json(),
             "transports": self._health_table(),
             "spool": self._spool_status(),
+            "shaping": self._shaping(),
         }
 
     def _spool_status(self) -> dict[str, JsonOut]:
@@ -247,6 +252,9 @@ class QueueControl:
         entries = sorted(self._scheduler.entries(), key=_entry_id)
         flying = self._scheduler.in_flight_ids()
         old, fresh = self._row_cache, {}
+        held = self._hold_reasons()
+        if held:  # before the rows, so the listing can print each reason under its message
+            await request.emit({"held": held})
         for start in range(0, len(entries), LIST_CHUNK):
             parts = []
             for entry in entries[start : start + LIST_CHUNK]:
@@ -283,6 +291,7 @@ class QueueControl:
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
         if answer["waiting_until"] is not None:
             answer["waiting_reason"] = self._agent.gate_hold(entry).reason  # e.g. a provider's quota
+        answer["held"] = self._hold_reasons().get(message_id)
         answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
             try:

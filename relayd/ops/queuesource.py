@@ -59,10 +59,16 @@ def offline_entries(config: RelayConfig, why: DaemonNotRunning) -> list[QueueEnt
         lock.release()
 
 
-def _daemon_chunks(config: RelayConfig) -> Iterator[list[JsonValue]]:
-    """Chunks of compact wire rows from the running relayd; DaemonNotRunning if none runs."""
+def _daemon_chunks(config: RelayConfig, held: dict[str, str] | None = None) -> Iterator[list[JsonValue]]:
+    """Chunks of compact wire rows from the running relayd; DaemonNotRunning if none runs.
+
+    `held` is filled with the messages a transport's limit holds, and why.
+    """
     for message in control_client(config).stream("queue.list"):
-        if "rows" in message:
+        reasons = message.get("held")
+        if isinstance(reasons, dict) and held is not None:
+            held.update({str(k): str(v) for k, v in reasons.items()})
+        elif "rows" in message:
             rows = message["rows"]
             if not isinstance(rows, list):
                 raise CliError("relayd sent a malformed queue listing")
@@ -82,10 +88,13 @@ def _warn_unrecorded(held: object) -> None:
               f"({sanitize(str(reason), limit=300)})", file=sys.stderr)
 
 
-def wire_chunks(config: RelayConfig) -> Iterator[list[JsonValue]]:
-    """The queue as chunks of wire rows: from relayd when it runs, else straight from the spool."""
+def wire_chunks(config: RelayConfig, held: dict[str, str] | None = None) -> Iterator[list[JsonValue]]:
+    """The queue as chunks of wire rows: from relayd when it runs, else straight from the spool.
+
+    `held`: filled with why a transport's limit holds a message (from relayd only).
+    """
     try:
-        chunks = _daemon_chunks(config)
+        chunks = _daemon_chunks(config, held)
         first = next(chunks, None)
     except DaemonNotRunning as why:
         yield [wire_row(e, False) for e in offline_entries(config, why)]

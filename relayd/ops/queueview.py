@@ -177,8 +177,13 @@ def format_size(size: int) -> str:
 _MARKS = {"D": "D", "F": "F"}
 
 
-def listing_text(wire_rows: Iterable[Sequence[JsonValue]], now: float) -> str:
+def listing_text(
+    wire_rows: Iterable[Sequence[JsonValue]], now: float, held: Mapping[str, str] | None = None
+) -> str:
     """`listing_lines` for a chunk of unfiltered wire rows, as one string, fast.
+
+    `held`: why a transport's limit holds a message, printed in parentheses
+    under its line (Postfix's mailq shows a deferral's reason the same way).
 
     100,000 messages must list in well under a second, so this reads the
     compact rows directly and remembers the few distinct ages, sizes,
@@ -208,6 +213,8 @@ def listing_text(wire_rows: Iterable[Sequence[JsonValue]], now: float) -> str:
             if org is None:
                 org = clean[tenant] = sanitize(str(tenant))
             add(f"{age} {size_text} {mid} <{who}> A={org}{' *** frozen ***' if frozen else ''}\n")
+            if held and isinstance(mid, str) and mid in held:
+                add(f"      ({sanitize(held[mid], limit=300)})\n")
             for rcpt in rcpts:
                 if not isinstance(rcpt, list) or len(rcpt) != 4 or not isinstance(rcpt[0], str):
                     raise ValueError("malformed queue row")
@@ -220,7 +227,7 @@ def listing_text(wire_rows: Iterable[Sequence[JsonValue]], now: float) -> str:
     return "".join(out)
 
 
-def listing_lines(row: QueueRow, now: float) -> list[str]:
+def listing_lines(row: QueueRow, now: float, held: str | None = None) -> list[str]:
     """One message in `exim -bp` shape, plus its tenant and a blank line after it.
 
     ``25m  4.3K 1tA2bC-0000aB-x9 <billing@acme.example> A=acme *** frozen ***``
@@ -234,6 +241,8 @@ def listing_lines(row: QueueRow, now: float) -> list[str]:
     if row.frozen:
         head += " *** frozen ***"
     lines = [head]
+    if held:
+        lines.append(f"      ({sanitize(held, limit=300)})")
     for r in row.recipients:
         mark = "D" if r.state is RecipientState.DELIVERED else "F" if r.state is RecipientState.FAILED else " "
         lines.append(f"        {mark} {sanitize(r.address)}")
@@ -411,7 +420,7 @@ def printable_block(data: bytes) -> str:
 
 def show_lines(
     entry: QueueEntry, *, in_flight: bool, now: float, waiting_until: float | None = None,
-    cannot_record: str | None = None, waiting_reason: str = "",
+    cannot_record: str | None = None, waiting_reason: str = "", held: str | None = None,
 ) -> list[str]:
     """Envelope, state and one line per recipient with its delivery state.
 
@@ -425,7 +434,9 @@ def show_lines(
     state = message_state(row, now)
     if state == "active" and waiting_until is not None and waiting_until > now:
         state = f"deferred (every transport is in its retry wait until {format_time(waiting_until)})"
-        if waiting_reason and waiting_reason != "retry wait":
+        if held:
+            state = f"{sanitize(held, limit=300)}; released from {format_time(waiting_until)}"
+        elif waiting_reason and waiting_reason != "retry wait":
             state = f"held until {format_time(waiting_until)}: {sanitize(waiting_reason, limit=300)}"
     if cannot_record:
         state = f"held: cannot record delivery state ({sanitize(cannot_record, limit=300)})"

@@ -1,0 +1,348 @@
+"""Per-transport shaping: a token bucket per second and message/recipient caps per minute, hour and day.
+
+Takes: each transport's `Shaping` limits (relayd.config.shaping, read from
+the live config on every check, so a reload applies at once); the start and
+end of every attempt (`relayd.delivery.gates.Gate`); a `WindowCounters` store
+(relayd.observe.counters) that keeps the window counts across restarts.
+Emits: per transport a `GateVerdict`: open, or closed until the next token or
+the end of the window whose cap is reached, with the reason `mailq` shows
+("daily quota 500 reached, resets 00:00 UTC"); a `ShapingStatus` per
+transport for `relayctl status` and the metrics.
+Untrusted input: none (reports come from relayd's own transports).
+How it fails: a count the store cannot write is kept in memory (the caps
+still hold in this process) and reported once through `on_error`; a store
+that cannot be read at start stops the start (`load` raises).
+
+What counts: a message once per transaction the upstream accepted (at
+least one recipient taken), a recipient once per accepted RCPT. An attempt
+in progress holds a place in every window cap (`attempt_started`), so
+parallel deliveries cannot overshoot a cap together; it is released when
+the attempt ends, and what the upstream took is counted then. A recipient
+cap counts one place per attempt in progress: one message with many
+recipients can pass the cap by its own recipients, never by more.
+
+The token bucket holds at most `max(1, rate / 10)` tokens: at 2/s messages go
+out every half second (any one-second window sees at most 2, plus 1 at its
+edge), at 100/s in bursts of at most 10. A token is taken when an attempt
+starts and not given back if the attempt fails (the provider saw the
+connection).
+
+Every closure here is not forceable: an operator's flush must not push a
+day's backlog into an account that locks at its quota. Waiting for a window
+is no failed attempt (the scheduler puts the message back; see
+relayd.delivery.holding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
+from typing import Callable, Iterable
+
+from relayd.config.shaping import KEYS as SHAPING_KEYS, Shaping
+from relayd.delivery.gates import OPEN, GateReport, GateVerdict, closed_until, combine
+from relayd.jsonwire import JsonOutObject
+from relayd.observe.counters import CounterError, Span, Window, WindowCounters
+
+RATE_GATE = "rate"
+QUOTA_GATE = "quota"
+_BURST_SHARE = 0.1  # bucket size as a share of one second's rate (at least one token)
+_RATE_HALF_LIFE = 60.0  # seconds: the "current rate" is an average that forgets at this pace
+
+LimitsOf = Callable[[str], Shaping]
+
+
+@dataclass(frozen=True, slots=True)
+class CapStatus:
+    """One window cap of a transport: used against the limit (None: no limit), and when it resets."""
+
+    span: str  # minute, hour, day
+    what: str  # messages, recipients
+    used: int
+    limit: int | None
+    resets_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShapingStatus:
+    """One transport as `relayctl status` and the metrics show it."""
+
+    transport: str
+    rate: float  # messages per second, averaged over about a minute
+    limits: Shaping
+    caps: tuple[CapStatus, ...]
+    in_flight: int
+    closed: GateVerdict  # OPEN, or until when and why
+    next_release: float | None  # when a closed transport takes mail again
+
+    def cap(self, span: str, what: str = "messages") -> CapStatus | None:
+        return next((c for c in self.caps if c.span == span and c.what == what), None)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass(slots=True)
+class _Rate:
+    value: float = 0.0
+    stamp: float = 0.0
+
+    def now(self, now: float) -> float:
+        return self.value * math.pow(0.5, max(0.0, now - self.stamp) / _RATE_HALF_LIFE)
+
+    def add(self, n: int, now: float) -> None:
+        self.value = self.now(now) + n * math.log(2) / _RATE_HALF_LIFE
+        self.stamp = now
+
+
+def message_key(transport: str) -> str:
+    return f"transport:{transport}"
+
+
+def recipient_key(transport: str) -> str:
+    return f"transport:{transport}:rcpt"
+
+
+@dataclass(slots=True)
+class _Current:
+    """One kind of window and its current bounds, recomputed only when `now` leaves them.
+
+    Checks run several times per message; calendar arithmetic on each would
+    cost more than everything else the gate does.
+    """
+
+    window: Window
+    word: str  # how a closure names it: "daily quota"
+    start: float = 0.0
+    end: float = -1.0
+    slot: str = ""
+
+    def at(self, now: float) -> str:
+        if not self.start <= now < self.end:
+            self.start, self.end = self.window.bounds(now)
+            self.slot = self.window.slot(now)
+        return self.slot
+
+
+class ShapingGate:
+    """The shaping limits of every transport, as one `Gate`. See the module docstring."""
+
+    def __init__(
+        self,
+        limits_of: LimitsOf,
+        counters: WindowCounters,
+        *,
+        zone: tzinfo = timezone.utc,
+        on_error: Callable[[str], None] = lambda _text: None,
+    ) -> None:
+        self._limits_of = limits_of
+        self._counters = counters
+        self._zone = zone
+        self._minute = _Current(Window(Span.MINUTE, zone), "per-minute limit")
+        self._hour = _Current(Window(Span.HOUR, zone), "hourly limit")
+        self._day = _Current(Window(Span.DAY, zone), "daily quota")
+        self._spans = (self._minute, self._hour, self._day)
+        self._keys: dict[str, tuple[str, str]] = {}
+        self._on_error = on_error
+        self._counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
+        self._buckets: dict[str, _Bucket] = {}
+        self._rates: dict[str, _Rate] = {}
+        self._in_flight: dict[str, int] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self._store_failing = False
+
+    # -- start and stop -------------------------------------------------------------
+
+    async def load(self, transports: Iterable[str], now: float) -> None:
+        """Read the current windows' counts of these transports from the store (at start, reload).
+
+        Raises CounterError when the store cannot be read.
+        """
+        for name in transports:
+            messages, recipients = self._keys_of(name)
+            for key, current in (*((messages, c) for c in self._spans), (recipients, self._day)):
+                stored = await self._counters.count(key, current.window, now)
+                slot = (key, current.at(now))
+                self._counts[slot] = max(self._counts.get(slot, 0), stored)
+
+    async def drain(self) -> None:
+        """Wait for every count still being written (at stop)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # -- the Gate ---------------------------------------------------------------------
+
+    def check(self, transport: str, now: float) -> GateVerdict:
+        limits = self._limits_of(transport)
+        if not limits.is_limited:
+            return OPEN
+        return combine(self._verdicts(transport, limits, now))
+
+    def attempt_started(self, transport: str, now: float) -> None:
+        self._in_flight[transport] = self._in_flight.get(transport, 0) + 1
+        limits = self._limits_of(transport)
+        if limits.max_per_second is not None:
+            bucket = self._refilled(transport, limits.max_per_second, now)
+            bucket.tokens -= 1.0
+
+    def attempt_ended(self, transport: str, report: GateReport, now: float) -> None:
+        left = self._in_flight.get(transport, 0) - 1
+        if left > 0:
+            self._in_flight[transport] = left
+        else:
+            self._in_flight.pop(transport, None)
+        if report.messages <= 0 and report.recipients <= 0:
+            return
+        self._rates.setdefault(transport, _Rate()).add(report.messages, now)
+        messages, recipients = self._keys_of(transport)
+        additions = [(messages, current, report.messages) for current in self._spans]
+        additions.append((recipients, self._day, report.recipients))
+        for key, current, n in additions:
+            slot = (key, current.at(now))
+            if slot not in self._counts:
+                self._prune(key, current)  # a new window began: forget this key's last one
+            self._counts[slot] = self._counts.get(slot, 0) + n
+        self._persist([(key, current.window, n) for key, current, n in additions], now)
+
+    # -- views --------------------------------------------------------------------------
+
+    def status(self, transports: Iterable[str], now: float) -> list[ShapingStatus]:
+        """Per transport: its rate, every window's count against its cap, and the next release."""
+        result = []
+        for name in transports:
+            limits = self._limits_of(name)
+            messages, recipients = self._keys_of(name)
+            caps = [
+                CapStatus(c.window.span.value, "messages", self._used(messages, c, now), cap, c.end)
+                for c, cap in zip(self._spans, _message_caps(limits))
+            ]
+            caps.append(CapStatus(
+                "day", "recipients", self._used(recipients, self._day, now), limits.max_recipients_per_day,
+                self._day.end,
+            ))
+            verdict = self.check(name, now)
+            rate = self._rates.get(name)
+            result.append(ShapingStatus(
+                transport=name, rate=rate.now(now) if rate is not None else 0.0, limits=limits, caps=tuple(caps),
+                in_flight=self._in_flight.get(name, 0), closed=verdict, next_release=verdict.until,
+            ))
+        return result
+
+    def spacing(self, transport: str) -> float:
+        """Seconds between two messages at the transport's per-second rate (0: no rate limit)."""
+        rate = self._limits_of(transport).max_per_second
+        return 1.0 / rate if rate else 0.0
+
+    # -- inside -----------------------------------------------------------------------------
+
+    def _verdicts(self, transport: str, limits: Shaping, now: float) -> list[GateVerdict]:
+        verdicts: list[GateVerdict] = []
+        in_flight = self._in_flight.get(transport, 0)
+        messages, recipients = self._keys_of(transport)
+        for current, cap in zip(self._spans, _message_caps(limits)):
+            if cap is not None and self._used(messages, current, now) + in_flight >= cap:
+                verdicts.append(self._window_closed(transport, current, f"{current.word} {cap} reached"))
+        rcpt_cap = limits.max_recipients_per_day
+        if rcpt_cap is not None and self._used(recipients, self._day, now) + in_flight >= rcpt_cap:
+            verdicts.append(self._window_closed(transport, self._day, f"daily recipient quota {rcpt_cap} reached"))
+        if limits.max_per_second is not None:
+            bucket = self._refilled(transport, limits.max_per_second, now)
+            if bucket.tokens < 1.0:
+                until = now + (1.0 - bucket.tokens) / limits.max_per_second
+                verdicts.append(closed_until(
+                    until, f"rate limit {_rate_text(limits.max_per_second)}/s", gate=RATE_GATE,
+                    forceable=False, transport=transport,
+                ))
+        return verdicts
+
+    def _window_closed(self, transport: str, current: _Current, what: str) -> GateVerdict:
+        return closed_until(
+            current.end, f"{what}, resets {self._clock_text(current.end, current.window.span)}",
+            gate=QUOTA_GATE, forceable=False, transport=transport,
+        )
+
+    def _clock_text(self, when: float, span: Span) -> str:
+        moment = datetime.fromtimestamp(when, self._zone)
+        zone = moment.tzname() or "UTC"
+        if span is Span.MINUTE:
+            return f"{moment:%H:%M:%S} {zone}"
+        return f"{moment:%H:%M} {zone}"
+
+    def _refilled(self, transport: str, rate: float, now: float) -> _Bucket:
+        capacity = max(1.0, rate * _BURST_SHARE)
+        bucket = self._buckets.get(transport)
+        if bucket is None:
+            bucket = self._buckets[transport] = _Bucket(capacity, now)
+        elif now > bucket.stamp:
+            bucket.tokens = min(capacity, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+        return bucket
+
+    def _used(self, key: str, current: _Current, now: float) -> int:
+        return self._counts.get((key, current.at(now)), 0)
+
+    def _keys_of(self, transport: str) -> tuple[str, str]:
+        keys = self._keys.get(transport)
+        if keys is None:
+            keys = self._keys[transport] = (message_key(transport), recipient_key(transport))
+        return keys
+
+    def _prune(self, key: str, current: _Current) -> None:
+        """Forget this key's counts of earlier windows of the same span (one live slot per key and span)."""
+        prefix = current.window.span.value + ":"
+        for slot in [s for s in self._counts if s[0] == key and s[1].startswith(prefix) and s[1] != current.slot]:
+            del self._counts[slot]
+
+    def _persist(self, additions: list[tuple[str, Window, int]], now: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._write(additions, now))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, additions: list[tuple[str, Window, int]], now: float) -> None:
+        try:
+            # Together, so a store that commits in groups writes one delivery's counts at once.
+            wanted = [(key, window, n) for key, window, n in additions if n > 0]
+            totals = await asyncio.gather(*(self._counters.add(key, window, n, now) for key, window, n in wanted))
+            for (key, window, _n), total in zip(wanted, totals):
+                slot = (key, window.slot(now))
+                if slot in self._counts:
+                    # A shared store may know of other nodes' sends: never count fewer.
+                    self._counts[slot] = max(self._counts[slot], total)
+        except CounterError as error:
+            if not self._store_failing:
+                self._store_failing = True
+                self._on_error(f"shaping counts are kept in memory only: {error}")
+            return
+        if self._store_failing:
+            self._store_failing = False
+            self._on_error("shaping counts are written to the store again")
+
+
+def _message_caps(limits: Shaping) -> tuple[int | None, int | None, int | None]:
+    """The message caps per minute, hour and day, in the order of `ShapingGate._spans`."""
+    return limits.max_per_minute, limits.max_per_hour, limits.max_per_day
+
+
+def _rate_text(rate: float) -> str:
+    return f"{rate:g}"
+
+
+
+def status_wire(status: ShapingStatus) -> JsonOutObject:
+    """One transport's shaping for the control socket (`relayctl status --json`): plain JSON values."""
+    return {
+        "rate": round(status.rate, 3),
+        "limits": {key: getattr(status.limits, key) for key in SHAPING_KEYS if getattr(status.limits, key) is not None},
+        "caps": [
+            {"span": c.span, "what": c.what, "used": c.used, "limit": c.limit, "resets_at": c.resets_at}
+            for c in status.caps
+        ],
+        "in_flight": status.in_flight,
+        "held": f"{status.closed.reason}" if status.closed.until is not None else None,
+        "next_release": status.next_release,
+    }
