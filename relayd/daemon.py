@@ -38,11 +38,15 @@ from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
 from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.delivery.gates import GateSet
+from relayd.delivery.holding import HoldBook
+from relayd.delivery.shaping import ShapingGate, status_wire
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
 from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.countstore import SqliteCounters
 from relayd.observe.outcomes import RecentOutcomes
+from relayd.observe.shapingmetrics import ShapingCollector
 from relayd.queue.queuewire import queue_counts
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
@@ -122,6 +126,8 @@ class Relay:
         # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
         self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
         self.health = UpstreamHealth()
+        self.counters = SqliteCounters.in_directory(config.spool_dir)
+        self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir,
@@ -137,13 +143,17 @@ class Relay:
             config=lambda: self.config,
             spool=self.spool,
             transports=lambda: self.transports,
-            gates=GateSet([self.health]),
+            gates=GateSet([self.health, self.shaping]),
             events=self.events,
             enqueue_bounce=self.enqueue_bounce,
             build_dsn=build_dsn,
             is_forced=lambda message_id: self.scheduler.is_forced(message_id),
             release_room=self.room.release_emergency_reserve,
             keep_room=self.room.keep_emergency_reserve,
+        )
+        self.holds = HoldBook(
+            hold_until=self.agent.hold_until, gate_hold=self.agent.gate_hold, unrecorded=self.agent.unrecorded,
+            spacing=self.shaping.spacing, config=lambda: self.config, events=self.events,
         )
         self.scheduler = Scheduler(
             self.agent.deliver,
@@ -152,7 +162,7 @@ class Relay:
             on_error=lambda message_id, error: self.events.emit(ev.Notice(
                 text=f"{message_id} delivery error: {type(error).__name__}: {error}", level="error"
             )),
-            hold_until=self.agent.hold_until,
+            hold_until=self.holds.hold_until,
             lane_of=self.agent.lane_of,
             transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
@@ -183,6 +193,8 @@ class Relay:
                 reload=self.reload_report,
                 listeners=lambda: self.server.bound,
                 spool_room=self.room.status,
+                shaping=self.shaping_status,
+                hold_reasons=self.holds.reasons,
             ).handlers(),
             log_error=lambda text: self.events.emit(ev.Notice(text=text, level="error")),
             ready=self.wait_index_loaded,
@@ -290,6 +302,8 @@ class Relay:
 
     async def _start_stages(self) -> None:
         await self.spool.start()
+        await asyncio.to_thread(self.counters.open)
+        await self.shaping.load(self.config.transports, time.time())
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
@@ -297,6 +311,7 @@ class Relay:
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
+        self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
         if self.config.metrics.port is not None:
             self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(
@@ -319,6 +334,10 @@ class Relay:
         counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
                               self.scheduler.waiting())
         return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
+
+    def shaping_status(self) -> dict[str, dict[str, object]]:
+        """Per transport: rate, window counts against limits, next release (status, metrics)."""
+        return {s.transport: status_wire(s) for s in self.shaping.status(sorted(self.config.transports), time.time())}
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -357,6 +376,8 @@ class Relay:
         await self.server.drain(self.config.delivery.shutdown_grace)
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
         await self.agent.record_unrecorded()
+        await self.shaping.drain()
+        await self.counters.close()
         for message_id, reason in self.agent.unrecorded().items():
             self.events.emit(ev.Notice(
                 text=f"{message_id} stopping with its last delivery outcome unrecorded ({reason}); "
@@ -415,6 +436,8 @@ class Relay:
         self.passwords.clear()
         for transport in old_transports.values():
             await transport.close()
+        await self.shaping.load(new.transports, time.time())
+        self.scheduler.gate_opened()  # a raised or removed limit releases what it held
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []

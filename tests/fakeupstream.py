@@ -60,6 +60,7 @@ class ReceivedMessage:
     tls: bool
     mail_options: list[str]
     reply: str  # the final reply given; "" when the fake dropped the connection
+    at: float = 0.0  # time.monotonic() when the data was complete
 
 
 @dataclass
@@ -79,6 +80,7 @@ class _Records:
     auth_attempts: int = 0
     auth_passwords_seen: int = 0
     connections: int = 0
+    peak_connections: int = 0  # the most connections open at one time
     mechanisms: list[str] = field(default_factory=list)
 
 
@@ -266,6 +268,12 @@ class FakeUpstream:
             return self._records.connections
 
     @property
+    def peak_connections(self) -> int:
+        """The most connections that were open at one time since start."""
+        with self._lock:
+            return self._records.peak_connections
+
+    @property
     def live_connections(self) -> int:
         """Connections open right now."""
         with self._lock:
@@ -328,6 +336,7 @@ class FakeUpstream:
         with self._lock:
             self._records.connections += 1
             self._live.add(session)
+            self._records.peak_connections = max(self._records.peak_connections, len(self._live))
 
     def connection_closed(self, session: "_FakeSMTP") -> None:
         with self._lock:
@@ -563,6 +572,7 @@ class _Handler:
             tls=isinstance(server, _FakeSMTP) and server.is_tls,
             mail_options=list(envelope.mail_options),
             reply=reply,
+            at=time.monotonic(),
         )
         self.fake.record(message, accepted=reply.startswith("2"))
         return reply if rule is None else await _answer(server, rule)

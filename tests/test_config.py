@@ -23,6 +23,7 @@ from relayd.config.model import (
 from relayd.config.loader import ConfigError, ConfigProblem, SizeSyntaxError, load_config, parse_size
 from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
 from relayd.config.retry import parse_retry_schedule
+from relayd.config.shaping import Shaping
 
 HERE = Path(__file__).parent
 BAD_CONFIGS = HERE / "bad_configs"
@@ -153,7 +154,7 @@ def test_valid_config_loads_into_frozen_objects_with_presets_paths_and_defaults(
     gmail = config.transports["gmail_acme"]
     assert gmail == SmtpTransportConfig(name="gmail_acme", host="smtp.gmail.com", port=587,
                                         tls=TlsMode.STARTTLS, credential="acme-gmail",
-                                        provider="gmail")
+                                        provider="gmail", shaping=Shaping(max_per_day=500))
     sendgrid = config.transports["sendgrid"]
     assert isinstance(sendgrid, SmtpTransportConfig) and sendgrid.port == 2525
     private = config.transports["private"]
@@ -456,3 +457,23 @@ def test_transport_max_parallel_defaults_to_half_the_slots_capped_by_connections
     assert tiny.transport_max_parallel("sink") == 1
     bad = problems_of(write(tmp_path, text.replace("max_parallel: 15", "max_parallel: 0")))
     assert bad.endswith("relay.yaml:10:63: max_parallel must be from 1 to 1000; 0 is out of range")
+
+
+def test_a_preset_fills_the_providers_send_limits_and_relay_yaml_overrides_them(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace(
+        "  sink: {host: 127.0.0.1, port: 2526, tls: none}",
+        "  sink: {host: 127.0.0.1, port: 2526, tls: none, max_per_second: 0.5, max_per_hour: 100}\n"
+        "  ses: {preset: ses, region: eu-west-1, max_per_day: 50000}\n"
+        "  gmail: {preset: gmail}\n"
+        "  o365: {preset: office365}\n"
+        "  dev: {type: capture, maildir: mail, max_per_minute: 5}",
+    ))
+    config = load_config(path, check_files=False)
+    shaping = {name: t.shaping for name, t in config.transports.items()}
+    assert shaping["sink"] == Shaping(max_per_second=0.5, max_per_hour=100)
+    assert shaping["ses"] == Shaping(max_per_second=1.0, max_per_day=50000)  # the sandbox's 1/s stays
+    assert shaping["gmail"] == Shaping(max_per_day=500)
+    assert shaping["o365"] == Shaping(max_per_minute=30, max_recipients_per_day=10000)
+    assert shaping["dev"] == Shaping(max_per_minute=5)
+    assert shaping["ses"].describe() == "max_per_second 1, max_per_day 50000"
+    assert not Shaping().is_limited and Shaping().describe() == "unshaped"

@@ -57,6 +57,16 @@ from relayd.config.model import (
     TransportConfig,
 )
 from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.config.shaping import (
+    KEYS as SHAPING_KEYS,
+    PER_DAY,
+    PER_HOUR,
+    PER_MINUTE,
+    PER_SECOND,
+    RECIPIENTS_PER_DAY,
+    UNSHAPED,
+    Shaping,
+)
 from relayd.config.retry import (
     DEFAULT_RETRY,
     RetrySchedule,
@@ -385,8 +395,8 @@ _NETWORK_ONLY_KEYS = ("address", "port", "tls", "allow_plaintext_auth")
 _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_certificate",
               "ca_file", "helo_name", "connect_timeout", "command_timeout", "retry",
               "max_connections", "max_messages_per_connection", "idle_timeout", "region",
-              "max_parallel", "auth_mechanism")
-_CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
+              "max_parallel", "auth_mechanism", *SHAPING_KEYS)
+_CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel", *SHAPING_KEYS)
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
                 "local_users", "max_recipients", "max_message_size", "enabled", "routes")
 _ROUTE_KEYS = ("name", "domains", "via")
@@ -1117,7 +1127,33 @@ class _Reader:
             maildir=self.need(tm, "maildir", self.path, Path(".")),
             retry=self.get(tm, "retry", self.schedule, None),
             max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
+            shaping=self.shaping(tm, UNSHAPED),
         )
+
+    def shaping(self, tm: _Map, defaults: Shaping) -> Shaping:
+        """The transport's send limits: its own `max_per_*` keys over the preset's."""
+        return defaults.overridden(
+            max_per_second=self.get(tm, "max_per_second", self.rate(PER_SECOND), None),
+            max_per_minute=self.get(tm, "max_per_minute", self.integer(PER_MINUTE), None),
+            max_per_hour=self.get(tm, "max_per_hour", self.integer(PER_HOUR), None),
+            max_per_day=self.get(tm, "max_per_day", self.integer(PER_DAY), None),
+            max_recipients_per_day=self.get(tm, "max_recipients_per_day", self.integer(RECIPIENTS_PER_DAY), None),
+        )
+
+    def rate(self, bounds: tuple[float, float]) -> Conv[float]:
+        lo, hi = bounds
+
+        def conv(node: _Node, key: str) -> float | None:
+            v = node.value if isinstance(node, _Scalar) else None
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.add(node.pos, f"{key} must be a number such as 2 or 0.5, but this is {_kind(node)}")
+                return None
+            if not lo <= v <= hi:
+                self.add(node.pos, f"{key} must be from {lo:g} to {hi:g}; {v} is out of range")
+                return None
+            return float(v)
+
+        return conv
 
     def smtp_transport(self, name: str, tm: _Map) -> SmtpTransportConfig:
         d = SmtpTransportConfig(name=name, host="", port=0)
@@ -1168,6 +1204,7 @@ class _Reader:
             provider=preset.name if preset else None,
             max_parallel=self.get(tm, "max_parallel", self.integer(_PARALLEL), None),
             auth_mechanism=mechanism,
+            shaping=self.shaping(tm, preset.shaping if preset else UNSHAPED),
         )
 
     def check_transport_safety(self, tm: _Map, host: str, tls: TlsMode, credential: str | None,

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Mapping, Union
 
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
+from relayd.config.shaping import UNSHAPED, Shaping
 
 
 class TlsMode(enum.Enum):
@@ -111,6 +112,8 @@ class SmtpTransportConfig:
     # RelayConfig.transport_max_parallel), so one slow provider cannot take
     # every delivery slot.
     max_parallel: int | None = None
+    # Send limits (relayd.config.shaping): the preset's, overridden by relay.yaml.
+    shaping: Shaping = UNSHAPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,7 @@ class CaptureTransportConfig:
     maildir: Path
     retry: RetrySchedule | None = None
     max_parallel: int | None = None  # as SmtpTransportConfig.max_parallel
+    shaping: Shaping = UNSHAPED  # as SmtpTransportConfig.shaping
 
 
 TransportConfig = Union[SmtpTransportConfig, CaptureTransportConfig]
@@ -236,6 +240,11 @@ class RelayConfig:
     def retry_for(self, transport_name: str) -> RetrySchedule:
         t = self.transports.get(transport_name)
         return (t.retry if t is not None and t.retry is not None else self.retry)
+
+    def transport_shaping(self, transport_name: str) -> Shaping:
+        """A transport's send limits (UNSHAPED for a name no transport has)."""
+        t = self.transports.get(transport_name)
+        return t.shaping if t is not None else UNSHAPED
 
     def transport_max_parallel(self, transport_name: str) -> int:
         """How many deliveries may start on one transport at once.

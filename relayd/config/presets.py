@@ -7,8 +7,16 @@ defaults, plus the facts an operator needs when a login or a quota fails
 Untrusted input: only the preset and region names, checked here.
 Fails with `PresetError`, whose message lists the known presets.
 
-The numbers are the providers' published limits at the time of writing; they
-are hints for operators and for error explanations, never enforced silently.
+The numbers are the providers' published limits at the time of writing
+(2026-12). `shaping` is what relayd enforces for a transport using the preset
+unless relay.yaml sets its own `max_per_*` values; the sources:
+* SES sandbox, 1 message/s and 200 per 24 hours: AWS, "Service quotas in
+  Amazon SES" (a production account's quotas are per account: set them);
+* Gmail, about 500 messages a day: Google, "Gmail sending limits";
+* Google Workspace, 2,000 messages a day per user: Google Workspace Admin
+  Help, "Gmail sending limits in Google Workspace";
+* Microsoft 365, 30 messages a minute and 10,000 recipients a day: Microsoft
+  Learn, "Exchange Online limits" (sending limits).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from relayd.config.model import TlsMode
+from relayd.config.shaping import UNSHAPED, Shaping
 
 
 class PresetError(ValueError):
@@ -37,6 +46,7 @@ class ProviderPreset:
     daily_limit: int | None = None  # messages per day, where the provider publishes one
     max_recipients_per_message: int | None = None
     user_hint: str | None = None  # what goes in the SMTP user name
+    shaping: Shaping = UNSHAPED  # the limits relayd enforces unless relay.yaml sets its own
 
     @property
     def needs_region(self) -> bool:
@@ -57,6 +67,7 @@ _PRESETS: tuple[ProviderPreset, ...] = (
         daily_limit=500,
         max_recipients_per_message=100,
         user_hint="the full Gmail address, e.g. name@gmail.com",
+        shaping=Shaping(max_per_day=500),
     ),
     ProviderPreset(
         name="google_workspace",
@@ -70,6 +81,7 @@ _PRESETS: tuple[ProviderPreset, ...] = (
         daily_limit=2000,
         max_recipients_per_message=100,
         user_hint="the full Workspace address, e.g. name@example.com",
+        shaping=Shaping(max_per_day=2000),
     ),
     ProviderPreset(
         name="sendgrid",
@@ -108,6 +120,7 @@ _PRESETS: tuple[ProviderPreset, ...] = (
         daily_limit=200,
         max_recipients_per_message=50,
         user_hint="the SMTP user name generated in the SES console (not an IAM key id)",
+        shaping=Shaping(max_per_second=1.0, max_per_day=200),
     ),
     ProviderPreset(
         name="office365",
@@ -121,6 +134,7 @@ _PRESETS: tuple[ProviderPreset, ...] = (
         ),
         max_recipients_per_message=500,
         user_hint="the mailbox address, e.g. name@example.onmicrosoft.com",
+        shaping=Shaping(max_per_minute=30, max_recipients_per_day=10000),
     ),
     ProviderPreset(
         name="ovh",

@@ -51,13 +51,15 @@ class GateVerdict:
     """Open (`until` None), or closed until `until` because of `reason`.
 
     `gate` names the gate that closed it (`retry`, later `rate`, `quota`...),
-    so the walk and `mailq` can say which limit holds a message.
+    so the walk and `mailq` can say which limit holds a message; `transport`
+    the transport it closes ("" when the gate did not say).
     """
 
     until: float | None = None
     reason: str = ""
     gate: str = ""
     forceable: bool = True
+    transport: str = ""
 
     @property
     def is_open(self) -> bool:
@@ -71,9 +73,11 @@ class GateVerdict:
 OPEN = GateVerdict()
 
 
-def closed_until(until: float, reason: str, *, gate: str, forceable: bool = True) -> GateVerdict:
+def closed_until(
+    until: float, reason: str, *, gate: str, forceable: bool = True, transport: str = ""
+) -> GateVerdict:
     """A closed verdict; `until` is the earliest time the gate may open again."""
-    return GateVerdict(until, reason, gate, forceable)
+    return GateVerdict(until, reason, gate, forceable, transport)
 
 
 class AttemptEnd(enum.Enum):
@@ -166,5 +170,5 @@ def earliest_reopening(gate: Gate, chain: Sequence[str], now: float) -> GateVerd
         if verdict.until is None:
             return OPEN
         if earliest is None or (earliest.until is not None and verdict.until < earliest.until):
-            earliest = verdict
+            earliest = verdict if verdict.transport else replace(verdict, transport=name)
     return earliest if earliest is not None else OPEN

@@ -59,6 +59,7 @@ from relayd.config.model import RelayConfig
 from relayd.delivery.dsn import auto_submitted_keyword
 from relayd.queue.fairness import Lane
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
+from relayd.delivery.holding import held_back
 from relayd.delivery.router import domain_of, group_by_route, route
 from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
@@ -328,8 +329,12 @@ class DeliveryAgent:
         if immediate:
             await self._commit(progress, immediate, config)
         for route_, group in groups:
-            reports = await self.walk_chain(entry, body, route_, group, config)
+            # A limit may have closed the whole chain since the scheduler looked: wait, no attempt.
+            reports, group = held_back(entry, route_, group, self._chain_wait(route_.transports, self._clock()), config, now=self._clock())
+            reports += await self.walk_chain(entry, body, route_, group, config) if group else []
             await self._commit(progress, reports, config)
+        if progress.known is entry:
+            return entry  # every group was held back by a limit: nothing happened, nothing to write
         if progress.unbounced:
             # The bounce is queued durably before the failures are recorded:
             # a crash in between can only duplicate a bounce, never lose one.

@@ -264,6 +264,23 @@ class SpoolCannotRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MessageHeldLong:
+    """A message waiting for a transport's limit (not failing) has reached half its maximum age.
+
+    Once per message: past `max_age` it fails with "retry timeout exceeded"
+    like any deferred message, so the operator hears of it while there is
+    time to raise the limit or add a transport.
+    """
+
+    queue_id: str
+    tenant: str
+    held_for: float  # seconds since the message arrived
+    max_age: float
+    reason: str  # "gmail_acme daily quota 500 reached, resets 00:00 UTC"
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SpoolRecovered:
     """A held delivery outcome was written after all."""
 
@@ -324,7 +341,7 @@ Event = Union[
     RejectionsNotLogged, AuthFailed, AuthThrottled, ConnectionRefused, SessionOpened,
     SessionClosed, SessionDropped, OperatorAction, SpoolRefusedMessage, SpoolSetAside,
     SpoolCannotRecord, SpoolRecovered, IncompleteDiscarded, DaemonStarted, DaemonStopping,
-    DaemonStopped, ConfigReloaded, Notice,
+    DaemonStopped, ConfigReloaded, Notice, MessageHeldLong,
 ]
 
 

@@ -409,6 +409,11 @@ def _format_daemon_event(event: ev.Event) -> str | None:
         )
     if isinstance(event, ev.SpoolRecovered):
         return format_daemon(f"{event.queue_id} delivery state recorded; the spool can write again")
+    if isinstance(event, ev.MessageHeldLong):
+        return format_daemon(
+            f"{event.queue_id} held for {event.held_for / 3600:.1f}h, half its maximum age "
+            f"{event.max_age / 3600:.1f}h: {event.reason}", level="warning",
+        )
     if isinstance(event, ev.IncompleteDiscarded):
         return format_daemon(f"{event.queue_id} incomplete message from a stopped receiver discarded")
     if isinstance(event, ev.DaemonStarted):

@@ -37,7 +37,7 @@ import asyncio
 import concurrent.futures
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
@@ -60,23 +60,24 @@ class QueueGauges:
 
 
 QueueReader = Callable[[], "QueueGauges | None"]
+T = TypeVar("T")
 
 
-def loop_reader(loop: asyncio.AbstractEventLoop, compute: Callable[[], QueueGauges | None],
-                timeout: float = SCRAPE_WAIT) -> QueueReader:
+def loop_reader(loop: asyncio.AbstractEventLoop, compute: Callable[[], T | None],
+                timeout: float = SCRAPE_WAIT) -> Callable[[], T | None]:
     """A reader that runs `compute` on `loop` (which owns the queue) and waits for it.
 
     Called on the loop's own thread it computes directly; from another thread
     it returns None when the loop does not answer within `timeout`.
     """
-    def read() -> QueueGauges | None:
+    def read() -> T | None:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is loop:
             return compute()
-        answer: concurrent.futures.Future[QueueGauges | None] = concurrent.futures.Future()
+        answer: concurrent.futures.Future[T | None] = concurrent.futures.Future()
 
         def on_loop() -> None:
             try:

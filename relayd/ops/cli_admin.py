@@ -585,7 +585,24 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     scope = "" if files else "; files not checked (--no-files)"
     print(f"{file}: OK ({counted(len(config.tenants), 'tenant')}, {counted(len(config.transports), 'transport')}, "
           f"{counted(len(config.listeners), 'listener')}{scope})")
+    for line in shaping_lines(config):
+        print(line)
     return EXIT_OK
+
+
+def shaping_lines(config: RelayConfig) -> list[str]:
+    """The effective send limits of every transport (preset values overridden by relay.yaml); pure."""
+    lines = []
+    for name in sorted(config.transports):
+        t = config.transports[name]
+        parts = [t.shaping.describe()]
+        if isinstance(t, SmtpTransportConfig):
+            parts.append(f"max_connections {t.max_connections}, "
+                         f"max_messages_per_connection {t.max_messages_per_connection}")
+            if t.provider:
+                parts.append(f"preset {t.provider}")
+        lines.append(f"  transport {name}: " + "; ".join(parts))
+    return lines
 
 
 # ------------------------------------------------------------------ route test

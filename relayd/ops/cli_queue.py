@@ -141,10 +141,15 @@ def _offline_entries(config: RelayConfig, why: DaemonNotRunning) -> list[QueueEn
         lock.release()
 
 
-def _daemon_chunks(config: RelayConfig) -> Iterator[list[Any]]:
-    """Chunks of compact wire rows from the running relayd; DaemonNotRunning if none runs."""
+def _daemon_chunks(config: RelayConfig, held: dict[str, str] | None = None) -> Iterator[list[Any]]:
+    """Chunks of compact wire rows from the running relayd; DaemonNotRunning if none runs.
+
+    `held` is filled with the messages a transport's limit holds, and why.
+    """
     for message in _client(config).stream("queue.list"):
-        if "rows" in message:
+        if isinstance(message.get("held"), dict) and held is not None:
+            held.update({str(k): str(v) for k, v in message["held"].items()})
+        elif "rows" in message:
             rows = message["rows"]
             if not isinstance(rows, list):
                 raise CliError("relayd sent a malformed queue listing")
@@ -164,10 +169,10 @@ def _warn_unrecorded(held: object) -> None:
               f"({sanitize(str(reason), limit=300)})", file=sys.stderr)
 
 
-def _wire_chunks(config: RelayConfig) -> Iterator[list[Any]]:
+def _wire_chunks(config: RelayConfig, held: dict[str, str] | None = None) -> Iterator[list[Any]]:
     """The queue as chunks of wire rows: from relayd when it runs, else straight from the spool."""
     try:
-        chunks = _daemon_chunks(config)
+        chunks = _daemon_chunks(config, held)
         first = next(chunks, None)
     except DaemonNotRunning as why:
         yield [wire_row(e, False) for e in _offline_entries(config, why)]
@@ -248,10 +253,11 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
         json.dump([row_to_json(r, now) for r in rows], out, indent=1)
         out.write("\n")
         return EXIT_OK
-    for chunk in _wire_chunks(config):
+    held: dict[str, str] = {}
+    for chunk in _wire_chunks(config, held):
         if selection.is_empty:
             try:
-                text = "".join(f"{w[0]}\n" for w in chunk) if args.ids_only else listing_text(chunk, now)
+                text = "".join(f"{w[0]}\n" for w in chunk) if args.ids_only else listing_text(chunk, now, held)
             except (TypeError, ValueError, IndexError, KeyError):
                 raise CliError("relayd sent a malformed queue listing") from None
         else:
@@ -259,7 +265,7 @@ def _list(args: argparse.Namespace, config: RelayConfig, selection: QueueFilter,
             if args.ids_only:
                 text = "".join(f"{row.id}\n" for row in chosen)
             else:
-                text = "".join(line + "\n" for row in chosen for line in listing_lines(row, now))
+                text = "".join(line + "\n" for row in chosen for line in listing_lines(row, now, held.get(row.id)))
         out.write(text)
     out.flush()
     return EXIT_OK
@@ -396,7 +402,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     elif args.headers:
         print(printable_block(headers.rstrip(b"\r\n")))
     else:
-        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))
+        lines = show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"), held=data.get("held"))
         lines += ["Headers:"] + ["  " + line for line in printable_block(headers.rstrip(b"\r\n")).split("\n")]
         print("\n".join(lines))
     return EXIT_OK
@@ -410,7 +416,7 @@ def _print_history(message_id: str, entry: QueueEntry | None, data: dict[str, An
     if entry is None:
         print(f"Message {message_id} is no longer in the queue.")
     else:
-        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"))))
+        print("\n".join(show_lines(entry, in_flight=bool(data.get("in_flight")), now=now, waiting_until=_waiting(data), cannot_record=data.get("cannot_record"), held=data.get("held"))))
     return EXIT_OK
 
 

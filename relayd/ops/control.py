@@ -313,6 +313,8 @@ class QueueControl:
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
         spool_room: Callable[[], dict[str, object]] | None = None,
+        shaping: Callable[[], dict[str, dict[str, object]]] = dict,
+        hold_reasons: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -325,6 +327,8 @@ class QueueControl:
         self._listeners = listeners
         self._clock = clock
         self._spool_room = spool_room
+        self._shaping = shaping  # per transport: rate, counts against limits, next release
+        self._hold_reasons = hold_reasons  # message id -> "held: <transport> <limit>, resets ..."
         self._started = clock()
         self._row_cache: dict[str, tuple[QueueEntry, bool, bytes]] = {}
 
@@ -377,6 +381,7 @@ class QueueControl:
             ),
             "transports": self._health_table(),
             "spool": self._spool_status(),
+            "shaping": self._shaping(),
         }
 
     def _spool_status(self) -> dict[str, Any]:
@@ -402,6 +407,9 @@ class QueueControl:
         entries = sorted(self._scheduler.entries(), key=_entry_id)
         flying = self._scheduler.in_flight_ids()
         old, fresh = self._row_cache, {}
+        held = self._hold_reasons()
+        if held:  # before the rows, so the listing can print each reason under its message
+            await request.emit({"held": held})
         for start in range(0, len(entries), LIST_CHUNK):
             parts = []
             for entry in entries[start : start + LIST_CHUNK]:
@@ -436,6 +444,7 @@ class QueueControl:
         answer["message"] = entry_to_json(entry)
         answer["in_flight"] = self._scheduler.in_flight(message_id)
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
+        answer["held"] = self._hold_reasons().get(message_id)
         answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
             from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing

@@ -176,8 +176,11 @@ def format_size(size: int) -> str:
 _MARKS = {"D": "D", "F": "F"}
 
 
-def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
+def listing_text(wire_rows: Iterable[Sequence[Any]], now: float, held: Mapping[str, str] | None = None) -> str:
     """`listing_lines` for a chunk of unfiltered wire rows, as one string, fast.
+
+    `held`: why a transport's limit holds a message, printed in parentheses
+    under its line (Postfix's mailq shows a deferral's reason the same way).
 
     100,000 messages must list in well under a second, so this reads the
     compact rows directly and remembers the few distinct ages, sizes,
@@ -204,6 +207,8 @@ def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
             if org is None:
                 org = clean[tenant] = sanitize(str(tenant))
             add(f"{age} {size_text} {mid} <{who}> A={org}{' *** frozen ***' if frozen else ''}\n")
+            if held and mid in held:
+                add(f"      ({sanitize(held[mid], limit=300)})\n")
             for address, state, _attempts, _next in rcpts:
                 plain = address.isprintable() and "\\" not in address and len(address) <= MAX_FIELD
                 add(f"        {_MARKS.get(state, ' ')} {address if plain else sanitize(str(address))}\n")
@@ -213,7 +218,7 @@ def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
     return "".join(out)
 
 
-def listing_lines(row: QueueRow, now: float) -> list[str]:
+def listing_lines(row: QueueRow, now: float, held: str | None = None) -> list[str]:
     """One message in `exim -bp` shape, plus its tenant and a blank line after it.
 
     ``25m  4.3K 1tA2bC-0000aB-x9 <billing@acme.example> A=acme *** frozen ***``
@@ -227,6 +232,8 @@ def listing_lines(row: QueueRow, now: float) -> list[str]:
     if row.frozen:
         head += " *** frozen ***"
     lines = [head]
+    if held:
+        lines.append(f"      ({sanitize(held, limit=300)})")
     for r in row.recipients:
         mark = "D" if r.state is RecipientState.DELIVERED else "F" if r.state is RecipientState.FAILED else " "
         lines.append(f"        {mark} {sanitize(r.address)}")
@@ -404,7 +411,7 @@ def printable_block(data: bytes) -> str:
 
 def show_lines(
     entry: QueueEntry, *, in_flight: bool, now: float, waiting_until: float | None = None,
-    cannot_record: str | None = None,
+    cannot_record: str | None = None, held: str | None = None,
 ) -> list[str]:
     """Envelope, state and one line per recipient with its delivery state.
 
@@ -417,6 +424,8 @@ def show_lines(
     state = message_state(row, now)
     if state == "active" and waiting_until is not None and waiting_until > now:
         state = f"deferred (every transport is in its retry wait until {format_time(waiting_until)})"
+        if held:
+            state = f"{sanitize(held, limit=300)}; released from {format_time(waiting_until)}"
     if cannot_record:
         state = f"held: cannot record delivery state ({sanitize(cannot_record, limit=300)})"
     client = f"[{sanitize(env.client_ip)}]:{env.client_port}" if env.client_ip else "local"
@@ -474,7 +483,40 @@ def status_lines(status: Mapping[str, Any], now: float) -> list[str]:
     ]
     lines[-1:-1] = spool_lines(status.get("spool") or {})
     lines.extend(transport_table(status["transports"], now))
+    shaping = shaping_table(status.get("shaping") or {})
+    if shaping:
+        lines.extend(["", *shaping])
     return lines
+
+
+def _cap_cell(cap: Mapping[str, Any] | None) -> str:
+    if not isinstance(cap, Mapping):
+        return "-"
+    limit = cap.get("limit")
+    return f"{cap.get('used', 0)}/{limit}" if limit is not None else str(cap.get("used", 0))
+
+
+def shaping_table(shaping: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per shaped or used transport: rate, this minute/hour/day against the limits, the next release; pure."""
+    headers = ["TRANSPORT", "RATE", "MINUTE", "HOUR", "DAY", "RCPT/DAY", "LIMIT STATE"]
+    rows: list[list[str]] = []
+    for name in sorted(shaping):
+        s = shaping[name]
+        caps = {(c.get("span"), c.get("what")): c for c in s.get("caps") or () if isinstance(c, Mapping)}
+        used = any(c.get("used") for c in caps.values())
+        if not s.get("limits") and not used:
+            continue
+        release = s.get("next_release")
+        state = "open"
+        if isinstance(release, (int, float)) and s.get("held"):
+            state = (f"held: {sanitize(str(s['held']), limit=120)}; next release "
+                     f"{time.strftime('%H:%M:%S', time.gmtime(release))} UTC")
+        rows.append([
+            sanitize(name), f"{float(s.get('rate') or 0.0):.2f}/s",
+            _cap_cell(caps.get(("minute", "messages"))), _cap_cell(caps.get(("hour", "messages"))),
+            _cap_cell(caps.get(("day", "messages"))), _cap_cell(caps.get(("day", "recipients"))), state,
+        ])
+    return table_lines(headers, rows) if rows else []
 
 
 def spool_lines(spool: Mapping[str, Any]) -> list[str]:
