@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from relayd import hardening, replies, sdnotify
 from relayd.smtp.authcheck import PasswordChecker
@@ -47,6 +47,8 @@ from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop
 from relayd.observe.countstore import SqliteCounters
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.observe.shapingmetrics import ShapingCollector
+from relayd.ops.usagecontrol import UsageControl
+from relayd.queue.usage import TenantUsageService
 from relayd.queue.queuewire import queue_counts
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
@@ -128,6 +130,12 @@ class Relay:
         self.health = UpstreamHealth()
         self.counters = SqliteCounters.in_directory(config.spool_dir)
         self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn)
+        self.usage = TenantUsageService(
+            config=lambda: self.config, counters=self.counters, events=self.events, registry=self.metrics.registry,
+            on_release=lambda: self.scheduler.gate_opened(), exists=lambda i: self.scheduler.get(i) is not None,
+        )
+        self.events.add(self.usage.deliveries)
+        self.events.add(self.usage.metrics)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir,
@@ -162,7 +170,7 @@ class Relay:
             on_error=lambda message_id, error: self.events.emit(ev.Notice(
                 text=f"{message_id} delivery error: {type(error).__name__}: {error}", level="error"
             )),
-            hold_until=self.holds.hold_until,
+            hold_until=lambda entry: self.usage.quotas.held_until(entry.id) or self.holds.hold_until(entry),
             lane_of=self.agent.lane_of,
             transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
@@ -173,7 +181,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
-                admit=self.room.refusal,
+                admit=lambda tenant, size: self.usage.quotas.refusal(tenant) or self.room.refusal(tenant, size),
                 guard=self.guard,
                 events=self.events,
                 receive=self.receive,
@@ -182,7 +190,7 @@ class Relay:
         )
         self.control = ControlServer(
             config.control_path,
-            QueueControl(
+            UsageControl(self.usage.report, lambda: self.config.tenants).handlers(QueueControl(
                 config=lambda: self.config,
                 scheduler=self.scheduler,
                 spool=self.spool,
@@ -194,8 +202,8 @@ class Relay:
                 listeners=lambda: self.server.bound,
                 spool_room=self.room.status,
                 shaping=self.shaping_status,
-                hold_reasons=self.holds.reasons,
-            ).handlers(),
+                hold_reasons=lambda: {**self.holds.reasons(), **self.usage.quotas.hold_reasons()},
+            ).handlers()),
             log_error=lambda text: self.events.emit(ev.Notice(text=text, level="error")),
             ready=self.wait_index_loaded,
         )
@@ -233,6 +241,7 @@ class Relay:
         return tenant if await self.passwords.check(tenant, password) else None
 
     async def accept(self, envelope: Envelope, body: bytes) -> str:
+        await self._charge(envelope.id, envelope, abort=lambda: None)
         try:
             entry = await self.spool.accept(envelope, body)
         except SpoolFullError as error:
@@ -250,7 +259,18 @@ class Relay:
             message = await self.spool.receive(envelope)
         except SpoolError as error:
             raise self._refusal(error) from None
+        await self._charge(message.id, envelope, abort=message.abort)
         return QueuedBody(message, self)
+
+    async def _charge(self, queue_id: str, envelope: Envelope, *, abort: Callable[[], None]) -> None:
+        """Count the message against its tenant's quota; over a `refuse` quota it is dropped with a 450."""
+        reply = await self.usage.quotas.charge(queue_id, envelope.tenant, len(envelope.recipients))
+        if reply is not None:
+            abort()
+            self.events.emit(ev.SmtpRefused(
+                client_ip=envelope.client_ip, stage="DATA", reply=reply, detail=f"A={envelope.tenant} quota",
+            ))
+            raise SubmissionRefused(reply)
 
     def _refusal(self, error: SpoolError) -> SubmissionRefused:
         """Log a spool failure while taking a message; the reply the client gets."""
@@ -304,6 +324,7 @@ class Relay:
         await self.spool.start()
         await asyncio.to_thread(self.counters.open)
         await self.shaping.load(self.config.transports, time.time())
+        await self.usage.start()
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
@@ -312,6 +333,7 @@ class Relay:
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
+        self.usage.metrics.read_with(loop_reader(asyncio.get_running_loop(), self.usage.snapshot))
         if self.config.metrics.port is not None:
             self.metrics.read_queue_with(loop_reader(asyncio.get_running_loop(), self.queue_gauges))
             self._metrics_server = self.metrics.start_http_server(
@@ -366,6 +388,7 @@ class Relay:
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
         gc.freeze()
+        self.usage.start_releases()
         self.events.emit(ev.Notice(text=f"queue index loaded: {added} message(s) in {time.monotonic() - started:.2f}s"))
 
     async def stop(self) -> None:
@@ -377,6 +400,7 @@ class Relay:
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
         await self.agent.record_unrecorded()
         await self.shaping.drain()
+        await self.usage.stop()
         await self.counters.close()
         for message_id, reason in self.agent.unrecorded().items():
             self.events.emit(ev.Notice(
@@ -437,6 +461,7 @@ class Relay:
         for transport in old_transports.values():
             await transport.close()
         await self.shaping.load(new.transports, time.time())
+        await self.usage.quotas.load()
         self.scheduler.gate_opened()  # a raised or removed limit releases what it held
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)

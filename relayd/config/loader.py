@@ -57,6 +57,7 @@ from relayd.config.model import (
     TransportConfig,
 )
 from relayd.config.presets import PROVIDER_PRESETS, PresetError, resolve_preset
+from relayd.config import quota as q
 from relayd.config.shaping import (
     KEYS as SHAPING_KEYS,
     PER_DAY,
@@ -375,7 +376,7 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
              "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
-             "tenants_file", "audit_log", "spool_limits")
+             "tenants_file", "audit_log", "spool_limits", "usage")
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _TLS_KEYS = ("cert", "key")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
@@ -398,7 +399,7 @@ _SMTP_KEYS = ("type", "preset", "host", "port", "tls", "credential", "verify_cer
               "max_parallel", "auth_mechanism", *SHAPING_KEYS)
 _CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel", *SHAPING_KEYS)
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
-                "local_users", "max_recipients", "max_message_size", "enabled", "routes")
+                "local_users", "max_recipients", "max_message_size", "enabled", "routes", "quota")
 _ROUTE_KEYS = ("name", "domains", "via")
 
 # Bounds: (minimum, maximum). Each is repeated in the comments of config/relay.yaml.
@@ -796,6 +797,7 @@ class _Reader:
             pid_file=self.get(m, "pid_file", self.path, None),
             tenants_file=tenants_file,
             audit_log=self.get(m, "audit_log", self.path, None),
+            usage=self.usage(m),
         )
 
     def managed_tenants(self, path: Path, source: Path, transport_names: frozenset[str],
@@ -882,6 +884,65 @@ class _Reader:
             shutdown_grace=self.get(s, "shutdown_grace", self.duration(_SHUTDOWN_GRACE),
                                     d.shutdown_grace),
         )
+
+    def usage(self, m: _Map) -> q.UsageConfig:
+        """The `usage:` section: counting time zone and counter store (relayd.config.quota)."""
+        d = q.UsageConfig()
+        s = self.section(m, "usage", q.USAGE_KEYS)
+        if s is None:
+            return d
+        store = self.get(s, "store", self.choice(q.CounterStore), d.store)
+        redis_node = s.value("redis")
+        redis = self.redis(redis_node) if redis_node is not None else None
+        if store is q.CounterStore.REDIS and redis is None:
+            self.add(self.pos_of(s, "store"), "store: redis needs a redis: section (host, port) below it")
+        return q.UsageConfig(
+            time_zone=self.get(s, "time_zone", self.time_zone, d.time_zone),
+            store=q.CounterStore(store.value), redis=redis if store is q.CounterStore.REDIS else None,
+        )
+
+    def redis(self, node: _Node) -> q.RedisSettings | None:
+        r = self.as_map(node, "redis")
+        if r is None:
+            return None
+        self.check_keys(r, q.REDIS_KEYS, "usage.redis")
+        d = q.RedisSettings()
+        return q.RedisSettings(
+            host=self.get(r, "host", self.host, d.host),
+            port=self.get(r, "port", self.integer((1, 65535)), d.port),
+            db=self.get(r, "db", self.integer(q.REDIS_DB), d.db),
+            key_prefix=self.get(r, "key_prefix", self.name("key_prefix"), d.key_prefix),
+            timeout=self.get(r, "timeout", self.rate(q.REDIS_TIMEOUT), d.timeout),
+            local_share=self.get(r, "local_share", self.rate(q.LOCAL_SHARE), d.local_share),
+        )
+
+    def time_zone(self, node: _Node, key: str) -> str | None:
+        name = self.text(node, key)
+        if name is None:
+            return None
+        try:
+            q.zone_named(name)
+        except ValueError as error:
+            self.add(node.pos, f"{key}: {error}")
+            return None
+        return name
+
+    def tenant_quota(self, tenant: str, tm: _Map) -> q.TenantQuota:
+        node = tm.value("quota")
+        qm = self.as_map(node, "quota") if node is not None else None
+        if qm is None:
+            return q.NO_QUOTA
+        self.check_keys(qm, q.QUOTA_KEYS, f"tenant '{tenant}' quota")
+        d = q.TenantQuota()
+        quota = q.TenantQuota(
+            max_per_day=self.get(qm, "max_per_day", self.integer(q.PER_DAY), None),
+            max_per_month=self.get(qm, "max_per_month", self.integer(q.PER_MONTH), None),
+            on_quota=q.QuotaAction(self.get(qm, "on_quota", self.choice(q.QuotaAction), d.on_quota).value),
+            alert_percent=self.get(qm, "alert_percent", self.integer(q.ALERT_PERCENT), d.alert_percent),
+        )
+        if not quota.is_limited and node is not None:
+            self.add(node.pos, f"tenant '{tenant}' quota needs max_per_day or max_per_month (or remove quota:)")
+        return quota
 
     def spool_limits(self, m: _Map) -> SpoolLimits:
         d = SpoolLimits()
@@ -1270,6 +1331,7 @@ class _Reader:
             max_recipients=self.get(tm, "max_recipients", self.integer(_RECIPIENTS), None),
             max_message_size=self.get(tm, "max_message_size", self.size(_MESSAGE_SIZE), None),
             enabled=self.get(tm, "enabled", self.boolean, True),
+            quota=self.tenant_quota(name, tm),
             origin=f"{self.file}:{key_pos.line}",
             managed=self.managed,
         )

@@ -38,6 +38,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
+from relayd.ops.usageview import usage_status_lines
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -679,7 +680,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"running": True, **status}, indent=1))
     else:
-        print("\n".join(status_lines(status, time.time())))
+        print("\n".join(status_lines(status, time.time()) + usage_status_lines(status)))
     return EXIT_OK
 
 
