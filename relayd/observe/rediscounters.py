@@ -38,20 +38,21 @@ T = TypeVar("T")
 _TAKE = """
 local n = tonumber(ARGV[1])
 local counts = {}
+local room = 1
 for i, key in ipairs(KEYS) do
-  local now = tonumber(redis.call('GET', key) or '0')
+  counts[i] = tonumber(redis.call('GET', key) or '0')
   local cap = tonumber(ARGV[2 * i])
-  counts[i] = now
-  if cap >= 0 and now + n > cap then
-    table.insert(counts, 1, 0)
-    return counts
+  if cap >= 0 and counts[i] + n > cap then
+    room = 0
   end
 end
-for i, key in ipairs(KEYS) do
-  counts[i] = redis.call('INCRBY', key, n)
-  redis.call('EXPIREAT', key, tonumber(ARGV[2 * i + 1]))
+if room == 1 then
+  for i, key in ipairs(KEYS) do
+    counts[i] = redis.call('INCRBY', key, n)
+    redis.call('EXPIREAT', key, tonumber(ARGV[2 * i + 1]))
+  end
 end
-table.insert(counts, 1, 1)
+table.insert(counts, 1, room)
 return counts
 """
 
@@ -64,7 +65,7 @@ class RedisCounters:
         self._client = aioredis.Redis(
             host=settings.host, port=settings.port, db=settings.db,
             socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
-            retry_on_timeout=False, decode_responses=False,
+            decode_responses=False,
         )
 
     @property

@@ -158,6 +158,8 @@ class TenantQuotas:
         if not quota.is_limited or quota.on_quota is not QuotaAction.REFUSE:
             return None
         now = self._clock()
+        if self._degraded() and not self._skip_shared(now):
+            return None  # the shared store is due another try: the claim decides
         for span in SPANS:
             cap = self._effective_cap(quota, span)
             key = node_key(tenant_name) if self._degraded() else message_key(tenant_name)
@@ -191,14 +193,15 @@ class TenantQuotas:
         return await self._hold(queue_id, tenant_name, quota, span, now)
 
     async def _claim(self, tenant: str, quota: TenantQuota, now: float) -> tuple[Taken, list[Claim]]:
-        if self._shared is not None and not self._skip_shared(now):
+        if self._shared is not None and self._degraded() and not self._skip_shared(now):
+            await self._recovered(now)  # the shared store is due another try
+        if self._shared is not None and not self._degraded():
             claims = [Claim(message_key(tenant), self._window(s), cap_of(quota, s)) for s in SPANS]
             try:
                 taken = await self._shared.take(claims, 1, now)
             except CounterError as error:
                 self._degrade(str(error), now)
             else:
-                await self._recovered(now)
                 self._remember_all(claims, taken, now)
                 if taken.ok:  # this node's own count, its budget if the shared store goes away
                     for span in SPANS:
@@ -226,6 +229,8 @@ class TenantQuotas:
     # -- the alert ---------------------------------------------------------------------
 
     def _alert(self, tenant: str, quota: TenantQuota, claims: Sequence[Claim], taken: Taken, now: float) -> None:
+        if claims and claims[0].key != message_key(tenant):
+            return  # counted against the local share: the tenant's total is not known here
         for span, claim, count in zip(SPANS, claims, taken.counts):
             cap = claim.cap
             if cap is None:
@@ -313,20 +318,15 @@ class TenantQuotas:
         while True:
             now = self._clock()
             first = min((h.until for h in self._held.values()), default=now + _RELEASE_LOOK)
-            await asyncio.sleep(min(max(first - now, 0.05), _RELEASE_LOOK))
+            look = self._probe_every if self._degraded() else _RELEASE_LOOK
+            await asyncio.sleep(min(max(first - now, 0.05), look))
             await self.release_due()
             if self._shared is not None and self._degraded():
                 await self._probe()
 
     async def _probe(self) -> None:
-        now = self._clock()
-        if not self._skip_shared(now) and self._shared is not None:
-            try:
-                await self._shared.count(alert_key(""), self._window(Span.DAY), now)
-            except CounterError as error:
-                self._degrade(str(error), now)
-            else:
-                await self._recovered(now)
+        if not self._skip_shared(self._clock()):
+            await self._recovered(self._clock())
 
     # -- views -------------------------------------------------------------------------
 
@@ -386,16 +386,25 @@ class TenantQuotas:
             self._events.emit(ev.UsageStoreChanged(store=self._shared_name, shared=False, detail=detail))
 
     async def _recovered(self, now: float) -> None:
+        """The shared store answers again: hand it what this node counted meanwhile, then use it."""
         if self._degraded_since is None or self._shared is None:
             return
+        try:
+            for slot, n in list(self._pending.items()):
+                key, span, start = slot
+                window = self._window(span)
+                if start == window.start(now):  # only windows still open are worth adding to
+                    self._remember(key, window, now, await self._shared.add(key, window, n, now))
+                del self._pending[slot]
+            for tenant in self._config().tenants:  # the shared counts now (and proof the store answers)
+                for key in (message_key(tenant), recipient_key(tenant)):
+                    for span in SPANS:
+                        window = self._window(span)
+                        self._remember(key, window, now, await self._shared.count(key, window, now))
+        except CounterError as error:
+            self._degrade(str(error), now)
+            return
         self._degraded_since = None
-        pending, self._pending = self._pending, {}
-        for (key, span, start), n in pending.items():
-            if start == self._window(span).start(now):  # only windows still open are worth adding to
-                try:
-                    await self._shared.add(key, self._window(span), n, now)
-                except CounterError:
-                    break
         self._events.emit(ev.UsageStoreChanged(store=self._shared_name, shared=True))
 
     def _effective_cap(self, quota: TenantQuota, span: Span) -> int | None:
