@@ -940,7 +940,7 @@ class _Reader:
             on_quota=q.QuotaAction(self.get(qm, "on_quota", self.choice(q.QuotaAction), d.on_quota).value),
             alert_percent=self.get(qm, "alert_percent", self.integer(q.ALERT_PERCENT), d.alert_percent),
         )
-        if not quota.is_limited and node is not None:
+        if qm.value("max_per_day") is None and qm.value("max_per_month") is None and node is not None:
             self.add(node.pos, f"tenant '{tenant}' quota needs max_per_day or max_per_month (or remove quota:)")
         return quota
 
