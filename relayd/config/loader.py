@@ -912,7 +912,7 @@ class _Reader:
             port=self.get(r, "port", self.integer((1, 65535)), d.port),
             db=self.get(r, "db", self.integer(q.REDIS_DB), d.db),
             key_prefix=self.get(r, "key_prefix", self.name("key_prefix"), d.key_prefix),
-            timeout=self.get(r, "timeout", self.rate(q.REDIS_TIMEOUT), d.timeout),
+            timeout=self.get(r, "timeout", self.duration(q.REDIS_TIMEOUT), d.timeout),
             local_share=self.get(r, "local_share", self.rate(q.LOCAL_SHARE), d.local_share),
         )
 
