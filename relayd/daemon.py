@@ -190,7 +190,7 @@ class Relay:
         )
         self.control = ControlServer(
             config.control_path,
-            UsageControl(self.usage.report, lambda: self.config.tenants).handlers(QueueControl(
+            UsageControl(self.usage.report, self.usage.status, lambda: self.config.tenants).handlers(QueueControl(
                 config=lambda: self.config,
                 scheduler=self.scheduler,
                 spool=self.spool,

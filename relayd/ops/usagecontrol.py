@@ -23,8 +23,12 @@ _MAX_NAME = 64  # tenant names are at most 64 characters (relay.yaml's name rule
 class UsageControl:
     """See the module docstring."""
 
-    def __init__(self, report: UsageReport, tenants: Callable[[], Collection[str]]) -> None:
+    def __init__(
+        self, report: UsageReport, status: Callable[[], Awaitable[dict[str, Any]]],
+        tenants: Callable[[], Collection[str]],
+    ) -> None:
         self._report = report
+        self._status = status
         self._tenants = tenants
 
     def handlers(self, base: dict[str, Handler]) -> dict[str, Handler]:
@@ -34,7 +38,7 @@ class UsageControl:
         async def status_with_usage(request: Request) -> dict[str, Any]:
             answer = await status(request)
             try:
-                answer["tenant_usage"] = await self._report(None)
+                answer["tenant_usage"] = await self._status()
             except CounterError as error:
                 answer["tenant_usage"] = {"error": str(error)}
             return answer

@@ -125,6 +125,7 @@ class TenantQuotas:
         self._last_probe = 0.0
         self._pending: dict[tuple[str, Span, float], int] = {}  # counted locally while degraded
         self._releasing = asyncio.Lock()
+        self._alerts: set[asyncio.Task[None]] = set()
 
     # -- start ------------------------------------------------------------------------
 
@@ -237,7 +238,9 @@ class TenantQuotas:
                 continue
             threshold = max(1, math.ceil(cap * quota.alert_percent / 100))
             if count - 1 < threshold <= count:
-                asyncio.get_running_loop().create_task(self._send_alert(tenant, quota, span, count, cap, now))
+                task = asyncio.get_running_loop().create_task(self._send_alert(tenant, quota, span, count, cap, now))
+                self._alerts.add(task)
+                task.add_done_callback(self._alerts.discard)
 
     async def _send_alert(self, tenant: str, quota: TenantQuota, span: Span, used: int, cap: int, now: float) -> None:
         """Emit the alert unless another node (or this one, before a restart) did in this window."""
@@ -320,9 +323,13 @@ class TenantQuotas:
             first = min((h.until for h in self._held.values()), default=now + _RELEASE_LOOK)
             look = self._probe_every if self._degraded() else _RELEASE_LOOK
             await asyncio.sleep(min(max(first - now, 0.05), look))
-            await self.release_due()
-            if self._shared is not None and self._degraded():
-                await self._probe()
+            try:
+                await self.release_due()
+                if self._shared is not None and self._degraded():
+                    await self._probe()
+            except Exception as error:  # a bug here must not end the releases for good
+                self._events.emit(ev.Notice(
+                    text=f"quota releases: {type(error).__name__}: {error}; trying again", level="error"))
 
     async def _probe(self) -> None:
         if not self._skip_shared(self._clock()):

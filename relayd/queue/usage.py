@@ -90,8 +90,14 @@ class TenantUsageService:
             await self.shared.close()
         await asyncio.to_thread(self.holds.close)
 
-    async def report(self, tenant: str | None) -> dict[str, Any]:
-        return await usage_report(self.quotas, self.deliveries, self._config(), self._clock(), tenant)
+    async def report(self, tenant: str | None, per_transport: bool = True) -> dict[str, Any]:
+        return await usage_report(
+            self.quotas, self.deliveries, self._config(), self._clock(), tenant, per_transport=per_transport
+        )
+
+    async def status(self) -> dict[str, Any]:
+        """The quota side of every tenant, from memory (for `relayctl status`)."""
+        return await self.report(None, per_transport=False)
 
     def snapshot(self) -> UsageSnapshot:
         """The metrics' view (on the event loop): per tenant and window, usage against quota."""

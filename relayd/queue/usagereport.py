@@ -29,11 +29,17 @@ def transports_of(tenant: TenantConfig) -> list[str]:
 
 
 async def usage_report(
-    quotas: TenantQuotas, deliveries: TransportUsage, config: RelayConfig, now: float, tenant: str | None = None
+    quotas: TenantQuotas, deliveries: TransportUsage, config: RelayConfig, now: float, tenant: str | None = None,
+    *, per_transport: bool = True,
 ) -> dict[str, Any]:
-    """See the module docstring; `tenant` limits it to one (an unknown name: an empty list)."""
+    """See the module docstring; `tenant` limits it to one (an unknown name: an empty list).
+
+    Without `per_transport` (status, asked often) only the quota side is
+    given, from memory: no store is read.
+    """
     chosen = [config.tenants[n] for n in sorted(config.tenants) if tenant is None or n == tenant]
-    via = await deliveries.counts([(t.name, x) for t in chosen for x in transports_of(t)], now)
+    pairs = [(t.name, x) for t in chosen for x in transports_of(t)] if per_transport else []
+    via = await deliveries.counts(pairs, now)
     rows = []
     for usage, tenant_config in zip(quotas.usage(chosen), chosen):
         windows = []
@@ -45,7 +51,7 @@ async def usage_report(
             })
         transports = {
             name: {span: {"messages": m, "recipients": r} for span, (m, r) in via[(usage.tenant, name)].items()}
-            for name in transports_of(tenant_config)
+            for name in transports_of(tenant_config) if (usage.tenant, name) in via
         }
         rows.append({
             "tenant": usage.tenant, "on_quota": usage.on_quota or None, "alert_percent": usage.alert_percent,
