@@ -44,6 +44,7 @@ from relayd.smtp.listener import ListenerServices, SubmissionRefused, Submission
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
 from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.counters import CounterError
 from relayd.observe.countstore import SqliteCounters
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.observe.shapingmetrics import ShapingCollector
@@ -670,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         return 78
     try:
         return _run(serve(config, environ))
-    except CredentialError as error:
+    except (CredentialError, CounterError) as error:
         print(f"relayd: {error}", file=sys.stderr)
         return 78
     except OSError as error:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -186,3 +188,16 @@ def test_config_check_shows_the_effective_limits_of_presets_and_overrides(
             "max_messages_per_connection 100; preset ses") in out
     assert "  transport local: max_per_second 0.5; max_connections 10" in out
 
+
+def test_a_damaged_counter_database_stops_the_start_with_its_name_and_no_traceback(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    setup(relay_files, upstreams, ["a"], {"a": "max_per_day: 3"})
+    spool = relay_files.root / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / "counters.sqlite").write_bytes(b"not a database " * 200)
+    done = subprocess.run([sys.executable, "-m", "relayd.daemon", "--config", str(relay_files.config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78
+    assert "counters.sqlite: cannot open the counter database" in done.stderr
+    assert "move the file aside" in done.stderr and "Traceback" not in done.stderr

@@ -19,7 +19,7 @@ start of each second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 # Bounds: (minimum, maximum); repeated in config/relay.yaml's comments.
 PER_SECOND = (0.001, 10_000.0)  # one message in ~17 minutes up to 10,000/s
@@ -44,7 +44,10 @@ class Shaping:
 
     @property
     def is_limited(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
+        return (
+            self.max_per_second is not None or self.max_per_minute is not None or self.max_per_hour is not None
+            or self.max_per_day is not None or self.max_recipients_per_day is not None
+        )
 
     def overridden(
         self, *, max_per_second: float | None = None, max_per_minute: int | None = None,

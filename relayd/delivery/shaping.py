@@ -107,6 +107,27 @@ def recipient_key(transport: str) -> str:
     return f"transport:{transport}:rcpt"
 
 
+@dataclass(slots=True)
+class _Current:
+    """One kind of window and its current bounds, recomputed only when `now` leaves them.
+
+    Checks run several times per message; calendar arithmetic on each would
+    cost more than everything else the gate does.
+    """
+
+    window: Window
+    word: str  # how a closure names it: "daily quota"
+    start: float = 0.0
+    end: float = -1.0
+    slot: str = ""
+
+    def at(self, now: float) -> str:
+        if not self.start <= now < self.end:
+            self.start, self.end = self.window.bounds(now)
+            self.slot = self.window.slot(now)
+        return self.slot
+
+
 class ShapingGate:
     """The shaping limits of every transport, as one `Gate`. See the module docstring."""
 
@@ -121,7 +142,11 @@ class ShapingGate:
         self._limits_of = limits_of
         self._counters = counters
         self._zone = zone
-        self._windows = {span: Window(span, zone) for span in (Span.MINUTE, Span.HOUR, Span.DAY)}
+        self._minute = _Current(Window(Span.MINUTE, zone), "per-minute limit")
+        self._hour = _Current(Window(Span.HOUR, zone), "hourly limit")
+        self._day = _Current(Window(Span.DAY, zone), "daily quota")
+        self._spans = (self._minute, self._hour, self._day)
+        self._keys: dict[str, tuple[str, str]] = {}
         self._on_error = on_error
         self._counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
         self._buckets: dict[str, _Bucket] = {}
@@ -138,12 +163,11 @@ class ShapingGate:
         Raises CounterError when the store cannot be read.
         """
         for name in transports:
-            for key, spans in ((message_key(name), tuple(self._windows)), (recipient_key(name), (Span.DAY,))):
-                for span in spans:
-                    window = self._windows[span]
-                    stored = await self._counters.count(key, window, now)
-                    slot = (key, window.slot(now))
-                    self._counts[slot] = max(self._counts.get(slot, 0), stored)
+            messages, recipients = self._keys_of(name)
+            for key, current in (*((messages, c) for c in self._spans), (recipients, self._day)):
+                stored = await self._counters.count(key, current.window, now)
+                slot = (key, current.at(now))
+                self._counts[slot] = max(self._counts.get(slot, 0), stored)
 
     async def drain(self) -> None:
         """Wait for every count still being written (at stop)."""
@@ -174,13 +198,15 @@ class ShapingGate:
         if report.messages <= 0 and report.recipients <= 0:
             return
         self._rates.setdefault(transport, _Rate()).add(report.messages, now)
-        additions = [(message_key(transport), self._windows[span], report.messages) for span in self._windows]
-        additions.append((recipient_key(transport), self._windows[Span.DAY], report.recipients))
-        for key, window, n in additions:
-            self._prune(key, window, now)
-            slot = (key, window.slot(now))
+        messages, recipients = self._keys_of(transport)
+        additions = [(messages, current, report.messages) for current in self._spans]
+        additions.append((recipients, self._day, report.recipients))
+        for key, current, n in additions:
+            slot = (key, current.at(now))
+            if slot not in self._counts:
+                self._prune(key, current)  # a new window began: forget this key's last one
             self._counts[slot] = self._counts.get(slot, 0) + n
-        self._persist(additions, now)
+        self._persist([(key, current.window, n) for key, current, n in additions], now)
 
     # -- views --------------------------------------------------------------------------
 
@@ -189,19 +215,19 @@ class ShapingGate:
         result = []
         for name in transports:
             limits = self._limits_of(name)
-            caps = tuple(
-                CapStatus(span.value, what, self._used(key, window, now), limit, window.end(now))
-                for span, window in self._windows.items()
-                for what, key, limit in (
-                    ("messages", message_key(name), _message_cap(limits, span)),
-                    ("recipients", recipient_key(name), limits.max_recipients_per_day if span is Span.DAY else None),
-                )
-                if what == "messages" or span is Span.DAY
-            )
+            messages, recipients = self._keys_of(name)
+            caps = [
+                CapStatus(c.window.span.value, "messages", self._used(messages, c, now), cap, c.end)
+                for c, cap in zip(self._spans, _message_caps(limits))
+            ]
+            caps.append(CapStatus(
+                "day", "recipients", self._used(recipients, self._day, now), limits.max_recipients_per_day,
+                self._day.end,
+            ))
             verdict = self.check(name, now)
             rate = self._rates.get(name)
             result.append(ShapingStatus(
-                transport=name, rate=rate.now(now) if rate is not None else 0.0, limits=limits, caps=caps,
+                transport=name, rate=rate.now(now) if rate is not None else 0.0, limits=limits, caps=tuple(caps),
                 in_flight=self._in_flight.get(name, 0), closed=verdict, next_release=verdict.until,
             ))
         return result
@@ -216,14 +242,13 @@ class ShapingGate:
     def _verdicts(self, transport: str, limits: Shaping, now: float) -> list[GateVerdict]:
         verdicts: list[GateVerdict] = []
         in_flight = self._in_flight.get(transport, 0)
-        for span, window in self._windows.items():
-            cap = _message_cap(limits, span)
-            if cap is not None and self._used(message_key(transport), window, now) + in_flight >= cap:
-                verdicts.append(self._window_closed(transport, window, now, f"{_SPAN_WORD[span]} {cap} reached"))
+        messages, recipients = self._keys_of(transport)
+        for current, cap in zip(self._spans, _message_caps(limits)):
+            if cap is not None and self._used(messages, current, now) + in_flight >= cap:
+                verdicts.append(self._window_closed(transport, current, f"{current.word} {cap} reached"))
         rcpt_cap = limits.max_recipients_per_day
-        day = self._windows[Span.DAY]
-        if rcpt_cap is not None and self._used(recipient_key(transport), day, now) + in_flight >= rcpt_cap:
-            verdicts.append(self._window_closed(transport, day, now, f"daily recipient quota {rcpt_cap} reached"))
+        if rcpt_cap is not None and self._used(recipients, self._day, now) + in_flight >= rcpt_cap:
+            verdicts.append(self._window_closed(transport, self._day, f"daily recipient quota {rcpt_cap} reached"))
         if limits.max_per_second is not None:
             bucket = self._refilled(transport, limits.max_per_second, now)
             if bucket.tokens < 1.0:
@@ -234,11 +259,10 @@ class ShapingGate:
                 ))
         return verdicts
 
-    def _window_closed(self, transport: str, window: Window, now: float, what: str) -> GateVerdict:
-        end = window.end(now)
+    def _window_closed(self, transport: str, current: _Current, what: str) -> GateVerdict:
         return closed_until(
-            end, f"{what}, resets {self._clock_text(end, window.span)}", gate=QUOTA_GATE,
-            forceable=False, transport=transport,
+            current.end, f"{what}, resets {self._clock_text(current.end, current.window.span)}",
+            gate=QUOTA_GATE, forceable=False, transport=transport,
         )
 
     def _clock_text(self, when: float, span: Span) -> str:
@@ -258,14 +282,19 @@ class ShapingGate:
             bucket.stamp = now
         return bucket
 
-    def _used(self, key: str, window: Window, now: float) -> int:
-        return self._counts.get((key, window.slot(now)), 0)
+    def _used(self, key: str, current: _Current, now: float) -> int:
+        return self._counts.get((key, current.at(now)), 0)
 
-    def _prune(self, key: str, window: Window, now: float) -> None:
-        """Forget this key's counts of windows that are over (one live slot per key and span)."""
-        live = window.slot(now)
-        prefix = window.span.value + ":"
-        for slot in [s for s in self._counts if s[0] == key and s[1].startswith(prefix) and s[1] != live]:
+    def _keys_of(self, transport: str) -> tuple[str, str]:
+        keys = self._keys.get(transport)
+        if keys is None:
+            keys = self._keys[transport] = (message_key(transport), recipient_key(transport))
+        return keys
+
+    def _prune(self, key: str, current: _Current) -> None:
+        """Forget this key's counts of earlier windows of the same span (one live slot per key and span)."""
+        prefix = current.window.span.value + ":"
+        for slot in [s for s in self._counts if s[0] == key and s[1].startswith(prefix) and s[1] != current.slot]:
             del self._counts[slot]
 
     def _persist(self, additions: list[tuple[str, Window, int]], now: float) -> None:
@@ -292,15 +321,9 @@ class ShapingGate:
             self._on_error("shaping counts are written to the store again")
 
 
-_SPAN_WORD = {Span.MINUTE: "per-minute limit", Span.HOUR: "hourly limit", Span.DAY: "daily quota"}
-
-
-def _message_cap(limits: Shaping, span: Span) -> int | None:
-    if span is Span.MINUTE:
-        return limits.max_per_minute
-    if span is Span.HOUR:
-        return limits.max_per_hour
-    return limits.max_per_day
+def _message_caps(limits: Shaping) -> tuple[int | None, int | None, int | None]:
+    """The message caps per minute, hour and day, in the order of `ShapingGate._spans`."""
+    return limits.max_per_minute, limits.max_per_hour, limits.max_per_day
 
 
 def _rate_text(rate: float) -> str:

@@ -330,7 +330,8 @@ class DeliveryAgent:
             await self._commit(progress, immediate, config)
         for route_, group in groups:
             # A limit may have closed the whole chain since the scheduler looked: wait, no attempt.
-            reports, group = held_back(entry, route_, group, self._chain_wait(route_.transports, self._clock()), config, now=self._clock())
+            wait = self._chain_wait(route_.transports, self._clock())
+            reports, group = held_back(entry, route_, group, wait, config, now=self._clock())
             reports += await self.walk_chain(entry, body, route_, group, config) if group else []
             await self._commit(progress, reports, config)
         if progress.known is entry:
