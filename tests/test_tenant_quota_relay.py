@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import json
 import smtplib
+import subprocess
+import sys
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -19,7 +21,7 @@ import pytest
 
 from relayd.ops.cli import main
 from tests.relayenv import (
-    RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, free_port, make_message,
+    ROOT, RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, free_port, make_message,
 )
 
 ACME = ("acme", "acme-relay-password")
@@ -176,3 +178,19 @@ def test_refuse_at_data_when_another_session_took_the_last_place_after_mail_from
         fake.wait_for_messages(1, timeout=30)
     assert refused.value.smtp_code == 450 and b"Daily quota of tenant acme" in refused.value.smtp_error
     assert len(fake.messages) == 1
+
+
+def test_a_damaged_quota_hold_database_stops_the_start_with_its_name(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    setup(relay_files, upstreams, "quota:\n  max_per_day: 2\n  on_quota: hold")
+    spool = relay_files.root / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    (spool / "quota-holds.sqlite").write_bytes(b"this is not a database\n" * 200)
+    started = subprocess.run(
+        [sys.executable, "-m", "relayd.daemon", "--config", str(relay_files.config)],
+        cwd=ROOT, capture_output=True, timeout=60,
+    )
+    assert started.returncode == 78
+    assert f"relayd: {spool / 'quota-holds.sqlite'}: cannot".encode() in started.stderr
+    assert b"Traceback" not in started.stderr

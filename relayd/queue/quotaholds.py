@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from relayd.observe.counters import CounterError
+
 FILE_NAME = "quota-holds.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS quota_holds (
@@ -36,8 +38,11 @@ CREATE TABLE IF NOT EXISTS quota_holds (
 """
 
 
-class HoldStoreError(Exception):
-    """The hold database could not be read or written (the message names the file)."""
+class HoldStoreError(CounterError):
+    """The hold database could not be read or written (the message names the file).
+
+    A kind of CounterError: at start both stop relayd with the file's name.
+    """
 
 
 @dataclass(frozen=True, slots=True)
