@@ -85,6 +85,10 @@ def test_refuse_answers_450_at_mail_naming_the_reset_and_other_tenants_are_unaff
         fake.wait_for_messages(7, timeout=30)
         _, table = relayctl(relay_files, capsys, "usage")
         code, out = relayctl(relay_files, capsys, "usage", "--tenant", "acme", "--json")
+        capsys.readouterr()
+        unknown = main(["--config", str(relay_files.config), "usage", "--tenant", "nobody"], environ={},
+                       stdin=io.StringIO(""))
+        assert (unknown, capsys.readouterr().err) == (1, "relayctl: no tenant named 'nobody' in the configuration\n")
     assert [c for c, _ in acme] == [250, 250, 250, 450, 450]
     assert acme[3][1] == f"4.7.1 Daily quota of tenant acme reached (3 messages); resets {next_midnight_utc()}"
     assert [c for c, _ in beta] == [250] * 4
