@@ -46,25 +46,51 @@ class ClaimCounters(WindowCounters, Protocol):
 
 
 class LocalClaims:
-    """Claims over a store that only this process writes: one claim at a time."""
+    """Claims over a store that only this process writes, decided in memory and then written.
+
+    The current window's count of a key is read from the store once, then
+    kept here; a claim is checked and counted in memory in one step (no
+    await in between, so two sessions cannot both take the last place), and
+    `take` returns once the store has the new counts (a kill -9 right after
+    loses nothing the caller acknowledged).
+    """
 
     def __init__(self, counters: WindowCounters) -> None:
         self.counters = counters
-        self._turn = asyncio.Lock()
+        self._known: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
+
+    async def _load(self, key: str, window: Window, now: float) -> tuple[str, str]:
+        slot = (key, window.slot(now))
+        if slot not in self._known:
+            stored = await self.counters.count(key, window, now)
+            self._forget_older(key, window, slot[1])
+            self._known[slot] = max(self._known.get(slot, 0), stored)
+        return slot
+
+    def _forget_older(self, key: str, window: Window, live: str) -> None:
+        prefix = window.span.value + ":"
+        for old in [k for k in self._known if k[0] == key and k[1].startswith(prefix) and k[1] != live]:
+            del self._known[old]
 
     async def add(self, key: str, window: Window, n: int, now: float) -> int:
-        return await self.counters.add(key, window, n, now)
+        slot = await self._load(key, window, now)
+        self._known[slot] += n
+        await self.counters.add(key, window, n, now)
+        return self._known[slot]
 
     async def count(self, key: str, window: Window, now: float) -> int:
-        return await self.counters.count(key, window, now)
+        return self._known[await self._load(key, window, now)]
 
     async def close(self) -> None:
         await self.counters.close()
 
     async def take(self, claims: Sequence[Claim], n: int, now: float) -> Taken:
-        async with self._turn:
-            counts = [await self.counters.count(c.key, c.window, now) for c in claims]
-            if any(c.cap is not None and count + n > c.cap for c, count in zip(claims, counts)):
-                return Taken(ok=False, counts=tuple(counts))
-            added = [await self.counters.add(c.key, c.window, n, now) for c in claims]
-            return Taken(ok=True, counts=tuple(added))
+        slots = [await self._load(c.key, c.window, now) for c in claims]
+        counts = [self._known[slot] for slot in slots]
+        if any(c.cap is not None and count + n > c.cap for c, count in zip(claims, counts)):
+            return Taken(ok=False, counts=tuple(counts))
+        for slot in slots:
+            self._known[slot] += n
+        taken = Taken(ok=True, counts=tuple(self._known[slot] for slot in slots))
+        await asyncio.gather(*(self.counters.add(c.key, c.window, n, now) for c in claims))
+        return taken

@@ -205,8 +205,7 @@ class TenantQuotas:
             else:
                 self._remember_all(claims, taken, now)
                 if taken.ok:  # this node's own count, its budget if the shared store goes away
-                    for span in SPANS:
-                        await self._local.add(node_key(tenant), self._window(span), 1, now)
+                    await asyncio.gather(*(self._local.add(node_key(tenant), self._window(s), 1, now) for s in SPANS))
                 return taken, claims
         key = node_key(tenant) if self._shared is not None else message_key(tenant)
         claims = [Claim(key, self._window(s), self._effective_cap(quota, s)) for s in SPANS]
@@ -219,13 +218,12 @@ class TenantQuotas:
         return taken, claims
 
     async def _count_recipients(self, tenant: str, recipients: int, now: float) -> None:
-        for span in SPANS:
-            window = self._window(span)
-            try:
-                count = await self._active().add(recipient_key(tenant), window, recipients, now)
-            except CounterError:
-                continue  # the message counted; a recipient count is only shown
-            self._remember(recipient_key(tenant), window, now, count)
+        store, windows = self._active(), [self._window(span) for span in SPANS]
+        counts = await asyncio.gather(
+            *(store.add(recipient_key(tenant), w, recipients, now) for w in windows), return_exceptions=True)
+        for window, count in zip(windows, counts):
+            if isinstance(count, int):  # a failed recipient count is only not shown; the message counted
+                self._remember(recipient_key(tenant), window, now, count)
 
     # -- the alert ---------------------------------------------------------------------
 
