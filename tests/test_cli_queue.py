@@ -304,7 +304,8 @@ def test_stopped_relayd_list_freeze_and_remove_work_on_the_spool(
     assert code == 1 and err.startswith("relayctl: relayd is not running")
     code, shown, _ = relayctl("queue", "show", ids[0])
     assert code == 0 and "state:      frozen" in shown
-    assert f"{ids[1]} removed by " in relay_files.mainlog()
+    log = relay_files.mainlog()
+    assert f"{ids[0]} frozen by " in log and f"{ids[1]} removed by " in log and f"{ids[1]} Completed" in log
     assert Spool(relay_files.root / "spool").load().problems == []
     gmail.accept_connections()
     with RelayThread(relay_files.config):

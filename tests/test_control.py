@@ -23,7 +23,8 @@ import pytest
 
 from relayd.ops.controlclient import ControlClient, DaemonNotRunning
 from relayd.queue.msgid import new_message_id
-from relayd.queue.spool import Spool, format_message
+from relayd.queue.spool import Spool
+from relayd.queue.spoolformat import format_message
 from relayd.values import Envelope
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, free_port, make_message, submit
 

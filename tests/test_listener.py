@@ -331,7 +331,7 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
         reference = SMTP(object(), hostname="relay.test")
         services = ListenerServices(
             config=lambda: None, authenticate=None, accept=None, new_id=None,  # type: ignore[arg-type]
-            guard=AuthGuard(), events=NullSink(),
+            guard=AuthGuard(), events=NullSink(), route=lambda _tenant, _address: None,
         )
         listener = ListenerConfig()
         ours = SubmissionProtocol(

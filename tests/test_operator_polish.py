@@ -21,7 +21,7 @@ import pytest
 
 from relayd.ops.cli import build_parser, main
 from relayd.ops.clienthelp import snippets_in
-from relayd.daemon import build_parser as relayd_parser
+from relayd.runtime import build_parser as relayd_parser
 from relayd.ops.queueview import backlog_transport, transport_state
 from tests.fakeupstream import DEFAULT_PASSWORD, DEFAULT_USER
 from tests.relayenv import ROOT, RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, submit

@@ -21,16 +21,9 @@ from typing import Iterator, Sequence
 import pytest
 import trustme
 
-from relayd.ops.sendmail import (
-    Exit,
-    Options,
-    Stage,
-    build_submission,
-    cut_at_lone_dot,
-    exit_for_reply,
-    parse_arguments,
-    split_header,
-)
+from relayd.ops.sendmail import Stage, exit_for_reply
+from relayd.ops.sendmailargs import Exit, Options, parse_arguments
+from relayd.ops.sendmailmsg import build_submission, cut_at_lone_dot, split_header
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, free_port
 
 SENDMAIL = Path(sys.executable).parent / "relayd-sendmail"

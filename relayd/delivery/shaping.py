@@ -43,6 +43,7 @@ from typing import Callable, Iterable
 
 from relayd.config.shaping import KEYS as SHAPING_KEYS, Shaping
 from relayd.delivery.gates import OPEN, GateReport, GateVerdict, closed_until, combine
+from relayd.jsonwire import JsonOutObject
 from relayd.observe.counters import CounterError, Span, Window, WindowCounters
 
 RATE_GATE = "rate"
@@ -331,7 +332,7 @@ def _rate_text(rate: float) -> str:
 
 
 
-def status_wire(status: ShapingStatus) -> dict[str, object]:
+def status_wire(status: ShapingStatus) -> JsonOutObject:
     """One transport's shaping for the control socket (`relayctl status --json`): plain JSON values."""
     return {
         "rate": round(status.rate, 3),

@@ -58,6 +58,7 @@ from relayd.observe import events as ev
 from relayd.config.model import RelayConfig
 from relayd.delivery.dsn import auto_submitted_keyword
 from relayd.queue.fairness import Lane
+from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.holding import held_back
 from relayd.delivery.router import domain_of, group_by_route, route
@@ -238,7 +239,7 @@ class DeliveryAgent:
         self,
         *,
         config: Callable[[], RelayConfig],
-        spool: Any,  # relayd.queue.spool.Spool
+        spool: Spool,
         transports: Callable[[], Mapping[str, Any]],  # name -> relayd.delivery.transport.Transport
         gates: Gate,
         events: ev.EventSink,
@@ -279,8 +280,6 @@ class DeliveryAgent:
         the message is delivered, and the write is tried again every
         `state_retry_interval` until the spool can take it.
         """
-        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing, SpoolError
-
         held = self._unrecorded.get(entry.id)
         if held is not None:
             try:
@@ -370,8 +369,6 @@ class DeliveryAgent:
 
     def _hold(self, held: "Unrecorded", error: BaseException) -> QueueEntry:
         """Keep an outcome the spool refused in memory; stop delivering the message."""
-        from relayd.queue.spool import SpoolFullError
-
         now = self._clock()
         first = held.id not in self._unrecorded
         retry_at = now + self._state_retry_interval
@@ -400,8 +397,6 @@ class DeliveryAgent:
 
     async def record_unrecorded(self) -> None:
         """One more try to write every held outcome (at stop: what is not written may go out again)."""
-        from relayd.queue.spool import SpoolError
-
         for held in list(self._unrecorded.values()):
             for _ in range(2):  # the second time into the room the emergency reserve leaves
                 try:
@@ -433,8 +428,6 @@ class DeliveryAgent:
         Returns False when the message was no longer queued. Raises
         SpoolCorruptError (after setting the file aside) when its body is damaged.
         """
-        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
-
         try:
             body = self._spool.read_body(entry.id)
         except SpoolEntryMissing:

@@ -14,12 +14,18 @@ that scrape rather than stale ones.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-ShapingReader = Callable[[], "Mapping[str, Mapping[str, Any]] | None"]
+from relayd.jsonwire import JsonOut, JsonOutObject
+
+ShapingReader = Callable[[], "Mapping[str, JsonOutObject] | None"]
+
+
+def _number(value: JsonOut) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 class ShapingCollector:
@@ -46,16 +52,19 @@ class ShapingCollector:
             "relayd_transport_next_release_timestamp_seconds",
             "When a held transport takes mail again (Unix time); absent while it is open", labels=["transport"])
         for name, status in sorted((self._reader() or {}).items()):
-            rate.add_metric([name], float(status.get("rate") or 0.0))
-            for cap in status.get("caps") or ():
+            rate.add_metric([name], _number(status.get("rate")))
+            caps = status.get("caps")
+            for cap in caps if isinstance(caps, (list, tuple)) else ():
+                if not isinstance(cap, Mapping):
+                    continue
                 labels = [name, str(cap.get("span")), str(cap.get("what"))]
-                sent.add_metric(labels, float(cap.get("used") or 0))
+                sent.add_metric(labels, _number(cap.get("used")))
                 if cap.get("limit") is not None:
-                    limit.add_metric(labels, float(cap["limit"]))
+                    limit.add_metric(labels, _number(cap.get("limit")))
             closed = status.get("next_release")
             held.add_metric([name], 1.0 if closed is not None else 0.0)
             if closed is not None:
-                release.add_metric([name], float(closed))
+                release.add_metric([name], _number(closed))
         yield from (rate, sent, limit, held, release)
 
     def describe(self) -> Iterator[Metric]:

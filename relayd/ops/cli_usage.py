@@ -14,11 +14,12 @@ counts of every node, and only a running relayd can ask Redis.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from relayd.ops.clicommon import EXIT_OK, CliError, load_relay_config, print_json, print_table
 from relayd.ops.controlclient import ControlClient, ControlUnavailable
-from relayd.ops.usageview import usage_store_lines
+from relayd.jsonwire import JsonObject
+from relayd.ops.usageview import usage_rows, usage_store_lines
 
 if TYPE_CHECKING:
     from relayd.ops.clicommon import Subparsers
@@ -33,7 +34,7 @@ def add_usage_commands(subparsers: "Subparsers") -> None:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     config = load_relay_config(args)
-    request: dict[str, Any] = {"tenant": args.tenant} if args.tenant else {}
+    request: JsonObject = {"tenant": args.tenant} if args.tenant else {}
     try:
         reply = ControlClient(config.control_path).request("usage", **request)
     except ControlUnavailable as exc:
@@ -45,29 +46,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.json:
         print_json(reply)
         return EXIT_OK
-    print_usage(reply)
-    return EXIT_OK
-
-
-def print_usage(report: dict[str, Any]) -> None:
-    rows = []
-    for tenant in report.get("tenants") or ():
-        for w in tenant.get("windows") or ():
-            rows.append(_window_row(tenant, w))
-        for name, spans in sorted((tenant.get("transports") or {}).items()):
-            day, month = spans.get("day") or {}, spans.get("month") or {}
-            rows.append([f"  via {name}", "", f"{day.get('messages', 0)}/{month.get('messages', 0)}",
-                         f"{day.get('recipients', 0)}/{month.get('recipients', 0)}", "", "", ""])
+    try:
+        rows, store = usage_rows(reply), usage_store_lines(reply)
+    except TypeError as exc:
+        raise CliError(f"relayd sent a usage report this relayctl cannot read: {exc}") from None
     print_table(["TENANT", "WINDOW", "MESSAGES", "RECIPIENTS", "QUOTA", "USED", "RESETS"], rows)
-    for line in usage_store_lines(report):
+    for line in store:
         print(line)
-
-
-def _window_row(tenant: dict[str, Any], w: dict[str, Any]) -> list[str]:
-    limit = w.get("limit")
-    quota = f"{limit} ({tenant.get('on_quota')})" if limit is not None else "-"
-    used = f"{w.get('percent')}%" if w.get("percent") is not None else "-"
-    if w.get("span") == "day" and tenant.get("held"):
-        used += f", {tenant['held']} held"
-    return [str(tenant.get("tenant")), str(w.get("span")), str(w.get("messages")), str(w.get("recipients")),
-            quota, used, str(w.get("resets") or "")]
+    return EXIT_OK

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from relayd.jsonwire import JsonObject
 from relayd.observe.mainlog import MAX_FIELD
 from relayd.observe.mainlog import sanitize as _sanitize
 from relayd.queue.queuewire import QueueRow as QueueRow
@@ -53,7 +54,7 @@ def row_from_entry(entry: QueueEntry, in_flight: bool = False) -> QueueRow:
     return row_from_wire(wire_row(entry, in_flight))
 
 
-def row_to_json(row: QueueRow, now: float) -> dict[str, Any]:
+def row_to_json(row: QueueRow, now: float) -> JsonObject:
     """The `--json` form of one listed message."""
     return {
         "id": row.id,
@@ -323,7 +324,7 @@ def summarize(
     return summary
 
 
-def _bucket_json(key: str, bucket: Bucket, now: float) -> dict[str, Any]:
+def _bucket_json(key: str, bucket: Bucket, now: float) -> JsonObject:
     return {
         "key": key,
         "messages": bucket.messages,
@@ -337,7 +338,7 @@ def _sorted_groups(groups: Mapping[str, Bucket]) -> list[tuple[str, Bucket]]:
     return sorted(groups.items(), key=lambda kv: (-kv[1].messages, kv[0]))
 
 
-def summary_to_json(summary: Summary, now: float) -> dict[str, Any]:
+def summary_to_json(summary: Summary, now: float) -> JsonObject:
     return {
         "total": _bucket_json("TOTAL", summary.total, now),
         "by_tenant": [_bucket_json(k, b, now) for k, b in _sorted_groups(summary.by_tenant)],

@@ -11,12 +11,13 @@ CLI prints, never a traceback.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Collection
+from typing import Awaitable, Callable, Collection
 
+from relayd.jsonwire import JsonObject, JsonOutObject
 from relayd.observe.counters import CounterError
-from relayd.ops.control import ControlError, Handler, Request
+from relayd.ops.controlserver import ControlError, Handler, Request
 
-UsageReport = Callable[["str | None"], Awaitable[dict[str, Any]]]
+UsageReport = Callable[["str | None"], Awaitable[JsonObject]]
 _MAX_NAME = 64  # tenant names are at most 64 characters (relay.yaml's name rule)
 
 
@@ -24,7 +25,7 @@ class UsageControl:
     """See the module docstring."""
 
     def __init__(
-        self, report: UsageReport, status: Callable[[], Awaitable[dict[str, Any]]],
+        self, report: UsageReport, status: Callable[[], Awaitable[JsonObject]],
         tenants: Callable[[], Collection[str]],
     ) -> None:
         self._report = report
@@ -35,8 +36,8 @@ class UsageControl:
         """`base` (relayd.ops.control's handlers) with `usage` added and `status` showing usage too."""
         status = base["status"]
 
-        async def status_with_usage(request: Request) -> dict[str, Any]:
-            answer = await status(request)
+        async def status_with_usage(request: Request) -> JsonOutObject:
+            answer = dict(await status(request))
             try:
                 answer["tenant_usage"] = await self._status()
             except CounterError as error:
@@ -45,7 +46,7 @@ class UsageControl:
 
         return {**base, "status": status_with_usage, "usage": self.usage}
 
-    async def usage(self, request: Request) -> dict[str, Any]:
+    async def usage(self, request: Request) -> JsonOutObject:
         tenant = request.args.get("tenant")
         if tenant is not None:
             if not isinstance(tenant, str) or len(tenant) > _MAX_NAME or tenant not in self._tenants():

@@ -361,7 +361,7 @@ class TenantQuotas:
             ))
         return result
 
-    def store_status(self) -> dict[str, object]:
+    def store_status(self) -> dict[str, str | bool | float | None]:
         """Where the counts live and whether the shared store is in use (for `relayctl status`)."""
         if self._shared is None:
             return {"store": "sqlite", "shared": False}

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CollectorRegistry
 
 from relayd.config.model import RelayConfig
+from relayd.jsonwire import JsonObject
 from relayd.config.quota import CounterStore
 from relayd.observe import events as ev
 from relayd.observe.claims import ClaimCounters, LocalClaims
@@ -90,12 +91,12 @@ class TenantUsageService:
             await self.shared.close()
         await asyncio.to_thread(self.holds.close)
 
-    async def report(self, tenant: str | None, per_transport: bool = True) -> dict[str, Any]:
+    async def report(self, tenant: str | None, per_transport: bool = True) -> JsonObject:
         return await usage_report(
             self.quotas, self.deliveries, self._config(), self._clock(), tenant, per_transport=per_transport
         )
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> JsonObject:
         """The quota side of every tenant, from memory (for `relayctl status`)."""
         return await self.report(None, per_transport=False)
 

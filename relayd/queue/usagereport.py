@@ -12,7 +12,8 @@ How it fails: a store that cannot be read raises CounterError.
 
 from __future__ import annotations
 
-from typing import Any
+
+from relayd.jsonwire import JsonObject, JsonValue
 
 from relayd.config.model import RelayConfig, TenantConfig
 from relayd.observe.transportusage import TransportUsage
@@ -31,7 +32,7 @@ def transports_of(tenant: TenantConfig) -> list[str]:
 async def usage_report(
     quotas: TenantQuotas, deliveries: TransportUsage, config: RelayConfig, now: float, tenant: str | None = None,
     *, per_transport: bool = True,
-) -> dict[str, Any]:
+) -> JsonObject:
     """See the module docstring; `tenant` limits it to one (an unknown name: an empty list).
 
     Without `per_transport` (status, asked often) only the quota side is
@@ -40,16 +41,16 @@ async def usage_report(
     chosen = [config.tenants[n] for n in sorted(config.tenants) if tenant is None or n == tenant]
     pairs = [(t.name, x) for t in chosen for x in transports_of(t)] if per_transport else []
     via = await deliveries.counts(pairs, now)
-    rows = []
+    rows: list[JsonValue] = []
     for usage, tenant_config in zip(quotas.usage(chosen), chosen):
-        windows = []
+        windows: list[JsonValue] = []
         for w in usage.windows:
             windows.append({
                 "span": w.span, "messages": w.messages, "recipients": w.recipients, "limit": w.limit,
                 "percent": round(100 * w.messages / w.limit, 1) if w.limit else None,
                 "resets_at": w.resets_at, "resets": w.resets,
             })
-        transports = {
+        transports: dict[str, JsonValue] = {
             name: {span: {"messages": m, "recipients": r} for span, (m, r) in via[(usage.tenant, name)].items()}
             for name in transports_of(tenant_config) if (usage.tenant, name) in via
         }
@@ -57,4 +58,5 @@ async def usage_report(
             "tenant": usage.tenant, "on_quota": usage.on_quota or None, "alert_percent": usage.alert_percent,
             "held": usage.held, "windows": windows, "transports": transports,
         })
-    return {"store": quotas.store_status(), "time_zone": config.usage.time_zone, "tenants": rows}
+    store: dict[str, JsonValue] = dict(quotas.store_status())
+    return {"store": store, "time_zone": config.usage.time_zone, "tenants": rows}
