@@ -98,3 +98,27 @@ def test_a_file_that_is_not_a_counter_database_is_a_named_error(tmp_path: Path) 
     with pytest.raises(CounterError, match="counters.sqlite: cannot open the counter database"):
         store.open()
     store.close_now()
+
+
+def test_concurrent_adds_are_committed_together_and_each_gets_its_own_running_total(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = SqliteCounters.in_directory(tmp_path)
+        totals = await asyncio.gather(*(store.add("transport:a", DAY, 1, NOON) for _ in range(500)))
+        assert sorted(totals) == list(range(1, 501))
+        assert await store.count("transport:a", DAY, NOON) == 500
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_add_the_store_cannot_write_fails_with_a_counter_error(tmp_path: Path) -> None:
+    from relayd.observe.counters import CounterError
+
+    async def main() -> None:
+        store = SqliteCounters.in_directory(tmp_path)
+        await store.add("transport:a", DAY, 1, NOON)
+        await store.close()
+        with pytest.raises(CounterError, match="closed"):
+            await store.add("transport:a", DAY, 1, NOON)
+
+    asyncio.run(main())

@@ -305,13 +305,14 @@ class ShapingGate:
 
     async def _write(self, additions: list[tuple[str, Window, int]], now: float) -> None:
         try:
-            for key, window, n in additions:
-                if n > 0:
-                    total = await self._counters.add(key, window, n, now)
-                    slot = (key, window.slot(now))
-                    if slot in self._counts:
-                        # A shared store may know of other nodes' sends: never count fewer.
-                        self._counts[slot] = max(self._counts[slot], total)
+            # Together, so a store that commits in groups writes one delivery's counts at once.
+            wanted = [(key, window, n) for key, window, n in additions if n > 0]
+            totals = await asyncio.gather(*(self._counters.add(key, window, n, now) for key, window, n in wanted))
+            for (key, window, _n), total in zip(wanted, totals):
+                slot = (key, window.slot(now))
+                if slot in self._counts:
+                    # A shared store may know of other nodes' sends: never count fewer.
+                    self._counts[slot] = max(self._counts[slot], total)
         except CounterError as error:
             if not self._store_failing:
                 self._store_failing = True

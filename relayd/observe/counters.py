@@ -80,7 +80,11 @@ class Window:
 
     def slot(self, now: float) -> str:
         """The name of the window containing `now` in a store: `<span>:<start epoch>`."""
-        return f"{self.span.value}:{int(self.start(now))}"
+        return self.slot_at(self.start(now))
+
+    def slot_at(self, start: float) -> str:
+        """The name of the window that starts at `start` (one of `bounds`)."""
+        return f"{self.span.value}:{int(start)}"
 
 
 def _next_midnight(start: datetime) -> datetime:
