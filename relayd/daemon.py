@@ -44,7 +44,7 @@ from relayd.delivery.shaping import ShapingGate, status_wire
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.mainlog import MainLog
-from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.metrics import QueueGauges, RelayMetrics, loop_reader
 from relayd.jsonwire import JsonOutObject
 from relayd.observe.counters import CounterError
 from relayd.observe.countstore import SqliteCounters
@@ -360,7 +360,7 @@ class Relay:
             return None
         counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
                               self.scheduler.waiting())
-        return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
+        return QueueGauges(counts.by_state(), counts.oldest_age)
 
     def shaping_status(self) -> dict[str, JsonOutObject]:
         """Per transport: rate, window counts against limits, next release (status, metrics)."""

@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from relayd.observe import events as ev
 from relayd.config.model import RelayConfig
@@ -62,6 +62,7 @@ from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, Spoo
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.holding import held_back
 from relayd.delivery.router import domain_of, group_by_route, route
+from relayd.delivery.transport import Transport
 from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
@@ -240,7 +241,7 @@ class DeliveryAgent:
         *,
         config: Callable[[], RelayConfig],
         spool: Spool,
-        transports: Callable[[], Mapping[str, Any]],  # name -> relayd.delivery.transport.Transport
+        transports: Callable[[], Mapping[str, Transport]],
         gates: Gate,
         events: ev.EventSink,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
@@ -605,7 +606,7 @@ class DeliveryAgent:
         return reports
 
     async def _attempt(
-        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Any, config: RelayConfig
+        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Transport, config: RelayConfig
     ) -> AttemptResult:
         delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
         started = time.monotonic()

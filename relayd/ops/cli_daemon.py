@@ -33,6 +33,7 @@ from relayd.ops.clicommon import EXIT_FAILURE, EXIT_OK, PROG, CliError, UsageErr
 from relayd.ops.controlclient import ControlUnavailable, DaemonNotRunning
 from relayd.ops.queuesource import checked, control_client, offline_entries
 from relayd.ops.queueview import sanitize, status_lines, transport_state
+from relayd.ops.shapingview import shaping_lines
 from relayd.ops.usageview import usage_status_lines
 from relayd.queue.queuewire import queue_counts
 
@@ -68,7 +69,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             entries = offline_entries(config, why)
             counts = queue_counts(entries, (), time.time())
-            print(json.dumps({"running": False, "queue": counts}, indent=1))
+            print(json.dumps({"running": False, "queue": counts.as_json()}, indent=1))
             return EXIT_FAILURE
         raise CliError(str(why)) from None
     except ControlUnavailable as exc:
@@ -79,7 +80,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"running": True, **status}, indent=1))
     else:
-        print("\n".join(status_lines(status, time.time()) + usage_status_lines(status)))
+        print("\n".join(status_lines(status, time.time()) + shaping_lines(status) + usage_status_lines(status)))
     return EXIT_OK
 
 

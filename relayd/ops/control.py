@@ -215,7 +215,7 @@ class QueueControl:
             "listeners": [{"name": n, "address": a, "port": p} for n, a, p in self._listeners()],
             "queue": queue_counts(
                 self._scheduler.entries(), self._scheduler.in_flight_ids(), now, self._scheduler.waiting()
-            ),
+            ).as_json(),
             "transports": self._health_table(),
             "spool": self._spool_status(),
             "shaping": self._shaping(),
@@ -262,9 +262,9 @@ class QueueControl:
         return {"count": len(entries), "now": self._clock(), "unrecorded": self._agent.unrecorded()}
 
     async def queue_count(self, request: Request) -> dict[str, JsonOut]:
-        return queue_counts(
+        return dict(queue_counts(
             self._scheduler.entries(), self._scheduler.in_flight_ids(), self._clock(), self._scheduler.waiting()
-        )
+        ).as_json())
 
     async def queue_show(self, request: Request) -> dict[str, JsonOut]:
         message_id = request.args.get("id")

@@ -16,7 +16,7 @@ for a human.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 from relayd.jsonwire import JsonObject, JsonValue, as_float, as_int
 from relayd.values import Envelope, QueueEntry, Recipient, RecipientState
@@ -204,16 +204,30 @@ def _recipient(o: JsonObject) -> Recipient:
 # ----------------------------------------------------------------- counts
 
 
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """The queue by state and the age of its oldest message (None when empty)."""
+
+    total: int
+    active: int
+    deferred: int
+    frozen: int
+    oldest_age: float | None
+
+    def by_state(self) -> dict[str, int]:
+        return {"active": self.active, "deferred": self.deferred, "frozen": self.frozen}
+
+    def as_json(self) -> dict[str, int | float | None]:
+        return {"total": self.total, **self.by_state(), "oldest_age": self.oldest_age}
+
+
 def queue_counts(
     entries: Iterable[QueueEntry],
     in_flight: Collection[str],
     now: float,
     waiting: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
+) -> QueueCounts:
     """Messages by state (active/deferred/frozen) and the oldest message's age.
-
-    Typed `Any` for one reader: relayd.daemon turns these into gauges with
-    `int(counts[state])` beside `counts["oldest_age"]` (a float or None).
 
     A message in delivery counts as active; one that is due but held back
     because every transport is in its retry wait (`waiting`) as deferred.
@@ -251,7 +265,4 @@ def queue_counts(
             deferred += 1
         else:
             active += 1
-    return {
-        "total": total, "active": active, "deferred": deferred, "frozen": frozen,
-        "oldest_age": None if oldest is None else max(0.0, now - oldest),
-    }
+    return QueueCounts(total, active, deferred, frozen, None if oldest is None else max(0.0, now - oldest))
