@@ -54,7 +54,8 @@ def usage_store_lines(report: JsonObject) -> list[str]:
 
 
 def usage_status_lines(status: JsonObject) -> list[str]:
-    """Lines `relayctl status` adds: per tenant, today's and this month's usage against its quota."""
+    """Lines `relayctl status` adds: per tenant with a quota (or held messages), today's and this
+    month's usage against it; `relayctl usage` shows every tenant."""
     report = status.get("tenant_usage")
     if not isinstance(report, dict):
         return []
@@ -62,8 +63,11 @@ def usage_status_lines(status: JsonObject) -> list[str]:
         return [f"tenant usage: {_text(report.get('error'))}"]
     lines = []
     for tenant in as_objects(report.get("tenants")):
+        windows = as_objects(tenant.get("windows"))
+        if all(w.get("limit") is None for w in windows) and not tenant.get("held"):
+            continue
         parts = []
-        for w in as_objects(tenant.get("windows")):
+        for w in windows:
             limit = w.get("limit")
             parts.append(f"{_text(w.get('span'))} {_text(w.get('messages'))}"
                          + (f"/{limit}" if limit is not None else ""))
