@@ -50,6 +50,8 @@ from relayd.jsonwire import JsonOutObject
 from relayd.observe.counters import CounterError
 from relayd.observe.countstore import SqliteCounters
 from relayd.observe.shapingmetrics import ShapingCollector
+from relayd.ops.usagecontrol import UsageControl
+from relayd.queue.usage import TenantUsageService
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
@@ -137,6 +139,12 @@ class Relay:
         self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
         self.counters = SqliteCounters.in_directory(config.spool_dir)
         self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn)
+        self.usage = TenantUsageService(
+            config=lambda: self.config, counters=self.counters, events=self.events, registry=self.metrics.registry,
+            on_release=lambda: self.scheduler.gate_opened(), exists=lambda i: self.scheduler.get(i) is not None,
+        )
+        self.events.add(self.usage.deliveries)
+        self.events.add(self.usage.metrics)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir,
@@ -176,7 +184,7 @@ class Relay:
             on_error=lambda message_id, error: self.events.emit(ev.Notice(
                 text=f"{message_id} delivery error: {type(error).__name__}: {error}", level="error"
             )),
-            hold_until=self.holds.hold_until,
+            hold_until=lambda entry: self.usage.quotas.held_until(entry.id) or self.holds.hold_until(entry),
             lane_of=self.agent.lane_of,
             transport_limit=lambda name: self.config.transport_max_parallel(name),
         )
@@ -187,7 +195,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
-                admit=self.room.refusal,
+                admit=lambda tenant, size: self.usage.quotas.refusal(tenant) or self.room.refusal(tenant, size),
                 guard=self.guard,
                 events=self.events,
                 route=route,
@@ -197,7 +205,7 @@ class Relay:
         )
         self.control = ControlServer(
             config.control_path,
-            QueueControl(
+            UsageControl(self.usage.report, self.usage.status, lambda: self.config.tenants).handlers(QueueControl(
                 config=lambda: self.config,
                 scheduler=self.scheduler,
                 spool=self.spool,
@@ -210,8 +218,8 @@ class Relay:
                 listeners=lambda: self.server.bound,
                 spool_room=self.room.status,
                 shaping=self.shaping_status,
-                hold_reasons=self.holds.reasons,
-            ).handlers(),
+                hold_reasons=lambda: {**self.holds.reasons(), **self.usage.quotas.hold_reasons()},
+            ).handlers()),
             log_error=lambda text: self.events.emit(ev.Notice(text=text, level="error")),
             ready=self.wait_index_loaded,
         )
@@ -256,6 +264,7 @@ class Relay:
         return tenant if await self.passwords.check(tenant, password) else None
 
     async def accept(self, envelope: Envelope, body: bytes) -> str:
+        await self._charge(envelope.id, envelope, abort=lambda: None)
         try:
             entry = await self.spool.accept(envelope, body)
         except SpoolFullError as error:
@@ -273,7 +282,18 @@ class Relay:
             message = await self.spool.receive(envelope)
         except SpoolError as error:
             raise self._refusal(error) from None
+        await self._charge(message.id, envelope, abort=message.abort)
         return QueuedBody(message, self)
+
+    async def _charge(self, queue_id: str, envelope: Envelope, *, abort: Callable[[], None]) -> None:
+        """Count the message against its tenant's quota; over a `refuse` quota it is dropped with a 450."""
+        reply = await self.usage.quotas.charge(queue_id, envelope.tenant, len(envelope.recipients))
+        if reply is not None:
+            abort()
+            self.events.emit(ev.SmtpRefused(
+                client_ip=envelope.client_ip, stage="DATA", reply=reply, detail=f"A={envelope.tenant} quota",
+            ))
+            raise SubmissionRefused(reply)
 
     def _refusal(self, error: SpoolError) -> SubmissionRefused:
         """Log a spool failure while taking a message; the reply the client gets."""
@@ -327,6 +347,7 @@ class Relay:
         await self.spool.start()
         await asyncio.to_thread(self.counters.open)
         await self.shaping.load(self.config.transports, time.time())
+        await self.usage.start()
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
@@ -335,6 +356,7 @@ class Relay:
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
         self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
         self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
+        self.usage.metrics.read_with(loop_reader(asyncio.get_running_loop(), self.usage.snapshot))
         if self.config.metrics.port is not None:
             self._observe = start_observe_listener(self.present, self.metrics, asyncio.get_running_loop(),
                                                    self.status_login)
@@ -378,6 +400,7 @@ class Relay:
         # The index lives as long as the process: keep the cyclic collector
         # from walking 100,000 queued entries on every full collection.
         gc.freeze()
+        self.usage.start_releases()
         self.events.emit(ev.Notice(text=f"queue index loaded: {added} message(s) in {time.monotonic() - started:.2f}s"))
 
     async def stop(self) -> None:
@@ -389,6 +412,7 @@ class Relay:
         await self.scheduler.stop(self.config.delivery.shutdown_grace)
         await self.agent.record_unrecorded()
         await self.shaping.drain()
+        await self.usage.stop()
         await self.counters.close()
         for message_id, reason in self.agent.unrecorded().items():
             self.events.emit(ev.Notice(
@@ -453,6 +477,7 @@ class Relay:
         for transport in old_transports.values():
             await transport.close()
         await self.shaping.load(new.transports, time.time())
+        await self.usage.quotas.load()
         self.scheduler.gate_opened()  # a raised or removed limit releases what it held
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)

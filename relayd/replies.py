@@ -116,3 +116,15 @@ def bad_helo(command: str) -> str:
 
 def evicted(host: str) -> str:
     return EVICTED.format(host=host)
+
+
+def quota_reached(tenant: str, window: str, cap: int, resets: str) -> str:
+    """A tenant at its daily or monthly quota (`on_quota: refuse`), at MAIL FROM or at the end of DATA.
+
+    450 is RFC 5321's "temporarily blocked for policy reasons" and X.7.1
+    (RFC 3463: not authorised, a policy refusal) is what Postfix policy
+    services and Exim's ratelimit ACLs answer for a sender over its rate;
+    4.5.3 stays reserved for too many recipients in one message, so a client
+    can tell "split the message" from "wait for the reset".
+    """
+    return f"450 4.7.1 {window} quota of tenant {tenant} reached ({cap} messages); resets {resets}"

@@ -477,3 +477,23 @@ def test_a_preset_fills_the_providers_send_limits_and_relay_yaml_overrides_them(
     assert shaping["dev"] == Shaping(max_per_minute=5)
     assert shaping["ses"].describe() == "max_per_second 1, max_per_day 50000"
     assert not Shaping().is_limited and Shaping().describe() == "unshaped"
+
+
+def test_tenant_quota_and_usage_sections_parse_into_frozen_values_with_their_defaults(tmp_path: Path) -> None:
+    from relayd.config.quota import CounterStore, QuotaAction, RedisSettings
+
+    text = MINIMAL + """\
+    quota: {max_per_day: 1000, on_quota: hold}
+usage:
+  time_zone: Europe/Paris
+  store: redis
+  redis: {host: 10.0.0.5, port: 6380, key_prefix: acct1}
+"""
+    config = load_config(write(tmp_path, text), check_files=False)
+    quota = config.tenants["acme"].quota
+    assert (quota.max_per_day, quota.max_per_month, quota.on_quota, quota.alert_percent) == (
+        1000, None, QuotaAction.HOLD, 80)
+    assert config.usage.time_zone == "Europe/Paris" and config.usage.store is CounterStore.REDIS
+    assert config.usage.redis == RedisSettings(host="10.0.0.5", port=6380, key_prefix="acct1")
+    plain = load_config(write(tmp_path, MINIMAL, "plain.yaml"), check_files=False)
+    assert not plain.tenants["acme"].quota.is_limited and plain.usage.store is CounterStore.SQLITE

@@ -47,6 +47,7 @@ from relayd.config.model import (
 from relayd.config.retry import DEFAULT_RETRY, parse_retry_schedule
 from relayd.config.tenantsection import TenantSections
 from relayd.config.transportsection import TransportSections
+from relayd.config.usagesection import UsageSections
 from relayd.config.yamltree import (
     MAX_CONFIG_BYTES,
     ConfigError,
@@ -66,7 +67,7 @@ __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "ConfigProblem", "SizeSyntaxError"
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
              "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
-             "tenants_file", "audit_log", "spool_limits")
+             "tenants_file", "audit_log", "spool_limits", "usage")
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
 _DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
@@ -74,7 +75,7 @@ _METRICS_KEYS = ("address", "port", "status_auth")
 _SPOOL_LIMITS_KEYS = ("min_free", "tenant_max_bytes", "tenant_max_messages")
 
 
-class Reader(ListenerSections, TransportSections, TenantSections):
+class Reader(ListenerSections, TransportSections, TenantSections, UsageSections):
     """Checks the whole file section by section, collecting problems and building config values.
 
     Each getter returns a usable value even after reporting a problem (the
@@ -117,6 +118,7 @@ class Reader(ListenerSections, TransportSections, TenantSections):
             pid_file=self.get(m, "pid_file", self.path, None),
             tenants_file=tenants_file,
             audit_log=self.get(m, "audit_log", self.path, None),
+            usage=self.usage(m),
         )
 
     def managed_tenants(self, path: Path, source: Path, transport_names: frozenset[str],

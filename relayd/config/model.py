@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Union
 
+from relayd.config.quota import NO_QUOTA, TenantQuota, UsageConfig
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
 from relayd.config.shaping import UNSHAPED, Shaping
 
@@ -194,6 +195,7 @@ class TenantConfig:
     max_recipients: int | None = None
     max_message_size: int | None = None
     enabled: bool = True
+    quota: TenantQuota = NO_QUOTA  # messages per day / month (relayd.config.quota)
     # Where the tenant is defined ("relay.yaml:42"), and whether that is the
     # managed tenants file that `relayctl tenant` rewrites (relay.yaml never is).
     origin: str = ""
@@ -262,6 +264,7 @@ class RelayConfig:
     pid_file: Path | None = None
     tenants_file: Path | None = None  # defaults to tenants.yaml next to the credential store
     audit_log: Path | None = None  # defaults to audit.log next to log_file (else the store)
+    usage: UsageConfig = field(default_factory=UsageConfig)  # counting time zone and counter store
 
     def tenant_for_uid(self, uid: int) -> TenantConfig | None:
         """The tenant a local user submits as on a Unix-socket listener (enabled or not)."""

@@ -14,17 +14,18 @@ from types import MappingProxyType
 from typing import Mapping
 
 from relayd.config import bounds
-from relayd.config.fields import LOGIN, FieldReader, suggest
+from relayd.config.fields import LOGIN, suggest
 from relayd.config.model import RouteRule, TenantConfig
+from relayd.config.usagesection import UsageSections
 from relayd.config.yamltree import Map, Node, Pos, Scalar, Seq, is_null
 
 
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
-                "local_users", "max_recipients", "max_message_size", "enabled", "routes")
+                "local_users", "max_recipients", "max_message_size", "enabled", "routes", "quota")
 _ROUTE_KEYS = ("name", "domains", "via")
 
 
-class TenantSections(FieldReader):
+class TenantSections(UsageSections):
     """Reads a `tenants:` section and each tenant's routes."""
 
     def tenants(self, m: Map, transport_names: frozenset[str],
@@ -70,6 +71,7 @@ class TenantSections(FieldReader):
             max_recipients=self.get(tm, "max_recipients", self.integer(bounds.RECIPIENTS), None),
             max_message_size=self.get(tm, "max_message_size", self.size(bounds.MESSAGE_SIZE), None),
             enabled=self.get(tm, "enabled", self.boolean, True),
+            quota=self.tenant_quota(name, tm),
             origin=f"{self.file}:{key_pos.line}",
             managed=self.managed,
         )

@@ -281,6 +281,40 @@ class MessageHeldLong:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaAlert:
+    """A tenant's usage reached `percent` of a quota window's cap; once per window (and per store)."""
+
+    tenant: str
+    window: str  # "day" or "month": a fixed word, used as the metric label
+    used: int
+    limit: int
+    percent: int
+    resets: str  # "2026-12-02 00:00 UTC"
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotaHeld:
+    """A tenant over its quota with `on_quota: hold`: the message is queued, held until `resets`."""
+
+    queue_id: str
+    tenant: str
+    reason: str  # "daily quota of tenant acme reached (1000 messages), resets 2026-12-02 00:00 UTC"
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageStoreChanged:
+    """The shared usage counters could not be reached (`shared` False: this node counts against its
+    local share of every cap) or can again (`shared` True)."""
+
+    store: str  # "redis 10.0.0.5:6379/0"
+    shared: bool
+    detail: str = ""
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SpoolRecovered:
     """A held delivery outcome was written after all."""
 
@@ -367,6 +401,7 @@ Event = Union[
     SessionClosed, SessionDropped, OperatorAction, SpoolRefusedMessage, SpoolSetAside,
     SpoolCannotRecord, SpoolRecovered, IncompleteDiscarded, DaemonStarted, DaemonStopping,
     DaemonStopped, ConfigReloaded, OAuthTokenRefreshed, OAuthTokenFailed, Notice, MessageHeldLong,
+    QuotaAlert, QuotaHeld, UsageStoreChanged,
 ]
 
 

@@ -400,6 +400,8 @@ def _format_daemon_event(event: ev.Event) -> str | None:
             f"{event.queue_id} held for {event.held_for / 3600:.1f}h, half its maximum age "
             f"{event.max_age / 3600:.1f}h: {event.reason}", level="warning",
         )
+    if isinstance(event, (ev.QuotaAlert, ev.QuotaHeld, ev.UsageStoreChanged)):
+        return format_usage(event)
     if isinstance(event, ev.IncompleteDiscarded):
         return format_daemon(f"{event.queue_id} incomplete message from a stopped receiver discarded")
     if isinstance(event, ev.DaemonStarted):
@@ -418,6 +420,24 @@ def _format_daemon_event(event: ev.Event) -> str | None:
     if isinstance(event, ev.Notice):
         return format_daemon(event.text, level=event.level)
     return None  # UpstreamAttempted, SessionOpened, SessionClosed: metrics only
+
+
+def format_usage(event: ev.QuotaAlert | ev.QuotaHeld | ev.UsageStoreChanged) -> str:
+    """Tenant quota lines: the alert, a message held by its quota, the shared store lost or back."""
+    if isinstance(event, ev.QuotaAlert):
+        word = "daily" if event.window == "day" else "monthly"
+        return format_daemon(
+            f"quota alert A={event.tenant}: {word} usage {event.used}/{event.limit} messages "
+            f"({event.percent}% reached), resets {event.resets}", level="warning",
+        )
+    if isinstance(event, ev.QuotaHeld):
+        return format_daemon(f"{event.queue_id} held A={event.tenant}: {event.reason}")
+    if event.shared:
+        return format_daemon(f"usage counters: {event.store} reachable again, shared quotas in force")
+    return format_daemon(
+        f"usage counters: {event.store} unreachable ({event.detail}); this node counts against its local "
+        "share of every quota", level="warning",
+    )
 
 
 def arrival_auth(env: Envelope) -> str:

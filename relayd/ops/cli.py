@@ -34,6 +34,7 @@ from relayd.ops.cli_oauth import add_oauth_commands
 from relayd.ops.cli_queue import add_queue_commands
 from relayd.ops.cli_queueact import add_action_verbs
 from relayd.ops.cli_tenant import add_tenant_verbs
+from relayd.ops.cli_usage import add_usage_commands
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -321,6 +322,7 @@ _COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
     _add_queue_commands,
     add_daemon_commands,  # reload, status, send-test (relayd.ops.cli_daemon)
     add_oauth_commands,  # oauth authorize, oauth status (relayd.ops.cli_oauth)
+    add_usage_commands,  # usage (relayd.ops.cli_usage)
 )
 
 

@@ -35,6 +35,7 @@ from relayd.ops.controlclient import ControlUnavailable, DaemonNotRunning
 from relayd.ops.queuesource import checked, control_client, offline_entries
 from relayd.ops.queueview import sanitize, status_lines, transport_state
 from relayd.ops.shapingview import shaping_lines
+from relayd.ops.usageview import usage_status_lines
 from relayd.queue.queuewire import queue_counts
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"running": True, **status}, indent=1))
     else:
-        print("\n".join(status_lines(status, time.time()) + shaping_lines(status)))
+        print("\n".join(status_lines(status, time.time()) + shaping_lines(status) + usage_status_lines(status)))
     return EXIT_OK
 
 
