@@ -40,7 +40,7 @@ from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.delivery.gates import GateSet
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
-from relayd.observe.mainlog import MainLog
+from relayd.observe.extrasinks import ExtraSinks, main_log_for
 from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.queue.queuewire import queue_counts
@@ -116,11 +116,13 @@ class Relay:
     ) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
-        self.log = MainLog(config.log_file)
+        self.log = main_log_for(config)
         self.metrics = RelayMetrics()
         self.outcomes = RecentOutcomes()
-        # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
-        self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
+        self.extra_sinks = ExtraSinks(config, secret=self._webhook_secret,
+                                      notify=lambda text, level: self.events.emit(ev.Notice(text=text, level=level)))
+        # The fan-out every stage emits into.
+        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, *self.extra_sinks.sinks()])
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
@@ -200,7 +202,8 @@ class Relay:
     # -- construction helpers --------------------------------------------------
 
     def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
-        needed = any(getattr(t, "credential", None) for t in config.transports.values())
+        needed = any(getattr(t, "credential", None) for t in config.transports.values()) or bool(
+            config.webhooks.endpoints)
         if not needed and not config.credentials.store.exists():
             return None
         keys = load_master_keys(config.credentials, self.environ)
@@ -208,6 +211,10 @@ class Relay:
 
     def _lookup_credential(self, name: str) -> UpstreamCredential | None:
         return self.credentials.get(name) if self.credentials is not None else None
+
+    def _webhook_secret(self, name: str) -> bytes | None:
+        credential = self._lookup_credential(name)
+        return credential.password.reveal().encode("utf-8") if credential is not None else None
 
     def _build_transports(self, config: RelayConfig) -> dict[str, Transport]:
         return build_transports(
@@ -293,6 +300,7 @@ class Relay:
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
+        await self.extra_sinks.start()
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
@@ -367,6 +375,7 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for transport in self.transports.values():
             await transport.close()
+        await self.extra_sinks.stop()
         await self.spool.stop()
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
@@ -374,6 +383,7 @@ class Relay:
         self.passwords.close()
         self.events.emit(ev.DaemonStopped())
         self.log.close()
+        self.extra_sinks.close()
         if self._spool_lock is not None:
             self._spool_lock.release()
             self._spool_lock = None
@@ -406,6 +416,9 @@ class Relay:
             return problems
         if new.listeners != self.config.listeners or new.tls != self.config.tls:
             self.warn("listener or TLS changes take effect at the next restart")
+        if (new.webhooks, new.log_format, new.json_log_file) != (
+                self.config.webhooks, self.config.log_format, self.config.json_log_file):
+            self.warn("webhook and log format changes take effect at the next restart")
         if new.control_path != self.config.control_path:
             self.warn("a new control_socket path takes effect at the next restart")
         old_transports = self.transports
@@ -453,6 +466,14 @@ class Relay:
             )
             return held
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): open the log files again; a failure keeps the old ones."""
+        try:
+            self.log.reopen()
+            self.extra_sinks.reopen()
+        except OSError as error:
+            self.events.emit(ev.Notice(text=f"cannot reopen a log file, keeping the old one: {error}", level="error"))
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -461,7 +482,7 @@ def _credential_names(config: RelayConfig) -> set[str]:
     return {
         t.credential for t in config.transports.values()
         if isinstance(t, SmtpTransportConfig) and t.credential is not None
-    }
+    } | {endpoint.credential for endpoint in config.webhooks.endpoints}
 
 
 def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
@@ -477,7 +498,7 @@ def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
+    loop.add_signal_handler(signal.SIGUSR1, relay.reopen_logs)
 
 
 async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -> int:

@@ -33,6 +33,7 @@ import ipaddress
 import os
 import pwd
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -40,6 +41,12 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
 
+from relayd.config.webhookconfig import (
+    WEBHOOK_KIND_PATTERN,
+    LogFormat,
+    WebhookEndpoint,
+    WebhooksConfig,
+)
 from relayd.config.model import (
     UPSTREAM_AUTH_MECHANISMS,
     CaptureTransportConfig,
@@ -365,7 +372,7 @@ def _suggest(word: str, choices: Sequence[str]) -> str | None:
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
              "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
-             "tenants_file", "audit_log", "spool_limits")
+             "tenants_file", "audit_log", "spool_limits", "log_format", "json_log_file", "webhooks")
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _TLS_KEYS = ("cert", "key")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
@@ -390,6 +397,8 @@ _CAPTURE_KEYS = ("type", "maildir", "retry", "max_parallel")
 _TENANT_KEYS = ("password_hash", "senders", "bind_addresses", "trust_every_local_user",
                 "local_users", "max_recipients", "max_message_size", "enabled", "routes")
 _ROUTE_KEYS = ("name", "domains", "via")
+_WEBHOOKS_KEYS = ("endpoints", "outbox_dir", "max_pending", "retry_min", "retry_max")
+_ENDPOINT_KEYS = ("name", "url", "credential", "events", "tenant", "timeout", "max_in_flight", "ca_file")
 
 # Bounds: (minimum, maximum). Each is repeated in the comments of config/relay.yaml.
 _PORT = (1, 65535)
@@ -416,6 +425,11 @@ _MESSAGES_PER_CONNECTION = (1, 100000)
 _IDLE = (0.0, 3600.0)  # 0: close the upstream connection after each message
 _SPOOL_BYTES = (0, 1024**4)  # 0-1024G
 _TENANT_MESSAGES = (1, 10_000_000)
+_WEBHOOK_PENDING = (10, 10_000_000)  # events waiting per endpoint before the oldest is dropped
+_WEBHOOK_RETRY = (0.1, 86400.0)  # 0.1s-1d
+_WEBHOOK_TIMEOUT = (0.5, 300.0)
+_WEBHOOK_IN_FLIGHT = (1, 100)
+_URL_LENGTH = 2048
 
 Conv = Callable[[_Node, str], T | None]
 
@@ -786,6 +800,9 @@ class _Reader:
             pid_file=self.get(m, "pid_file", self.path, None),
             tenants_file=tenants_file,
             audit_log=self.get(m, "audit_log", self.path, None),
+            log_format=self.get(m, "log_format", self.log_format, LogFormat.TEXT),
+            json_log_file=self.get(m, "json_log_file", self.path, None),
+            webhooks=self.webhooks(m, frozenset(own_tenants) | frozenset(managed)),
         )
 
     def managed_tenants(self, path: Path, source: Path, transport_names: frozenset[str],
@@ -835,6 +852,89 @@ class _Reader:
         if isinstance(node, _Scalar) and node.value == "-":
             return None
         return self.get(m, "log_file", self.path, None)
+
+    def log_format(self, node: _Node, key: str) -> LogFormat | None:
+        found = self.choice(LogFormat)(node, key)
+        return found if isinstance(found, LogFormat) else None
+
+    def webhooks(self, m: _Map, tenant_names: frozenset[str]) -> WebhooksConfig:
+        d = WebhooksConfig()
+        s = self.section(m, "webhooks", _WEBHOOKS_KEYS)
+        if s is None:
+            return d
+        retry_min = self.get(s, "retry_min", self.duration(_WEBHOOK_RETRY), d.retry_min)
+        retry_max = self.get(s, "retry_max", self.duration(_WEBHOOK_RETRY), d.retry_max)
+        if retry_max < retry_min:
+            self.add(self.pos_of(s, "retry_max"), "retry_max must not be shorter than retry_min")
+        endpoints: list[WebhookEndpoint] = []
+        names: set[str] = set()
+        for item in self.get(s, "endpoints", lambda n, k: self.as_list(n, k), ()):
+            em = self.as_map(item, "a webhook endpoint")
+            endpoint = self.webhook_endpoint(em, tenant_names) if em is not None else None
+            if endpoint is not None and endpoint.name in names:
+                self.add(em.pos if em is not None else item.pos, f"webhook endpoint '{endpoint.name}' is defined twice")
+            elif endpoint is not None:
+                names.add(endpoint.name)
+                endpoints.append(endpoint)
+        return WebhooksConfig(
+            endpoints=tuple(endpoints),
+            outbox_dir=self.get(s, "outbox_dir", self.path, None),
+            max_pending=self.get(s, "max_pending", self.integer(_WEBHOOK_PENDING), d.max_pending),
+            retry_min=retry_min,
+            retry_max=retry_max,
+        )
+
+    def webhook_endpoint(self, em: _Map, tenant_names: frozenset[str]) -> WebhookEndpoint | None:
+        self.check_keys(em, _ENDPOINT_KEYS, "a webhook endpoint")
+        d = WebhookEndpoint(name="", url="", credential="")
+        name = self.need(em, "name", self.name("webhook endpoint"), None)
+        url = self.need(em, "url", self.webhook_url, None, " (http:// or https://)")
+        credential = self.need(em, "credential", self.credential_name, None,
+                               " (the signing secret, stored with `relayctl webhook secret NAME`)")
+        tenant = self.get(em, "tenant", self.text, None)
+        if tenant is not None and tenant not in tenant_names:
+            self.add(self.pos_of(em, "tenant"), f"tenant '{tenant}' is not defined")
+        if name is None or url is None or credential is None:
+            return None
+        return WebhookEndpoint(
+            name=name, url=url, credential=credential, tenant=tenant,
+            events=self.get(em, "events", self.text_list(self.webhook_kind, "event kind"), d.events),
+            timeout=self.get(em, "timeout", self.duration(_WEBHOOK_TIMEOUT), d.timeout),
+            max_in_flight=self.get(em, "max_in_flight", self.integer(_WEBHOOK_IN_FLIGHT), d.max_in_flight),
+            ca_file=self.get(em, "ca_file", self.existing_file, None),
+        )
+
+    def webhook_url(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        try:
+            parts = urllib.parse.urlsplit(s)
+            parts.port  # raises ValueError for a port out of range
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            self.add(node.pos, f"{key} must be an http:// or https:// URL with a host, such as "
+                               "https://hooks.example.com/relayd")
+            return None
+        if parts.username is not None or parts.password is not None:
+            self.add(node.pos, f"{key}: a user or password in the URL is a plaintext secret; relayd "
+                               "signs each request with the endpoint's credential instead")
+            return None
+        if len(s) > _URL_LENGTH or not s.isprintable() or " " in s:
+            self.add(node.pos, f"{key} must be at most {_URL_LENGTH} printable characters without spaces")
+            return None
+        return s
+
+    def webhook_kind(self, node: _Node, key: str) -> str | None:
+        s = self.text(node, key)
+        if s is None:
+            return None
+        if WEBHOOK_KIND_PATTERN.fullmatch(s) is None:
+            self.add(node.pos, f"'{s}' is not an event kind; write a word such as delivered, deferred, "
+                               "bounced or bounce_created")
+            return None
+        return s
 
     def tls_files(self, m: _Map) -> TlsFiles | None:
         t = self.section(m, "tls", _TLS_KEYS)

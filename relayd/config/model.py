@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Mapping, Union
 
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
+from relayd.config.webhookconfig import LogFormat, WebhooksConfig
 
 
 class TlsMode(enum.Enum):
@@ -225,6 +226,13 @@ class RelayConfig:
     pid_file: Path | None = None
     tenants_file: Path | None = None  # defaults to tenants.yaml next to the credential store
     audit_log: Path | None = None  # defaults to audit.log next to log_file (else the store)
+    log_format: LogFormat = LogFormat.TEXT  # what log_file holds (relayd.observe.jsonlog for json)
+    json_log_file: Path | None = None  # a second log with one JSON object per event
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+
+    @property
+    def webhook_outbox(self) -> Path:
+        return self.webhooks.outbox_dir or self.spool_dir / "webhooks"
 
     def tenant_for_uid(self, uid: int) -> TenantConfig | None:
         """The tenant a local user submits as on a Unix-socket listener (enabled or not)."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, TextIO
 from relayd.observe.audit import audited
 from relayd.ops.cli_admin import add_admin_commands, add_tenant_verbs
 from relayd.ops.cli_queue import add_queue_commands
+from relayd.ops.cli_webhook import add_webhook_commands
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -313,6 +314,7 @@ _COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
     _add_tenant_commands,
     _add_admin_commands,
     _add_queue_commands,
+    add_webhook_commands,
 )
 
 
