@@ -870,11 +870,17 @@ class _Reader:
         names: set[str] = set()
         for item in self.get(s, "endpoints", lambda n, k: self.as_list(n, k), ()):
             em = self.as_map(item, "a webhook endpoint")
-            endpoint = self.webhook_endpoint(em, tenant_names) if em is not None else None
-            if endpoint is not None and endpoint.name in names:
-                self.add(em.pos if em is not None else item.pos, f"webhook endpoint '{endpoint.name}' is defined twice")
-            elif endpoint is not None:
-                names.add(endpoint.name)
+            if em is None:
+                continue
+            endpoint = self.webhook_endpoint(em, tenant_names)
+            name = em.value("name")
+            if isinstance(name, _Scalar) and isinstance(name.value, str) and name.value.strip() in names:
+                self.add(name.pos, f"webhook endpoint '{name.value.strip()}' is defined twice; each "
+                                   "needs its own name (it names the endpoint's outbox)")
+                continue
+            if isinstance(name, _Scalar) and isinstance(name.value, str):
+                names.add(name.value.strip())
+            if endpoint is not None:
                 endpoints.append(endpoint)
         return WebhooksConfig(
             endpoints=tuple(endpoints),
@@ -894,15 +900,14 @@ class _Reader:
         tenant = self.get(em, "tenant", self.text, None)
         if tenant is not None and tenant not in tenant_names:
             self.add(self.pos_of(em, "tenant"), f"tenant '{tenant}' is not defined")
-        if name is None or url is None or credential is None:
-            return None
-        return WebhookEndpoint(
-            name=name, url=url, credential=credential, tenant=tenant,
+        endpoint = WebhookEndpoint(
+            name=name or "", url=url or "", credential=credential or "", tenant=tenant,
             events=self.get(em, "events", self.text_list(self.webhook_kind, "event kind"), d.events),
             timeout=self.get(em, "timeout", self.duration(_WEBHOOK_TIMEOUT), d.timeout),
             max_in_flight=self.get(em, "max_in_flight", self.integer(_WEBHOOK_IN_FLIGHT), d.max_in_flight),
             ca_file=self.get(em, "ca_file", self.existing_file, None),
         )
+        return endpoint if name and url and credential else None
 
     def webhook_url(self, node: _Node, key: str) -> str | None:
         s = self.text(node, key)
