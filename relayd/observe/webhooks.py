@@ -160,7 +160,9 @@ class EndpointSender:
     async def _sleep(self) -> None:
         now = self._clock()
         wake_at = self.outbox.next_try()
-        if self._down_until > now:
+        if self._failures and self._in_flight:
+            wake_at = None  # the probe's answer wakes everyone
+        elif self._down_until > now:
             wake_at = max(wake_at or 0.0, self._down_until)
         timeout = None if wake_at is None else max(0.01, wake_at - now)
         self._wake.clear()
