@@ -271,6 +271,63 @@ def test_without_its_secret_an_endpoint_sends_nothing_and_keeps_the_events(tmp_p
     assert sum("is not in the credential store" in n for n in notes) == 1
 
 
+def test_events_waiting_at_a_clean_stop_are_sent_after_the_next_start(tmp_path: Path) -> None:
+    notes: list[str] = []
+
+    async def first_run() -> int:
+        sink = sink_for(tmp_path, "http://127.0.0.1:9/hook", notes)  # discard port: refused
+        await sink.start()
+        for i in range(3):
+            sink.emit(delivered(f"q{i}"))
+        await sink.stop()
+        return len(sink.senders[0].outbox)
+
+    async def second_run(receiver: WebhookReceiver) -> None:
+        sink = sink_for(tmp_path, receiver.url, notes)
+        await sink.start()
+        deadline = time.monotonic() + 10
+        while sink.senders[0].sent < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await sink.stop()
+
+    assert asyncio.run(first_run()) == 3
+    with WebhookReceiver() as receiver:
+        asyncio.run(second_run(receiver))
+        assert sorted(r.json["queue_id"] for r in receiver.received) == ["q0", "q1", "q2"]
+    assert any("3 event(s) waiting from before the start" in n for n in notes)
+
+
+def test_https_receivers_certificates_are_verified(tmp_path: Path, ca: Any) -> None:
+    import ssl
+
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    async def run(url: str, ca_path: Path | None, notes: list[str]) -> int:
+        config = WebhooksConfig(endpoints=(WebhookEndpoint(
+            name="tls", url=url, credential="hook", events=("delivered",), timeout=2.0, ca_file=ca_path),),
+            retry_min=0.1, retry_max=0.2)
+        sink = WebhookSink(config, tmp_path / f"outbox-{ca_path is not None}", secret=lambda name: SECRET,
+                           notify=lambda text, level: notes.append(text))
+        await sink.start()
+        sink.emit(delivered("q-tls"))
+        deadline = time.monotonic() + 5
+        while sink.senders[0].sent == 0 and sink.senders[0].failed_requests == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await sink.stop()
+        return sink.senders[0].sent
+
+    with WebhookReceiver(tls=server_tls) as receiver:
+        untrusted: list[str] = []
+        assert asyncio.run(run(receiver.url, None, untrusted)) == 0  # the system's CAs do not know the test CA
+        assert any("CERTIFICATE_VERIFY_FAILED" in n for n in untrusted), untrusted
+        assert receiver.received == []
+        assert asyncio.run(run(receiver.url, ca_file, [])) == 1
+        assert len(receiver.received) == 1 and receiver.received[0].signature_valid(SECRET)
+
+
 def test_a_full_outbox_logs_its_losses_with_a_count(tmp_path: Path) -> None:
     notes: list[str] = []
 

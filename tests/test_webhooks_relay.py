@@ -108,7 +108,7 @@ def test_a_tenant_endpoint_gets_only_its_tenant_and_kinds(
             submit(relay_files, ACME, "app@acme.example", ["ok@customer.test"])
             upstream.wait_for_messages(1)
             time.sleep(1.0)
-            assert relay.relay.extra_sinks.webhooks.senders[0].outbox.__len__() == 0
+            assert len(relay.relay.extra_sinks.webhooks.senders[0].outbox) == 0
     assert receiver.received == []
 
 
