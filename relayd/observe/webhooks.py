@@ -146,6 +146,10 @@ class EndpointSender:
             self._in_flight += 1
             try:
                 ok = await self._send(event)
+            except Exception as error:  # a bug or an error nobody foresaw: keep the event, keep sending
+                self._notify(f"webhook {self.endpoint.name}: sending event {event.id} failed: "
+                             f"{type(error).__name__}", "error")
+                ok = False
             finally:
                 event.in_flight = False
                 self._in_flight -= 1
@@ -159,11 +163,13 @@ class EndpointSender:
 
     async def _sleep(self) -> None:
         now = self._clock()
-        wake_at = self.outbox.next_try()
+        wake_at: float | None
         if self._failures and self._in_flight:
             wake_at = None  # the probe's answer wakes everyone
         elif self._down_until > now:
-            wake_at = max(wake_at or 0.0, self._down_until)
+            wake_at = self._down_until  # no scan of a long outbox while the endpoint is down
+        else:
+            wake_at = self.outbox.next_try()
         timeout = None if wake_at is None else max(0.01, wake_at - now)
         self._wake.clear()
         try:
@@ -175,7 +181,11 @@ class EndpointSender:
         now = self._clock()
         if ok:
             self.sent += 1
-            self.outbox.done(event.id)
+            try:
+                self.outbox.done(event.id)
+            except OSError as error:  # not journalled: it is sent once more after a restart
+                self._notify(f"webhook {self.endpoint.name}: cannot journal event {event.id} as sent: "
+                             f"{error}", "error")
             if self._failures:
                 self._notify(f"webhook {self.endpoint.name}: the receiver answers again after "
                              f"{self._failures} failed request(s); {len(self.outbox)} event(s) waiting", "")
