@@ -6,12 +6,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 from relayd.ops import cli
-from tests.relayenv import RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, submit
+from tests.relayenv import ROOT, RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, submit
 from tests.webhookreceiver import WebhookReceiver
 
 ACME = ("acme", "acme-relay-password")
@@ -265,8 +271,6 @@ def test_json_log_lines_match_the_text_log_event_for_event(
 def test_log_format_json_writes_json_to_log_file_and_reopens_on_sigusr1(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
-    import signal
-
     upstream = gmail(upstreams)
     with WebhookReceiver() as receiver:
         write_relay(relay_files, upstream.port, receiver.url, extra="log_format: json\n")
@@ -289,5 +293,58 @@ def test_log_format_json_writes_json_to_log_file_and_reopens_on_sigusr1(
     assert not any(r.get("recipient") == "two@customer.test" for r in old)
 
 
-def _read(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
+def test_a_journalled_event_is_fsynced_within_moments_not_only_at_stop(
+    relay_files: RelayFiles, upstreams: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A kill -9 cannot show a missing fsync (the page cache outlives the process): strace can."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (scripts/bootstrap test installs it on Debian)")
+    upstream = gmail(upstreams)
+    receiver = WebhookReceiver().start()
+    port = receiver.port
+    receiver.stop()  # the event stays in the outbox
+    write_relay(relay_files, upstream.port, f"http://127.0.0.1:{port}/hook", events="[delivered]",
+                extra=f"pid_file: {relay_files.root / 'relayd.pid'}\n")
+    trace = tmp_path / "strace.txt"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "signal=none", "-s", "200", "-o", str(trace),
+         "-e", "trace=openat,write,fsync,fdatasync",
+         sys.executable, "-m", "relayd.daemon", "--config", str(relay_files.config)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    pid_file = relay_files.root / "relayd.pid"
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.exists(), "relayd did not start under strace"
+        submit(relay_files, ACME, "app@acme.example", ["traced@customer.test"])
+        relay_files.wait_for_log("Completed")
+        time.sleep(1.0)  # several sync intervals
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # no stop path: only the periodic fsync counts
+    finally:
+        try:
+            tracer.wait(30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+    journal_fd: str | None = None
+    wrote_at: int | None = None
+    synced_after = False
+    unfinished: dict[str, str] = {}  # pid -> the start of a call another thread interrupted
+    for n, line in enumerate(trace.read_text(errors="replace").splitlines()):
+        pid, _, call = line.partition(" ")
+        call = call.strip()
+        if call.endswith("<unfinished ...>"):
+            unfinished[pid] = call.removesuffix("<unfinished ...>").strip()
+            continue
+        if call.startswith("<... "):
+            call = unfinished.pop(pid, "") + ")" + call.split(")", 1)[-1]
+        if call.startswith("openat(") and "/outbox/app/journal." in call and "= " in call:
+            journal_fd = call.rsplit("= ", 1)[-1].strip()
+        elif journal_fd and call.startswith(f"write({journal_fd},") and '\\"kind\\":\\"delivered\\"' in call:
+            wrote_at = n
+        elif journal_fd and wrote_at is not None and call.startswith(f"fsync({journal_fd})"):
+            synced_after = synced_after or call.rstrip().endswith("= 0")
+    assert wrote_at is not None, "the event was not written to the outbox journal"
+    assert synced_after, "the outbox journal was not fsync'd after the event was written"
