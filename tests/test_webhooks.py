@@ -330,16 +330,19 @@ def test_https_receivers_certificates_are_verified(tmp_path: Path, ca: Any) -> N
 
 def test_a_full_outbox_logs_its_losses_with_a_count(tmp_path: Path) -> None:
     notes: list[str] = []
+    statuses: list[list[dict[str, object]]] = []
 
     async def scenario() -> int:
         sink = sink_for(tmp_path, "http://127.0.0.1:9/hook", notes, max_pending=10)
         await sink.start()
         for i in range(25):
             sink.emit(delivered(f"q{i}"))
+        statuses.append(sink.status())
         await sink.stop()
         return sink.senders[0].outbox.dropped
 
     assert asyncio.run(scenario()) == 15
+    assert statuses[0][0]["waiting"] == 10 and statuses[0][0]["dropped"] == 15
     drops = [n for n in notes if "dropped" in n]
     assert drops[0].startswith("error: webhook app: outbox full (10 events waiting), dropped the oldest 1")
     assert "15 dropped since start" in drops[-1]  # the rest summed up at stop, not one line per event

@@ -100,6 +100,11 @@ class EndpointSender:
         self.sent = 0
         self.failed_requests = 0
 
+    @property
+    def failing(self) -> bool:
+        """The last request failed (the endpoint is being probed with backoff)."""
+        return self._failures > 0
+
     def add(self, event: PendingEvent) -> None:
         dropped = self.outbox.add(event)
         if dropped is not None:
@@ -274,6 +279,15 @@ class WebhookSink:
         self._clients: list[httpx.AsyncClient] = []
         self._stopping = False
         self.emit_errors = 0
+
+    def status(self) -> list[dict[str, object]]:
+        """Per endpoint, for an operator's view or metrics: events waiting, sent, failed requests,
+        dropped, and whether it is failing now. Never the URL's query or the secret."""
+        return [
+            {"name": s.endpoint.name, "tenant": s.endpoint.tenant, "waiting": len(s.outbox), "sent": s.sent,
+             "failed_requests": s.failed_requests, "dropped": s.outbox.dropped, "failing": s.failing}
+            for s in self.senders
+        ]
 
     def emit(self, event: ev.Event) -> None:
         if self._stopping:
