@@ -122,7 +122,7 @@ class Relay:
         self.extra_sinks = ExtraSinks(config, secret=self._webhook_secret,
                                       notify=lambda text, level: self.events.emit(ev.Notice(text=text, level=level)))
         # The fan-out every stage emits into.
-        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, *self.extra_sinks.sinks()])
+        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, self.extra_sinks])
         self.health = UpstreamHealth()
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
@@ -416,9 +416,8 @@ class Relay:
             return problems
         if new.listeners != self.config.listeners or new.tls != self.config.tls:
             self.warn("listener or TLS changes take effect at the next restart")
-        if (new.webhooks, new.log_format, new.json_log_file) != (
-                self.config.webhooks, self.config.log_format, self.config.json_log_file):
-            self.warn("webhook and log format changes take effect at the next restart")
+        if new.log_format != self.config.log_format:
+            self.warn("a new log_format takes effect at the next restart")
         if new.control_path != self.config.control_path:
             self.warn("a new control_socket path takes effect at the next restart")
         old_transports = self.transports
@@ -428,6 +427,7 @@ class Relay:
         self.passwords.clear()
         for transport in old_transports.values():
             await transport.close()
+        await self.extra_sinks.reconfigure(new)
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []

@@ -348,3 +348,23 @@ def test_a_journalled_event_is_fsynced_within_moments_not_only_at_stop(
             synced_after = synced_after or call.rstrip().endswith("= 0")
     assert wrote_at is not None, "the event was not written to the outbox journal"
     assert synced_after, "the outbox journal was not fsync'd after the event was written"
+
+
+def test_a_reload_moves_an_endpoint_to_its_new_url_with_the_events_waiting(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    upstream = gmail(upstreams)
+    old = WebhookReceiver().start()
+    old_port = old.port
+    old.stop()  # the old URL is dead: the event waits
+    write_relay(relay_files, upstream.port, f"http://127.0.0.1:{old_port}/hook", events="[delivered]")
+    with WebhookReceiver() as new, RelayThread(relay_files.config) as relay:
+        first = submit(relay_files, ACME, "app@acme.example", ["one@customer.test"])
+        upstream.wait_for_messages(1)
+        time.sleep(0.5)
+        relay_files.config.write_text(relay_files.config.read_text().replace(
+            f"http://127.0.0.1:{old_port}/hook", new.url))
+        assert relay.call(relay.relay.reload()) is True
+        second = submit(relay_files, ACME, "app@acme.example", ["two@customer.test"])
+        got = new.wait_for(2, event="delivered")
+    assert {r.json["queue_id"] for r in got} == {first, second}

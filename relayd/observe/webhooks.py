@@ -293,8 +293,8 @@ class WebhookSink:
         if self._stopping:
             return
         if not self.senders:
-            if self._config.endpoints:
-                self._early.append(event)
+            if self._config.endpoints and len(self._early) < self._config.max_pending:
+                self._early.append(event)  # until start(): bounded like an outbox
             return
         kind = webhookbody.kind_of(event)
         targets = [s for s in self.senders if _wants(s.endpoint, kind, event)]
