@@ -431,6 +431,21 @@ def test_relayctl_webhook_secret_refuses_a_short_secret_without_showing_it(
     assert "at least 16 characters" in captured.err and "short-guess" not in captured.err + captured.out
 
 
+def test_relayctl_config_check_names_a_webhook_secret_missing_from_the_store(
+    relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(relay_files)
+    assert cli.main(["--config", str(relay_files.config), "config", "check"], environ={}) == 1
+    out = capsys.readouterr().out
+    assert ": webhook endpoint app: credential hook-app is not in " in out
+    assert "add it with `relayctl webhook secret hook-app --generate`" in out
+    cli.main(["--config", str(relay_files.config), "webhook", "secret", "hook-app", "--generate"],
+             environ={}, stdin=io.StringIO(""))
+    capsys.readouterr()
+    cli.main(["--config", str(relay_files.config), "config", "check"], environ={})
+    assert "webhook endpoint" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ README snippets, run for real
 
 

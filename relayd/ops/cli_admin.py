@@ -457,7 +457,8 @@ def _open_store(config: RelayConfig, environ: Mapping[str, str]) -> CredentialSt
 def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: str) -> list[str]:
     needed = {t.name: t.credential for t in config.transports.values()
               if isinstance(t, SmtpTransportConfig) and t.credential is not None}
-    if not needed:
+    hooks = {e.name: e.credential for e in config.webhooks.endpoints}
+    if not needed and not hooks:
         return []
     try:
         store = _open_store(config, environ)
@@ -467,6 +468,10 @@ def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: st
         f"{_where(file, ('transports', transport, 'credential'))}: transport {transport}: credential {name} "
         f"is not in {config.credentials.store}; add it with `{PROG} secret set {name} --user USER`"
         for transport, name in sorted(needed.items()) if store.get(name) is None
+    ] + [
+        f"{_where(file, ('webhooks', 'endpoints'))}: webhook endpoint {endpoint}: credential {name} is not "
+        f"in {config.credentials.store}; add it with `{PROG} webhook secret {name} --generate`"
+        for endpoint, name in sorted(hooks.items()) if store.get(name) is None
     ]
 
 
