@@ -17,7 +17,9 @@ from typing import Any, Callable
 import pytest
 
 from relayd.ops import cli
-from tests.relayenv import ROOT, RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, submit
+from tests.relayenv import (
+    ROOT, RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, free_port, submit,
+)
 from tests.webhookreceiver import WebhookReceiver
 
 ACME = ("acme", "acme-relay-password")
@@ -122,9 +124,7 @@ def test_receiver_down_then_up_gets_every_event_and_smtp_does_not_wait(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
     upstream = gmail(upstreams)
-    receiver = WebhookReceiver().start()
-    port = receiver.port
-    receiver.stop()  # down: connections refused
+    port = free_port()  # nothing listens there yet: connections are refused
     write_relay(relay_files, upstream.port, f"http://127.0.0.1:{port}/hook", events="[delivered]")
     count = 30
     with RelayThread(relay_files.config):
@@ -183,9 +183,7 @@ def test_kill_9_with_pending_events_delivers_them_after_restart(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
     upstream = gmail(upstreams)
-    receiver = WebhookReceiver().start()
-    port = receiver.port
-    receiver.stop()
+    port = free_port()  # nothing listens there yet
     write_relay(relay_files, upstream.port, f"http://127.0.0.1:{port}/hook", events="[delivered]")
     with RelaydProcess(relay_files) as relayd:
         ids = [submit(relay_files, ACME, "app@acme.example", [f"k{i}@customer.test"]) for i in range(5)]
@@ -300,9 +298,7 @@ def test_a_journalled_event_is_fsynced_within_moments_not_only_at_stop(
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (scripts/bootstrap test installs it on Debian)")
     upstream = gmail(upstreams)
-    receiver = WebhookReceiver().start()
-    port = receiver.port
-    receiver.stop()  # the event stays in the outbox
+    port = free_port()  # nothing listens there: the event stays in the outbox
     write_relay(relay_files, upstream.port, f"http://127.0.0.1:{port}/hook", events="[delivered]",
                 extra=f"pid_file: {relay_files.root / 'relayd.pid'}\n")
     trace = tmp_path / "strace.txt"
@@ -354,9 +350,7 @@ def test_a_reload_moves_an_endpoint_to_its_new_url_with_the_events_waiting(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
     upstream = gmail(upstreams)
-    old = WebhookReceiver().start()
-    old_port = old.port
-    old.stop()  # the old URL is dead: the event waits
+    old_port = free_port()  # the old URL is dead: the event waits
     write_relay(relay_files, upstream.port, f"http://127.0.0.1:{old_port}/hook", events="[delivered]")
     with WebhookReceiver() as new, RelayThread(relay_files.config) as relay:
         first = submit(relay_files, ACME, "app@acme.example", ["one@customer.test"])
