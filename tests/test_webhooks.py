@@ -328,6 +328,33 @@ def test_https_receivers_certificates_are_verified(tmp_path: Path, ca: Any) -> N
         assert len(receiver.received) == 1 and receiver.received[0].signature_valid(SECRET)
 
 
+def test_start_warns_of_an_unknown_kind_and_of_events_left_for_a_removed_endpoint(tmp_path: Path) -> None:
+    notes: list[str] = []
+
+    async def run(name: str, events: tuple[str, ...]) -> None:
+        config = WebhooksConfig(endpoints=(WebhookEndpoint(
+            name=name, url="http://127.0.0.1:9/hook", credential="hook", events=events),))
+        sink = WebhookSink(config, tmp_path / "outbox", secret=lambda n: SECRET,
+                           notify=lambda text, level: notes.append(f"{level}: {text}"))
+        await sink.start()
+        sink.emit(delivered())
+        await sink.stop()
+
+    asyncio.run(run("old", ("delivered",)))
+    asyncio.run(run("new", ("delivered", "deliverd")))
+    assert any(n.startswith("warning: webhooks: this relayd never sends event kind(s) deliverd;") for n in notes)
+    assert any(n.startswith(f"warning: webhooks: {tmp_path / 'outbox' / 'old'} holds 1 event(s) of an "
+                            "endpoint no longer in relay.yaml") for n in notes)
+    shutil.rmtree(tmp_path / "outbox" / "old")
+    asyncio.run(run("gone", ("delivered",)))
+    (tmp_path / "outbox" / "gone" / "base.jsonl").write_text("")  # as if every event had been sent
+    for journal in (tmp_path / "outbox" / "gone").glob("journal.*"):
+        journal.unlink()
+    notes.clear()
+    asyncio.run(run("new", ("delivered",)))
+    assert not any("no longer in relay.yaml" in n for n in notes)
+
+
 def test_a_full_outbox_logs_its_losses_with_a_count(tmp_path: Path) -> None:
     notes: list[str] = []
     statuses: list[list[dict[str, object]]] = []

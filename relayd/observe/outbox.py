@@ -118,6 +118,14 @@ class Outbox:
         self._fd = self._open_journal()
         return Replayed(pending=len(self._pending), damaged_lines=damaged)
 
+    @staticmethod
+    def waiting_in(directory: Path) -> int:
+        """How many events an outbox directory holds, read without changing it (blocking)."""
+        box = Outbox(directory, max_pending=1)
+        for path in [directory / _BASE, *box._journals()]:
+            box._replay(path)
+        return len(box._pending)
+
     def _journals(self) -> list[Path]:
         found = [path for path in self.directory.iterdir() if _JOURNAL.fullmatch(path.name)]
         return sorted(found, key=_journal_number)

@@ -328,6 +328,7 @@ class WebhookSink:
                 endpoint, outbox, config=self._config, secret=self._secret, notify=self._notify,
                 client=client, clock=self._clock,
             ))
+        await self._tell_orphaned_outboxes()
         unknown = {k for e in self._config.endpoints for k in e.events} - webhookbody.known_kinds()
         if unknown:
             self._notify(f"webhooks: this relayd never sends event kind(s) {', '.join(sorted(unknown))}; "
@@ -338,6 +339,19 @@ class WebhookSink:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(s.run()) for s in self.senders]
         self._maintainer = loop.create_task(self._maintain())
+
+    async def _tell_orphaned_outboxes(self) -> None:
+        """Events kept for an endpoint no longer configured (renamed or removed) are not sent, nor
+        deleted behind the operator's back: say where they are."""
+        names = {e.name for e in self._config.endpoints}
+        try:
+            orphans = await asyncio.to_thread(_outboxes_with_files, self._outbox_dir, names)
+        except OSError:
+            return
+        for path, waiting in orphans:
+            self._notify(f"webhooks: {path} holds {waiting} event(s) of an endpoint no longer in relay.yaml; "
+                         "they are not sent (name an endpoint after it to send them, or remove the directory)",
+                         "warning")
 
     async def _maintain(self) -> None:
         """fsync each journal shortly after it was written; compact a journal grown long."""
@@ -379,3 +393,14 @@ def _wants(endpoint: WebhookEndpoint, kind: str, event: ev.Event) -> bool:
     if kind not in endpoint.events:
         return False
     return endpoint.tenant is None or endpoint.tenant == webhookbody.tenant_of(event)
+
+
+def _outboxes_with_files(root: Path, configured: set[str]) -> list[tuple[Path, int]]:
+    """The outbox directories of endpoints not configured that still hold events, with their counts."""
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and path.name not in configured:
+            waiting = Outbox.waiting_in(path)
+            if waiting:
+                found.append((path, waiting))
+    return found
