@@ -355,6 +355,35 @@ def test_start_warns_of_an_unknown_kind_and_of_events_left_for_a_removed_endpoin
     assert not any("no longer in relay.yaml" in n for n in notes)
 
 
+def test_the_sinks_own_notices_are_not_journalled_into_a_loop(tmp_path: Path) -> None:
+    """An endpoint subscribed to notices, whose outbox is full: the drop notice comes back through
+    the fan-out into the sink while it is journalling; it must not recurse or be journalled."""
+    logged: list[str] = []
+
+    async def scenario() -> tuple[int, list[str]]:
+        config = WebhooksConfig(endpoints=(WebhookEndpoint(
+            name="app", url="http://127.0.0.1:9/hook", credential="hook", events=("delivered", "notice")),),
+            max_pending=10)
+        holder: list[WebhookSink] = []
+
+        def notify(text: str, level: str) -> None:  # as the daemon does: back through the fan-out
+            logged.append(text)
+            holder[0].emit(ev.Notice(text=text, level=level))
+
+        sink = WebhookSink(config, tmp_path / "outbox", secret=lambda n: SECRET, notify=notify)
+        holder.append(sink)
+        await sink.start()
+        for i in range(25):
+            sink.emit(delivered(f"q{i}"))
+        await sink.stop()
+        return sink.senders[0].outbox.dropped
+
+    assert asyncio.run(scenario()) == 15
+    assert sum(text.startswith("webhook app: outbox full") for text in logged) == 1
+    journalled = b"".join(p.read_bytes() for p in (tmp_path / "outbox" / "app").glob("*.jsonl"))
+    assert journalled.count(b'"kind":"delivered"') == 25 and b'"kind":"notice"' not in journalled
+
+
 def test_a_full_outbox_logs_its_losses_with_a_count(tmp_path: Path) -> None:
     notes: list[str] = []
     statuses: list[list[dict[str, object]]] = []

@@ -278,6 +278,8 @@ class WebhookSink:
         self._maintainer: asyncio.Task[None] | None = None
         self._clients: list[httpx.AsyncClient] = []
         self._stopping = False
+        self._emitting = False
+        self._unjournalled: dict[str, int] = {}  # endpoint -> events the disk refused since it last worked
         self.emit_errors = 0
 
     def status(self) -> list[dict[str, object]]:
@@ -290,8 +292,17 @@ class WebhookSink:
         ]
 
     def emit(self, event: ev.Event) -> None:
-        if self._stopping:
+        # Not re-entered: the notices this sink gives while journalling (outbox
+        # full, disk refused) reach the log, but are not themselves journalled.
+        if self._stopping or self._emitting:
             return
+        self._emitting = True
+        try:
+            self._journal(event)
+        finally:
+            self._emitting = False
+
+    def _journal(self, event: ev.Event) -> None:
         if not self.senders:
             if self._config.endpoints and len(self._early) < self._config.max_pending:
                 self._early.append(event)  # until start(): bounded like an outbox
@@ -303,12 +314,21 @@ class WebhookSink:
         event_id = uuid.uuid4().hex
         body = webhookbody.encode(webhookbody.payload(event, event_id))
         for sender in targets:
+            name = sender.endpoint.name
             try:
                 sender.add(PendingEvent(id=event_id, kind=kind, body=body, queued_at=event.at))
-            except OSError as error:  # the disk refused: say so, and carry on with mail
+            except OSError as error:  # the disk refused: say so once, and carry on with mail
                 self.emit_errors += 1
-                self._notify(f"webhook {sender.endpoint.name}: cannot journal event {event_id} ({kind}): "
-                             f"{error}", "error")
+                lost = self._unjournalled.get(name, 0)
+                self._unjournalled[name] = lost + 1
+                if not lost:
+                    self._notify(f"webhook {name}: cannot journal event {event_id} ({kind}): {error}; "
+                                 "events are lost until the outbox can be written", "error")
+            else:
+                lost = self._unjournalled.pop(name, 0)
+                if lost:
+                    self._notify(f"webhook {name}: the outbox can be written again; {lost} event(s) "
+                                 "were lost", "error")
 
     async def start(self) -> None:
         """Open every endpoint's outbox (replaying what a previous run left) and start sending."""
