@@ -566,3 +566,16 @@ console.log(verify(secret, headers, body) ? 'valid' : 'invalid');
     assert run(SECRET.decode(), timestamp) == "valid"
     assert run("wrong secret", timestamp) == "invalid"
     assert run(SECRET.decode(), str(int(timestamp) - 3600)) == "invalid"
+
+
+def test_a_json_log_message_is_the_main_log_line_whatever_the_time_zone() -> None:
+    from relayd.observe.jsonlog import json_record
+    from relayd.observe.mainlog import format_event
+
+    event = ev.RecipientDeferred(queue_id="q", tenant="t", sender="s@t", message_id="", attempt=1,
+                                 report=delivered().report, next_attempt=1764610222.0)
+    for utc in (False, True):
+        record = json_record(event, utc=utc)
+        assert record is not None and record["message"] == format_event(event, utc=utc)
+        assert record["next_attempt"] == "2025-12-01T17:30:22.000Z"
+    assert json_record(ev.SessionOpened()) is None  # the main log shows no line for it either

@@ -88,16 +88,21 @@ def event_fields(event: ev.Event) -> dict[str, object]:
     return fields
 
 
-def json_record(event: ev.Event) -> dict[str, object] | None:
-    """The JSON log object for `event`; None for an event the main log does not show either."""
-    message = format_event(event, utc=True)
+def json_record(event: ev.Event, *, utc: bool = False) -> dict[str, object] | None:
+    """The JSON log object for `event`; None for an event the main log does not show either.
+
+    `message` is the main log's line as `MainLog` with the same `utc` writes it
+    (a deferral's "next try" in local time by default); `time` and
+    `next_attempt` are RFC 3339 UTC whatever `utc` says.
+    """
+    message = format_event(event, utc=utc)
     if message is None:
         return None
     return {"time": iso_time(event.at), "event": kind_of(event), **event_fields(event), "message": message}
 
 
-def json_line(event: ev.Event) -> str | None:
-    record = json_record(event)
+def json_line(event: ev.Event, *, utc: bool = False) -> str | None:
+    record = json_record(event, utc=utc)
     if record is None:
         return None
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
@@ -117,18 +122,19 @@ def open_log_file(path: Path) -> TextIO:
 class JsonLog:
     """Writes one JSON object per line: `emit(event)` (the `EventSink` method); thread-safe.
 
-    With `path` None the lines go to `stream` (stderr by default).
+    With `path` None the lines go to `stream` (stderr by default); `utc` as for `MainLog`.
     """
 
-    def __init__(self, path: Path | None, *, stream: TextIO | None = None) -> None:
+    def __init__(self, path: Path | None, *, stream: TextIO | None = None, utc: bool = False) -> None:
         self._path = path
+        self._utc = utc
         self._stream: TextIO = stream if stream is not None else sys.stderr
         self._lock = threading.Lock()
         self._file: TextIO | None = open_log_file(path) if path is not None else None
         self.write_errors = 0
 
     def emit(self, event: ev.Event) -> None:
-        line = json_line(event)
+        line = json_line(event, utc=self._utc)
         if line is None:
             return
         with self._lock:

@@ -81,7 +81,9 @@ class Replayed:
 class _Rotation:
     old_fd: int
     old_journals: list[Path] = field(default_factory=list)
-    snapshot: list[bytes] = field(default_factory=list)
+    # The pending events at the rotation; serialised in the worker thread, not on the
+    # event loop (id, kind, body and queued_at never change once an event is added).
+    snapshot: list[PendingEvent] = field(default_factory=list)
 
 
 class Outbox:
@@ -237,7 +239,7 @@ class Outbox:
         if self._fd is None:
             raise OSError("the outbox is not open")
         rotation = _Rotation(old_fd=self._fd, old_journals=self._journals(),
-                             snapshot=[self._line(p.record()) for p in self._pending.values()])
+                             snapshot=list(self._pending.values()))
         self._journal_number += 1
         self._fd = self._open_journal()
         self._dirty = True
@@ -249,7 +251,7 @@ class Outbox:
             os.fsync(rotation.old_fd)
         finally:
             os.close(rotation.old_fd)
-        self._write_base(rotation.snapshot)
+        self._write_base([self._line(p.record()) for p in rotation.snapshot])
         for path in rotation.old_journals:
             path.unlink(missing_ok=True)
 
