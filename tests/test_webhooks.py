@@ -579,3 +579,15 @@ def test_a_json_log_message_is_the_main_log_line_whatever_the_time_zone() -> Non
         assert record is not None and record["message"] == format_event(event, utc=utc)
         assert record["next_attempt"] == "2025-12-01T17:30:22.000Z"
     assert json_record(ev.SessionOpened()) is None  # the main log shows no line for it either
+
+
+def test_a_hostile_reply_cannot_split_a_json_log_line() -> None:
+    from relayd.observe.jsonlog import json_line
+
+    report = DeliveryReport(address="x@y", outcome=AttemptOutcome.FAIL, rule="r",
+                            reply=SmtpReply(550, "no\r\n2026-01-01 fake line\u2028\u0085\x00 more"))
+    event = ev.RecipientFailed(queue_id="q", tenant="t", sender="s@t", message_id="", report=report, attempt=1)
+    line = json_line(event)
+    assert line is not None and line.endswith("\n")
+    assert len(line.splitlines()) == 1 and line.isascii()
+    assert json.loads(line)["reply"] == "550 no\r\n2026-01-01 fake line\u2028\u0085\x00 more"

@@ -11,7 +11,8 @@ rule, transport, host, ip, port, tls, reply, reason...), and ``message``, the
 main log's line without its timestamp. Same events, same facts, so either log
 can be read alone.
 Untrusted input: addresses, HELO names and upstream replies; JSON escaping
-makes every control character inert (no line can be forged or split) and each
+(ASCII only) makes every control character and Unicode line separator inert
+(no line can be forged or split) and each
 text field is cut to `MAX_FIELD` characters. Bodies and secrets are never in
 events.
 Fails: like the main log: a write error is counted in `write_errors` and
@@ -105,7 +106,9 @@ def json_line(event: ev.Event, *, utc: bool = False) -> str | None:
     record = json_record(event, utc=utc)
     if record is None:
         return None
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+    # ASCII only: a reply holding U+2028 or U+0085 must not split the line for
+    # readers that treat those as line ends (Python's splitlines among them).
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
 def open_log_file(path: Path) -> TextIO:
