@@ -4,7 +4,7 @@ Takes: events through `JsonLog.emit` (one sink of the daemon's fan-out);
 `log_format: json` puts it in place of the Exim-shaped main log, and
 `json_log_file:` runs it beside it.
 Emits: per event the main log writes a line for, one object: ``time`` (RFC
-3339, UTC), ``event`` (the webhook kind name: arrived... delivered, deferred,
+3339, UTC), ``event`` (the webhook kind name: message_arrived, delivered, deferred,
 bounced, bounce_created, notice...), the event's fields by name (the queue
 entry and delivery report flattened: queue_id, tenant, sender, recipient,
 rule, transport, host, ip, port, tls, reply, reason...), and ``message``, the
