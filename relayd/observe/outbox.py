@@ -15,8 +15,10 @@ deliveries. One `write(2)` of one line to a file opened O_APPEND costs a few
 microseconds and survives a `kill -9` (the page cache outlives the process);
 `relayd.safeio.write_file` costs two fsyncs and a rename per event, which
 would put the disk's latency into every delivery. The journal is fsync'd in
-batches off the loop (`sync`, at most `SYNC_INTERVAL` after a write), so a
-power cut can lose the last fraction of a second of events, never a `kill -9`.
+batches off the loop (the owner syncs what `take_dirty` hands it, at most
+`SYNC_INTERVAL` after a write), so a power cut can lose the last fraction of
+a second of events, never a `kill -9`. A new journal's name is made durable
+(its directory fsync'd) before the journals it replaces are removed.
 
 Layout, in the endpoint's directory:
     base.jsonl          the pending events at the last compaction (written with safeio)
@@ -37,7 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.safeio import write_file
+from relayd.safeio import SYSTEM, write_file
 
 SYNC_INTERVAL = 0.2  # seconds between a write and its fsync, at most
 MAX_LINE = 1024 * 1024  # a journal line longer than this is damage, not an event
@@ -114,10 +116,11 @@ class Outbox:
             self._pending.popitem(last=False)
             self.dropped += 1
         self._journal_number = _journal_number(journals[-1]) + 1 if journals else 1
+        self._fd = self._open_journal()
+        # The base's directory fsync also makes the new journal's name durable.
         self._write_base([self._line(p.record()) for p in self._pending.values()])
         for path in journals:
             path.unlink(missing_ok=True)
-        self._fd = self._open_journal()
         return Replayed(pending=len(self._pending), damaged_lines=damaged)
 
     @staticmethod
@@ -251,6 +254,7 @@ class Outbox:
             os.fsync(rotation.old_fd)
         finally:
             os.close(rotation.old_fd)
+        SYSTEM.fsync_directory(self.directory)  # the new journal's name, before anything else
         self._write_base([self._line(p.record()) for p in rotation.snapshot])
         for path in rotation.old_journals:
             path.unlink(missing_ok=True)
