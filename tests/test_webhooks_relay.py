@@ -66,15 +66,21 @@ def gmail(upstreams: Callable[..., Any]) -> Any:
     return upstreams(users={"acme@gmail.com": "upstream-app-password"})
 
 
+def running(files: RelayFiles, how: str) -> Any:
+    """relayd in a thread of the test (the production event loop) or as its own process."""
+    return RelayThread(files.config) if how == "thread" else RelaydProcess(files)
+
+
+@pytest.mark.parametrize("how", ["thread", "process"])
 def test_delivered_bounced_and_deferred_then_delivered_arrive_signed(
-    relay_files: RelayFiles, upstreams: Callable[..., Any]
+    relay_files: RelayFiles, upstreams: Callable[..., Any], how: str
 ) -> None:
     upstream = gmail(upstreams)
     upstream.reply_to("RCPT", "550 5.1.1 No such user here", for_address="gone@customer.test")
     upstream.reply_to("RCPT", "451 4.7.1 Greylisted, try again", for_address="later@customer.test", times=1)
     with WebhookReceiver() as receiver:
         write_relay(relay_files, upstream.port, receiver.url)
-        with RelayThread(relay_files.config):
+        with running(relay_files, how):
             ok_id = submit(relay_files, ACME, "app@acme.example", ["ok@customer.test"])
             gone_id = submit(relay_files, ACME, "app@acme.example", ["gone@customer.test"])
             later_id = submit(relay_files, ACME, "app@acme.example", ["later@customer.test"])
