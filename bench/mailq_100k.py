@@ -31,7 +31,7 @@ from pathlib import Path
 from relayd.ops.controlclient import ControlClient, ControlUnavailable
 from relayd.queue.msgid import ALPHABET, new_message_id
 from relayd.config.passwords import hash_password
-from relayd.queue.spool import format_message
+from relayd.queue.spoolformat import format_message
 from relayd.values import Envelope
 
 BIN = Path(sys.executable).parent

@@ -9,7 +9,6 @@ the spool's daemon lock, and the `relayd` command line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import os
@@ -17,17 +16,18 @@ import signal
 import ssl
 import sys
 import time
-from pathlib import Path
-from typing import Any, Mapping
+import threading
+from typing import Mapping
+from wsgiref.simple_server import WSGIServer
 
 from relayd import hardening, replies, sdnotify
 from relayd.smtp.authcheck import PasswordChecker
 from relayd.smtp.authguard import AuthGuard
 from relayd.config.model import RelayConfig, SmtpTransportConfig, TenantConfig
 from relayd.config.loader import ConfigError, load_config
-from relayd.ops.control import ControlServer, QueueControl
+from relayd.ops.control import QueueControl
+from relayd.ops.controlserver import ControlServer
 from relayd.config.credentials import (
-    MASTER_KEY_ENV,
     CredentialError,
     CredentialStore,
     StoreKeyMismatch,
@@ -36,16 +36,18 @@ from relayd.config.credentials import (
 )
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
+from relayd.delivery.router import route
 from relayd.smtp.fdlimit import DescriptorLimitError, ensure_descriptor_limit
 from relayd.delivery.gates import GateSet
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
 from relayd.observe.extrasinks import ExtraSinks, main_log_for
-from relayd.observe.metrics import QUEUE_STATES, QueueGauges, RelayMetrics, loop_reader
+from relayd.observe.metrics import QueueGauges, RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.queue.queuewire import queue_counts
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
+from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
 from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.queue.spoolroom import SpoolRoom
 from relayd.delivery.transport import Transport, build_transports
@@ -168,6 +170,7 @@ class Relay:
                 admit=self.room.refusal,
                 guard=self.guard,
                 events=self.events,
+                route=route,
                 receive=self.receive,
             ),
             make_server_tls_context(config),
@@ -191,9 +194,9 @@ class Relay:
         )
         self._spool_lock: SpoolLock | None = None
         self._stopped = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self.index_loaded: asyncio.Task[None] | None = None
-        self._metrics_server: Any = None
+        self._metrics_server: tuple[WSGIServer, threading.Thread] | None = None
 
     def warn(self, text: str) -> None:
         """A warning for the operator, through the event fan-out."""
@@ -326,7 +329,7 @@ class Relay:
             return None
         counts = queue_counts(self.scheduler.entries(), self.scheduler.in_flight_ids(), time.time(),
                               self.scheduler.waiting())
-        return QueueGauges({state: int(counts[state]) for state in QUEUE_STATES}, counts["oldest_age"])
+        return QueueGauges(counts.by_state(), counts.oldest_age)
 
     async def wait_index_loaded(self) -> None:
         if self.index_loaded is not None:
@@ -522,107 +525,12 @@ async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -
     return 0
 
 
-def _fix_malloc_mmap_threshold() -> None:
-    """Pin glibc's mmap threshold at 128 KiB (its initial value).
-
-    glibc raises the threshold each time a large block is freed; with many TLS
-    sessions reading in large chunks, those blocks then come from the heap,
-    which fragments and is never given back (measured: 230 MB after 2,000
-    STARTTLS sessions, 140-160 MB with the threshold pinned). Pinning it is
-    what MALLOC_MMAP_THRESHOLD_=131072 does; nothing happens on other libcs.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
-def _run(coro: Any) -> int:
-    try:
-        import uvloop  # optional speed-up; plain asyncio works the same
-
-        return int(uvloop.run(coro))
-    except ImportError:
-        return int(asyncio.run(coro))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relayd", description="SMTP relay daemon")
-    parser.add_argument(
-        "--config", type=Path,
-        default=Path(os.environ.get("RELAYD_CONFIG", "/etc/relayd/relay.yaml")),
-        help="the YAML configuration (default: $RELAYD_CONFIG or /etc/relayd/relay.yaml)",
-    )
-    sub = parser.add_subparsers(dest="command")
-    dev = sub.add_parser(
-        "dev", help="run on the embedded development default (capture only)",
-        description="A capture-only relay on 127.0.0.1 for development: every message lands in a "
-        "Maildir, nothing leaves the machine. The state directory keeps the key, certificate, "
-        "password and relay.yaml across restarts.",
-    )
-    dev.add_argument("--dir", type=Path, default=Path(os.environ.get("RELAYD_DEV_DIR", ".relayd-dev")),
-                     help="the state directory (default: $RELAYD_DEV_DIR or ./.relayd-dev)")
-    dev.add_argument("--port", type=int, default=None,
-                     help="the submission port on 127.0.0.1 for a new relay.yaml (default 2525)")
-    dev.add_argument("--reset", action="store_true",
-                     help="write a fresh relay.yaml, dropping hand edits (key, certificate and password stay)")
-    return parser
-
-
-def _harden_process() -> dict[str, str]:
-    """No core dumps; the master key out of the environment. Returns the environment to use.
-
-    The key stays only in the returned mapping (the daemon needs it again
-    for a reload), not in os.environ, not in libc's environ and not in
-    /proc/PID/environ.
-    """
-    key_text = hardening.take_from_environment(MASTER_KEY_ENV)
-    hardening.disable_core_dumps()
-    environ = dict(os.environ)
-    if key_text is not None:
-        environ[MASTER_KEY_ENV] = key_text
-    return environ
-
-
-def _prepare_dev(args: argparse.Namespace) -> RelayConfig | int:
-    """Prepare the dev directory, check its port, print the banner; an int is an exit status."""
-    from relayd.ops.devdefault import DEFAULT_PORT, DevError, check_port_free, check_port_option, \
-        connection_help, dev_password, prepare_dev
-
-    try:
-        kept = not args.reset and (args.dir / "relay.yaml").exists()
-        if not kept:  # nothing written yet: a busy port must not end up in a fresh relay.yaml
-            check_port_free("127.0.0.1", args.port or DEFAULT_PORT)
-        config_path = prepare_dev(args.dir, port=args.port, reset=args.reset)
-        config = load_config(config_path)
-        if kept:
-            check_port_option(config, args.port)
-        first = config.listeners[0]
-        check_port_free(first.address, first.port, config_path if kept else None)
-    except ConfigError as error:
-        print(f"{error}\nrelayd: start with --reset to write a fresh development relay.yaml", file=sys.stderr)
-        return 78
-    except DevError as error:
-        print(f"relayd: {error}", file=sys.stderr)
-        return 69  # EX_UNAVAILABLE
-    except OSError as error:  # the state directory cannot be created or read
-        print(f"relayd: {error.filename or args.dir}: {error.strerror or error}", file=sys.stderr)
-        return 73  # EX_CANTCREAT
-    sys.stdout.write(connection_help(config, args.dir, dev_password(args.dir.resolve())))
-    sys.stdout.flush()
-    return config
-
-
 def main(argv: list[str] | None = None) -> int:
-    environ = _harden_process()
+    environ = harden_process()
     args = build_parser().parse_args(argv)
-    _fix_malloc_mmap_threshold()
+    fix_malloc_mmap_threshold()
     if args.command == "dev":
-        prepared = _prepare_dev(args)
+        prepared = prepare_dev_config(args)
         if isinstance(prepared, int):
             return prepared
         config = prepared
@@ -642,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relayd: {error}", file=sys.stderr)
         return 78
     try:
-        return _run(serve(config, environ))
+        return run_event_loop(serve(config, environ))
     except CredentialError as error:
         print(f"relayd: {error}", file=sys.stderr)
         return 78

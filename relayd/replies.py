@@ -13,15 +13,12 @@ SENDER_OK = "250 2.1.0 Sender OK"
 RECIPIENT_OK = "250 2.1.5 Recipient OK"
 START_DATA = "354 End data with <CR><LF>.<CR><LF>"
 AUTH_OK = "235 2.7.0 Authentication successful"
-BYE = "221 2.0.0 Bye"
-TLS_READY = "220 2.0.0 Ready to start TLS"
 
 AUTH_REQUIRED = "530 5.7.0 Authentication required: log in with AUTH before MAIL FROM"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required: issue STARTTLS before AUTH"
 AUTH_ALREADY = "503 5.5.1 Already authenticated"
 AUTH_MECHANISM_UNKNOWN = "504 5.5.4 Unrecognized authentication mechanism; use PLAIN or LOGIN"
-AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode base64 authentication data"
 AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts; try again later"
 AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
@@ -29,7 +26,6 @@ AUTH_NEEDS_EHLO = "503 5.5.1 Send EHLO before AUTH"
 
 NEED_MAIL = "503 5.5.1 Need MAIL FROM before RCPT TO"
 NEED_RCPT = "503 5.5.1 Need RCPT TO before DATA"
-NESTED_MAIL = "503 5.5.1 Sender already given; send RSET to start over"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients for one message; send the rest in another message"
 MESSAGE_TOO_BIG = "552 5.3.4 Message exceeds the maximum size of {limit} bytes"
 NO_NUL = "554 5.6.0 Message contains NUL bytes, which SMTP cannot carry"
@@ -52,7 +48,6 @@ SMTPUTF8_NEEDED = "553 5.6.7 Address has non-ASCII characters; use SMTPUTF8"
 NO_ROUTE = (
     "550 5.7.1 Relaying to <{address}> is not permitted for tenant {tenant}: no route matches"
 )
-TENANT_DISABLED = "535 5.7.8 Authentication credentials invalid"
 
 
 def message_too_big(limit: int) -> str:

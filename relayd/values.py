@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import TypedDict, Unpack
 
 
 class RecipientState(enum.Enum):
@@ -84,6 +85,16 @@ class Envelope:
         return self.sender == ""
 
 
+class RecipientChanges(TypedDict, total=False):
+    """The fields a state change may set besides the state itself."""
+
+    attempts: int
+    first_failure: float | None
+    next_attempt: float | None
+    last_error: str | None
+    last_interval: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class Recipient:
     """One recipient's delivery state, as recorded in the spool."""
@@ -96,10 +107,10 @@ class Recipient:
     last_error: str | None = None
     last_interval: float | None = None
 
-    def moved_to(self, new: RecipientState, **changes: object) -> "Recipient":
+    def moved_to(self, new: RecipientState, **changes: Unpack[RecipientChanges]) -> "Recipient":
         """Return this recipient in a new state; raises IllegalTransition."""
         check_transition(self.state, new)
-        return replace(self, state=new, **changes)  # type: ignore[arg-type]
+        return replace(self, state=new, **changes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import shutil
 import ssl
 import tempfile
@@ -28,6 +29,8 @@ from typing import Any, Callable, TypeVar
 
 import trustme
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from tests.ports import candidate_ports
 
 DEFAULT_USER = "relay@example.com"
 DEFAULT_PASSWORD = "abcd efgh ijkl mnop"  # shaped like a Gmail app password
@@ -377,13 +380,23 @@ class FakeUpstream:
         if self._server is not None:
             return
         assert self._loop is not None
-        self._server = await self._loop.create_server(
-            self._make_protocol,
-            host=self.host,
-            port=self.port,
-            ssl=self._server_tls if self.tls_mode == "implicit" else None,
-            reuse_address=True,
-        )
+        # The first listen picks a port from the reserved range, so that listening
+        # again after refusing connections finds it still free (tests/ports.py).
+        for port in [self.port] if self.port else candidate_ports():
+            try:
+                self._server = await self._loop.create_server(
+                    self._make_protocol,
+                    host=self.host,
+                    port=port,
+                    ssl=self._server_tls if self.tls_mode == "implicit" else None,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or self.port:
+                    raise
+                continue
+            break
+        assert self._server is not None, "no free port in the reserved range"
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _close_listener(self) -> None:

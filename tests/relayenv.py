@@ -21,20 +21,18 @@ import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import pytest
 import trustme
 
 from relayd.config.credentials import CredentialStore, generate_master_key, write_key_file
 from relayd.config.passwords import hash_password
+from tests.eventloop import TEST_LOOP, new_test_loop
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+ACME = ("acme", "acme-relay-password")  # the usual tenant's login and password
 
 
 @dataclass
@@ -186,6 +184,45 @@ class RelayFiles:
         raise AssertionError(f"{needle!r} x{count} not in mainlog within {timeout}s:\n{self.mainlog()}")
 
 
+def capture_files(
+    files: RelayFiles, *, listener_extra: str = "", tenant_extra: str = "", bind: tuple[str, ...] = ()
+) -> RelayFiles:
+    """A relay delivering into a capture Maildir: tenant acme (any route) and globex (one domain)."""
+    files.write(
+        upstreams=[],
+        tenants=[
+            TenantSpec(
+                "acme", ACME[1], ["*@acme.example", "ceo@acme-corp.example"],
+                [(["*"], ["capture"])], extra=tenant_extra, bind_addresses=bind,
+            ),
+            TenantSpec("globex", "globex-password", ["*@globex.example"], [(["globex-partner.test"], ["capture"])]),
+        ],
+        capture=True,
+        listener_extra=listener_extra,
+    )
+    return files
+
+
+def captured(files: RelayFiles, count: int = 1, timeout: float = 15.0) -> list[bytes]:
+    """The messages in the capture Maildir, once there are at least `count`."""
+    folder = files.root / "capture" / "new"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = sorted(folder.iterdir()) if folder.exists() else []
+        if len(names) >= count:
+            return [p.read_bytes() for p in names]
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} captured message(s) in {folder}\n{files.mainlog()}")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
 def make_message(sender: str, to: Sequence[str], subject: str = "hello", body: str = "Hello.\n") -> bytes:
     msg = EmailMessage()
     msg["From"] = sender
@@ -237,7 +274,7 @@ class RelayThread:
         self.config = load_config(config_path)
         self.environ = environ
         self.spool_io = spool_io
-        self.loop = (loop_factory or asyncio.new_event_loop)()
+        self.loop = (loop_factory or new_test_loop)()
         self.relay: Any = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -271,6 +308,8 @@ class RelaydProcess:
     """relayd as a real process: `python -m relayd.daemon --config ...`."""
 
     def __init__(self, files: RelayFiles, extra_env: dict[str, str] | None = None) -> None:
+        if TEST_LOOP != "uvloop":
+            pytest.skip("starts the real relayd, which always runs on uvloop: the uvloop pass covers it")
         self.files = files
         self.output = b""
         env = dict(os.environ)

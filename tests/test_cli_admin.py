@@ -3,7 +3,6 @@ route test and transport verify against fake upstreams on 127.0.0.1."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import smtplib
@@ -28,20 +27,6 @@ HERE = Path(__file__).parent
 CHECK_GOLDEN = HERE / "bad_configs" / "check"
 ACME = ("acme", "acme-relay-password")
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def relayctl(relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]) -> Run:
-    """Run relayctl in-process against the test relay.yaml; returns (status, stdout, stderr)."""
-
-    def run(*argv: str, stdin: str = "", environ: dict[str, str] | None = None) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["--config", str(relay_files.config), *argv],
-                    environ={} if environ is None else environ, stdin=io.StringIO(stdin))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def one_upstream(files: RelayFiles, upstreams: Callable[..., Any], **spec: Any) -> Any:

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import pytest
 
-from relayd.ops.cli import main
 from relayd.ops.controlclient import ControlClient
 from relayd.ops.queueview import (
     QueueFilter,
@@ -47,17 +46,6 @@ class TtyInput(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def relayctl(relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["--config", str(relay_files.config), *argv], environ={}, stdin=stdin or io.StringIO(""))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def setup_relay(files: RelayFiles, upstreams: Callable[..., Any], *, retry: str = "F,1h,10m", bind: bool = False) -> Any:
@@ -304,7 +292,8 @@ def test_stopped_relayd_list_freeze_and_remove_work_on_the_spool(
     assert code == 1 and err.startswith("relayctl: relayd is not running")
     code, shown, _ = relayctl("queue", "show", ids[0])
     assert code == 0 and "state:      frozen" in shown
-    assert f"{ids[1]} removed by " in relay_files.mainlog()
+    log = relay_files.mainlog()
+    assert f"{ids[0]} frozen by " in log and f"{ids[1]} removed by " in log and f"{ids[1]} Completed" in log
     assert Spool(relay_files.root / "spool").load().problems == []
     gmail.accept_connections()
     with RelayThread(relay_files.config):

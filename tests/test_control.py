@@ -23,9 +23,12 @@ import pytest
 
 from relayd.ops.controlclient import ControlClient, DaemonNotRunning
 from relayd.queue.msgid import new_message_id
-from relayd.queue.spool import Spool, format_message
+from relayd.queue.spool import Spool
+from relayd.queue.spoolformat import format_message
 from relayd.values import Envelope
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, free_port, make_message, submit
+from tests.relayenv import (
+    RelayFiles, RelayThread, TenantSpec, UpstreamSpec, free_port, make_message, submit, wait_until,
+)
 
 ACME = ("acme", "acme-relay-password")
 SENDER = "billing@acme.example"
@@ -56,14 +59,6 @@ def listed(files: RelayFiles) -> dict[str, list[Any]]:
         for row in message.get("rows", []):
             rows[row[0]] = row
     return rows
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def result_of(reply: dict[str, Any], message_id: str) -> str:

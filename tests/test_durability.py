@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import uvloop
 
 from relayd.ops.cli_queue import mailq_main
 from relayd.ops.controlclient import ControlClient
 from relayd.ops.queueview import status_lines
 from relayd.queue.spool import Spool, SpoolIO
 from relayd.values import Envelope
+from tests.eventloop import new_test_loop, run_on_test_loop
 from tests.relayenv import (
-    RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, make_message, submit,
+    RelaydProcess, RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, make_message, submit, wait_until,
 )
 
 ACME = ("acme", "acme-relay-password")
@@ -104,15 +104,6 @@ def mail_from_reply(files: RelayFiles, login: tuple[str, str], sender: str) -> t
         return client.mail(sender)
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def copies(upstream: Any, address: str) -> int:
     return sum(address in m.rcpt_tos for m in upstream.messages)
 
@@ -128,7 +119,7 @@ def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answer
         up_a, up_b = two_routes(relay_files, upstreams, min_free="64K")
         up_b.reply_to("DATA", "250 2.0.0 OK queued", delay=2.0, times=1)  # B answers late, once
         up_b.reply_to("RCPT", "451 4.3.0 Try this one later", for_address=MANY[-1], times=1)
-        relay = RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop)
+        relay = RelayThread(relay_files.config, loop_factory=new_test_loop)
         with relay:
             recipients = ["first@customer.test", *MANY]
             message_id = submit(relay_files, ACME, "billing@acme.example", recipients)
@@ -168,7 +159,7 @@ def test_a_disk_filled_mid_delivery_sends_nothing_twice_loses_nothing_and_answer
             after = submit(relay_files, GLOBEX, "news@globex.example", ["later@customer.test"])
             wait_until(lambda: copies(up_a, "later@customer.test") == 1, 10, "new mail delivered")
         # A restart finds nothing left to send.
-        with RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop):
+        with RelayThread(relay_files.config, loop_factory=new_test_loop):
             time.sleep(2)
     assert copies(up_a, "first@customer.test") == 1
     assert all(copies(up_b, address) == 1 for address in MANY)
@@ -195,7 +186,7 @@ def test_an_io_error_recording_state_holds_the_message_without_resending_then_re
     up_b.reply_to("RCPT", "451 4.3.0 Try later", times=1)
     io = BrokenStateWrites()
     io.broken.set()
-    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=new_test_loop):
         message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "second@elsewhere.test"])
         relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
         assert "Input/output error" in relay_files.mainlog()
@@ -229,7 +220,7 @@ def test_a_bounce_that_cannot_be_queued_holds_the_message_and_nothing_is_sent_tw
     up_a, up_b = two_routes(relay_files, upstreams)
     up_b.reply_to("RCPT", "550 5.1.1 No such user", for_address="gone@elsewhere.test", delay=1.0)
     io = NoRoomForNewFiles()
-    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=new_test_loop):
         message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "gone@elsewhere.test"])
         io.full.set()
         relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
@@ -252,7 +243,7 @@ def test_under_the_free_space_reserve_mail_from_and_data_get_452_and_other_work_
     spool_dir = relay_files.root / "spool"
     with tmpfs(spool_dir, "8m"):
         up_a, _up_b = two_routes(relay_files, upstreams, min_free="2M")
-        with RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop):
+        with RelayThread(relay_files.config, loop_factory=new_test_loop):
             with connect(relay_files, login=ACME) as client:
                 assert client.mail("billing@acme.example")[0] == 250
                 assert client.rcpt("x@customer.test")[0] == 250
@@ -277,7 +268,7 @@ def test_one_tenant_over_its_queue_share_is_refused_and_the_others_are_not(
     with relay_files.config.open("a") as f:
         f.write("  tenant_max_messages: 3\n")
     up_b.refuse_connections()  # acme's mail to B queues up
-    with RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop):
+    with RelayThread(relay_files.config, loop_factory=new_test_loop):
         for n in range(3):
             submit(relay_files, ACME, "billing@acme.example", [f"r{n}@elsewhere.test"])
         code, text = mail_from_reply(relay_files, ACME, "billing@acme.example")
@@ -349,7 +340,7 @@ def test_a_scan_while_a_writer_is_stalled_for_two_seconds_leaves_its_file_alone(
         await spool.stop()
         return second, entry
 
-    second, entry = uvloop.run(main())
+    second, entry = run_on_test_loop(main())
     assert second.entries == [] and second.problems == [] and second.discarded == []
     assert list((root / "corrupt").iterdir()) == []
     assert Spool(root).read_body(entry.id) == body
@@ -360,7 +351,7 @@ def test_a_message_whose_writer_stalls_during_a_second_scan_is_delivered_after_i
 ) -> None:
     up_a, _up_b = two_routes(relay_files, upstreams)
     io = StallAfterCreate(2.0)
-    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop) as relay:
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=new_test_loop) as relay:
         replies: list[str] = []
         sender = threading.Thread(
             target=lambda: replies.append(submit(relay_files, ACME, "billing@acme.example", ["x@customer.test"]))

@@ -17,9 +17,8 @@ from relayd.observe.metrics import RelayMetrics
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import AttemptOutcome, DeliveryReport, Envelope, QueueEntry, Recipient, Route, SmtpReply, Stage
-from tests.relayenv import RelayFiles, RelayThread, connect, submit
+from tests.relayenv import ACME, RelayFiles, RelayThread, capture_files, connect, submit
 from tests.test_delivery_outcome import CONFIG, ScriptedTransport, entry
-from tests.test_listener import ACME, capture_files
 
 NOON = 1767268800.0  # 2026-01-01 12:00:00 UTC
 QID = "1abcDE-000001-Xy"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import uvloop
 
 from relayd.queue.fairness import DueLane, DueMessage, Lane, pick_lane, plan_starts
 from relayd.queue.scheduler import Scheduler
 from relayd.values import Envelope, QueueEntry, Recipient
+
+from tests.eventloop import run_on_test_loop
 
 ACME_SLOW = Lane("acme", ("slow",))
 ACME_FAST = Lane("acme", ("fast",))
@@ -111,7 +112,7 @@ def test_scheduler_starts_another_tenants_message_while_a_slow_backlog_holds_its
         runner.cancel()
         return waited, counts[0], counts[1]
 
-    waited, by_tenant, by_transport = uvloop.run(scenario())
+    waited, by_tenant, by_transport = run_on_test_loop(scenario())
     assert waited < 0.5
     assert by_transport == {"slow": 10}  # the slow upstream holds only its own share
     assert by_tenant == {"acme": 10}
@@ -144,6 +145,6 @@ def test_messages_behind_a_down_upstream_are_put_back_without_holding_up_another
         runner.cancel()
         return started, waiting
 
-    started, waiting = uvloop.run(scenario())
+    started, waiting = run_on_test_loop(scenario())
     assert started == ["globex-000"]
     assert waiting == 3000

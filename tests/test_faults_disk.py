@@ -8,9 +8,10 @@ from typing import Any, Callable
 
 from relayd.ops.controlclient import ControlClient
 from relayd.ops.queueview import status_lines
-from tests.relayenv import RelaydProcess, RelayFiles, submit
+from tests.eventloop import new_test_loop
+from tests.relayenv import RelaydProcess, RelayFiles, submit, wait_until
 from tests.test_durability import (
-    ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes, wait_until,
+    ACME, GLOBEX, MANY, _spool_file, copies, fill, mail_from_reply, tmpfs, two_routes,
 )
 
 
@@ -80,19 +81,17 @@ def test_a_flooding_tenant_is_held_to_its_share_others_go_on_and_its_share_frees
 def test_a_held_outcome_is_written_at_stop_when_the_disk_works_again_so_a_restart_sends_nothing_twice(
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
-    import uvloop
-
     from tests.relayenv import RelayThread
     from tests.test_durability import BrokenStateWrites
 
     up_a, up_b = two_routes(relay_files, upstreams)
     io = BrokenStateWrites()
     io.broken.set()
-    with RelayThread(relay_files.config, spool_io=io, loop_factory=uvloop.new_event_loop):
+    with RelayThread(relay_files.config, spool_io=io, loop_factory=new_test_loop):
         message_id = submit(relay_files, ACME, "billing@acme.example", ["first@customer.test", "second@elsewhere.test"])
         relay_files.wait_for_log(f"{message_id} cannot record delivery state", timeout=10)
         io.broken.clear()  # the disk works again, and relayd stops before its next try
     assert f"{message_id} stopping with its last delivery outcome unrecorded" not in relay_files.mainlog()
-    with RelayThread(relay_files.config, loop_factory=uvloop.new_event_loop):
+    with RelayThread(relay_files.config, loop_factory=new_test_loop):
         relay_files.wait_for_log(f"{message_id} Completed", timeout=15)
     assert copies(up_a, "first@customer.test") == 1 and copies(up_b, "second@elsewhere.test") == 1

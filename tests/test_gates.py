@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-import uvloop
 
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.gates import (
@@ -16,6 +15,7 @@ from relayd.config.retry import parse_retry_schedule
 from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import AttemptOutcome, Delivery, AttemptResult, DeliveryReport, Route, SmtpReply, Stage
 from relayd.observe.events import NullSink
+from tests.eventloop import run_on_test_loop
 from tests.test_delivery_outcome import CONFIG, ScriptedTransport, entry
 
 T0 = 1_800_000_000.0
@@ -54,7 +54,7 @@ def agent(transports: dict[str, ScriptedTransport], gates: GateSet, *, forced: b
 
 def walk(transports: dict[str, ScriptedTransport], gates: GateSet, *, forced: bool = False) -> list[DeliveryReport]:
     chain = Route("all", ("gmail", "sendgrid"))
-    return uvloop.run(agent(transports, gates, forced=forced).walk_chain(entry("a@x.test"), b"body", chain, ["a@x.test"], CONFIG))
+    return run_on_test_loop(agent(transports, gates, forced=forced).walk_chain(entry("a@x.test"), b"body", chain, ["a@x.test"], CONFIG))
 
 
 def upstreams() -> dict[str, ScriptedTransport]:
@@ -195,7 +195,7 @@ def test_a_cancelled_attempt_still_ends_for_the_gates() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    uvloop.run(scenario())
+    run_on_test_loop(scenario())
     assert recorder.told == [("started", "gmail", None, 0), ("ended", "gmail", AttemptEnd.ABANDONED, 0)]
 
 

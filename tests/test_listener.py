@@ -15,25 +15,9 @@ from typing import Any, Iterator
 import aiosmtplib
 import pytest
 
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec, connect, make_message, submit
-
-ACME = ("acme", "acme-relay-password")
-
-
-def capture_files(files: RelayFiles, *, listener_extra: str = "", tenant_extra: str = "", bind: tuple[str, ...] = ()) -> RelayFiles:
-    files.write(
-        upstreams=[],
-        tenants=[
-            TenantSpec(
-                "acme", ACME[1], ["*@acme.example", "ceo@acme-corp.example"],
-                [(["*"], ["capture"])], extra=tenant_extra, bind_addresses=bind,
-            ),
-            TenantSpec("globex", "globex-password", ["*@globex.example"], [(["globex-partner.test"], ["capture"])]),
-        ],
-        capture=True,
-        listener_extra=listener_extra,
-    )
-    return files
+from tests.relayenv import (
+    ACME, RelayFiles, RelayThread, capture_files, captured, connect, make_message, submit,
+)
 
 
 @pytest.fixture
@@ -41,17 +25,6 @@ def relay(relay_files: RelayFiles) -> Iterator[RelayFiles]:
     capture_files(relay_files)
     with RelayThread(relay_files.config):
         yield relay_files
-
-
-def captured(files: RelayFiles, n: int, timeout: float = 10.0) -> list[bytes]:
-    new = files.root / "capture" / "new"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = sorted(new.iterdir()) if new.exists() else []
-        if len(found) >= n:
-            return [p.read_bytes() for p in found]
-        time.sleep(0.05)
-    raise AssertionError(f"expected {n} captured messages")
 
 
 def test_mail_before_auth_is_refused_with_530(relay: RelayFiles) -> None:
@@ -331,7 +304,7 @@ def test_session_state_covers_everything_aiosmtpds_constructor_sets() -> None:
         reference = SMTP(object(), hostname="relay.test")
         services = ListenerServices(
             config=lambda: None, authenticate=None, accept=None, new_id=None,  # type: ignore[arg-type]
-            guard=AuthGuard(), events=NullSink(),
+            guard=AuthGuard(), events=NullSink(), route=lambda _tenant, _address: None,
         )
         listener = ListenerConfig()
         ours = SubmissionProtocol(

@@ -5,7 +5,6 @@ or the real command line."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -19,9 +18,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from relayd.ops.cli import build_parser, main
+from relayd.ops.cli import build_parser
 from relayd.ops.clienthelp import snippets_in
-from relayd.daemon import build_parser as relayd_parser
+from relayd.runtime import build_parser as relayd_parser
 from relayd.ops.queueview import backlog_transport, transport_state
 from tests.fakeupstream import DEFAULT_PASSWORD, DEFAULT_USER
 from tests.relayenv import ROOT, RelaydProcess, RelayFiles, TenantSpec, UpstreamSpec, submit
@@ -30,17 +29,6 @@ ACME = ("acme", "acme-relay-password")
 RELAYCTL = str(Path(sys.executable).parent / "relayctl")
 NODE_MODULES = ROOT / ".test-clients" / "node_modules"
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def relayctl(relay_files: RelayFiles, capsys: pytest.CaptureFixture[str]) -> Run:
-    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(["--config", str(relay_files.config), *argv], environ={}, stdin=io.StringIO(stdin))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 # ------------------------------------------------------------------ status: unused and verified

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import uvloop
 
 from relayd.queue.spool import Spool, SpoolIO, SpoolEntryMissing
+from tests.eventloop import new_test_loop
 from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, as_submitted, make_message, submit
 
 ACME = ("acme", "acme-relay-password")
@@ -96,7 +96,7 @@ def cut_power_after_acknowledging(
     snapshot = tmp_path / "after-power-cut.img"
     # commit=600: the journal is committed only when relayd asks (fsync, syncfs).
     with loop_mounted(image, files.root / "spool", "commit=600"):
-        with RelayThread(files.config, spool_io=spool_io, loop_factory=uvloop.new_event_loop):
+        with RelayThread(files.config, spool_io=spool_io, loop_factory=new_test_loop):
             for n in range(MESSAGES):
                 message = make_message("billing@acme.example", ["x@customer.test"], subject=f"cut-{n}")
                 acknowledged[submit(files, ACME, "billing@acme.example", ["x@customer.test"], message)] = message

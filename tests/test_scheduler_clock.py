@@ -2,7 +2,7 @@
 
 No sockets and no sleeping: the clock is a value the test moves, and each
 step is `Scheduler.start_due()` followed by letting the started deliveries
-finish. Runs on uvloop, the loop production uses.
+finish. Runs on the test loop (uvloop, the loop production uses; see tests/eventloop.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import time
 from dataclasses import replace
 from typing import Callable, Coroutine
 
-import uvloop
 
 from relayd.queue.fairness import Lane
 from relayd.delivery.gates import GateSet, GateVerdict, OPEN, AttemptEnd, GateReport, closed_until, earliest_reopening
@@ -20,6 +19,8 @@ from relayd.config.retry import parse_retry_schedule
 from relayd.queue.scheduler import Scheduler
 from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.values import Envelope, QueueEntry, Recipient, RecipientState
+
+from tests.eventloop import run_on_test_loop
 
 T0 = 1_800_000_000.0
 CHAIN = ("gmail", "sendgrid")
@@ -59,7 +60,7 @@ def queued(message_id: str, tenant: str = "acme", *, received_at: float = T0, ne
 
 def run(scenario: Callable[[], Coroutine[object, object, None]]) -> None:
     started = time.monotonic()
-    uvloop.run(scenario())
+    run_on_test_loop(scenario())
     assert time.monotonic() - started < 2.0  # milliseconds of work, whatever the simulated span
 
 

@@ -21,17 +21,10 @@ from typing import Iterator, Sequence
 import pytest
 import trustme
 
-from relayd.ops.sendmail import (
-    Exit,
-    Options,
-    Stage,
-    build_submission,
-    cut_at_lone_dot,
-    exit_for_reply,
-    parse_arguments,
-    split_header,
-)
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec, free_port
+from relayd.ops.sendmail import Stage, exit_for_reply
+from relayd.ops.sendmailargs import Exit, Options, parse_arguments
+from relayd.ops.sendmailmsg import build_submission, cut_at_lone_dot, split_header
+from tests.relayenv import RelayFiles, RelayThread, TenantSpec, captured, free_port
 
 SENDMAIL = Path(sys.executable).parent / "relayd-sendmail"
 CRON = TenantSpec(
@@ -52,17 +45,6 @@ def sendmail(files: RelayFiles, args: Sequence[str], message: bytes, *, config: 
         [str(SENDMAIL), "--config", str(config or files.config), *args],
         input=message, capture_output=True, timeout=timeout, env=env,
     )
-
-
-def captured(files: RelayFiles, count: int = 1, timeout: float = 15.0) -> list[bytes]:
-    folder = files.root / "capture" / "new"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        names = sorted(folder.iterdir()) if folder.exists() else []
-        if len(names) >= count:
-            return [p.read_bytes() for p in names]
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} captured message(s) in {folder}\n{files.mainlog()}")
 
 
 def envelope_of(raw: bytes) -> tuple[str, list[str]]:

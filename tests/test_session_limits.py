@@ -22,8 +22,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.relayenv import ROOT, RelaydProcess, RelayFiles, RelayThread, connect, make_message
-from tests.test_listener import ACME, capture_files, captured
+from tests.relayenv import (
+    ACME, ROOT, RelaydProcess, RelayFiles, RelayThread, capture_files, captured, connect, make_message,
+)
 
 
 def raw_connect(files: RelayFiles, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
@@ -75,17 +76,6 @@ def relay(relay_files: RelayFiles) -> Iterator[RelayFiles]:
     capture_files(relay_files)
     with RelayThread(relay_files.config):
         yield relay_files
-
-
-# -- the production event loop ------------------------------------------------
-
-
-def test_in_process_relays_run_on_uvloop(relay_files: RelayFiles) -> None:
-    import uvloop
-
-    capture_files(relay_files)
-    with RelayThread(relay_files.config) as thread:
-        assert isinstance(thread.loop, uvloop.Loop)
 
 
 # -- 1. idle clients ----------------------------------------------------------

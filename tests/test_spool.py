@@ -26,15 +26,14 @@ import pytest
 
 from relayd.queue.msgid import id_time, is_message_id, new_message_id
 from relayd.queue.spool import (
-    MAGIC,
     Spool,
     SpoolCorruptError,
     SpoolEntryMissing,
     SpoolFullError,
     SpoolIO,
     SpoolWriteError,
-    format_message,
 )
+from relayd.queue.spoolformat import MAGIC, format_message
 from relayd.values import Envelope, QueueEntry, RecipientState
 
 REPO = Path(__file__).resolve().parent.parent

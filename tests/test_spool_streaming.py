@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from relayd.queue.spool import MAGIC, MAGIC_STREAMED, Spool, SpoolFullError, SpoolIO, format_message
+from relayd.queue.spool import Spool, SpoolFullError, SpoolIO
+from relayd.queue.spoolformat import MAGIC, MAGIC_STREAMED, format_message
 from relayd.values import Envelope
 
 

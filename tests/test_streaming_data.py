@@ -15,23 +15,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-import uvloop
 
-from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect
+from tests.eventloop import run_on_test_loop
+from tests.relayenv import RelayFiles, RelayThread, TenantSpec, UpstreamSpec, connect, wait_until
 
 ACME = ("acme", "acme-relay-password")
 SENDER = "billing@acme.example"
 RCPT = "client@customer.test"
-
-
-class UvloopRelay(RelayThread):
-    """RelayThread on uvloop instead of the default asyncio loop."""
-
-    def __init__(self, config_path: Path, **kwargs: Any) -> None:
-        super().__init__(config_path, **kwargs)
-        self.loop.close()
-        self.loop = uvloop.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
 
 def write_files(files: RelayFiles, *, listener_extra: str = "", upstream_port: int | None = None) -> RelayFiles:
@@ -49,7 +39,7 @@ def write_files(files: RelayFiles, *, listener_extra: str = "", upstream_port: i
 @pytest.fixture
 def relay(relay_files: RelayFiles) -> Iterator[RelayFiles]:
     write_files(relay_files)
-    with UvloopRelay(relay_files.config):
+    with RelayThread(relay_files.config):
         yield relay_files
 
 
@@ -60,14 +50,6 @@ def incoming(files: RelayFiles) -> list[Path]:
 
 def queued(files: RelayFiles) -> list[Path]:
     return sorted(p for p in (files.root / "spool" / "queue").glob("*/*"))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def open_data(files: RelayFiles) -> smtplib.SMTP:
@@ -101,7 +83,7 @@ def test_a_message_over_the_size_limit_mid_data_is_refused_and_its_partial_file_
     relay_files: RelayFiles,
 ) -> None:
     write_files(relay_files, listener_extra="max_message_size: 1M")
-    with UvloopRelay(relay_files.config):
+    with RelayThread(relay_files.config):
         client = open_data(relay_files)
         client.sock.sendall(HEAD + LINE * (2 * 1024 * 1024 // len(LINE)) + b".\r\n")
         code, text = final_reply(client)
@@ -180,7 +162,7 @@ def test_trace_fields_reach_the_upstream_and_the_original_bytes_are_otherwise_id
                 b"Subject: =?utf-8?q?r=C3=A9sum=C3=A9?=\r\nX-Folded: one\r\n two\r\n\r\n"
                 b"Body line 1\r\n.leading dot\r\n\r\nlast\r\n")
     with_ids = b"Date: Mon, 30 Nov 2026 09:00:00 +0100\r\nMessage-ID: <kept@app.test>\r\n" + original
-    with UvloopRelay(relay_files.config):
+    with RelayThread(relay_files.config):
         with connect(relay_files, login=ACME) as client:
             ids = []
             for message, rcpts in ((original, [RCPT]), (with_ids, [RCPT, "other@customer.test"])):
@@ -234,7 +216,7 @@ def test_data_sessions_take_turns_so_a_loop_round_checks_at_most_the_slot_count(
         await asyncio.gather(*(session() for _ in range(10)))
         return seen
 
-    seen = uvloop.run(scenario())
+    seen = run_on_test_loop(scenario())
     assert sum(seen.values()) == 50
     assert max(seen.values()) <= 2
 

@@ -570,7 +570,7 @@ console.log(verify(secret, headers, body) ? 'valid' : 'invalid');
 
 def test_a_json_log_message_is_the_main_log_line_whatever_the_time_zone() -> None:
     from relayd.observe.jsonlog import json_record
-    from relayd.observe.mainlog import format_event
+    from relayd.observe.logline import format_event
 
     event = ev.RecipientDeferred(queue_id="q", tenant="t", sender="s@t", message_id="", attempt=1,
                                  report=delivered().report, next_attempt=1764610222.0)

@@ -37,7 +37,7 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, NoReturn, Sequence
+from typing import Literal, Mapping, NoReturn, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -113,8 +113,9 @@ class Secret:
             return NotImplemented
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
-    # Unhashable: a hash of the value is a (weak) oracle on it.
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:
+        """Unhashable: a hash of the value is a (weak) oracle on it."""
+        raise TypeError("unhashable type: 'Secret'")
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("a Secret cannot be pickled")
@@ -373,20 +374,18 @@ def _parse_envelope(path: Path, data: bytes) -> tuple[dict[str, object], bytes, 
 
 def _parse_plaintext(path: Path, plaintext: bytes) -> dict[str, tuple[str, str]]:
     try:
-        doc: Any = json.loads(plaintext)
+        doc: object = json.loads(plaintext)
     except (UnicodeDecodeError, json.JSONDecodeError):
         _fail(path, "damaged credential store (decrypted content is not JSON)")
     if not isinstance(doc, dict):
         _fail(path, "damaged credential store (decrypted content is not an object)")
     entries: dict[str, tuple[str, str]] = {}
     for name, entry in doc.items():
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("user"), str)
-            or not isinstance(entry.get("password"), str)
-        ):
+        user = entry.get("user") if isinstance(entry, dict) else None
+        password = entry.get("password") if isinstance(entry, dict) else None
+        if not isinstance(user, str) or not isinstance(password, str):
             _fail(path, "damaged credential store (an entry lacks user or password)")
-        entries[name] = (entry["user"], entry["password"])
+        entries[str(name)] = (user, password)
     return entries
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Mapping, Union
 
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
@@ -199,10 +198,6 @@ class SpoolLimits:
 class MetricsConfig:
     address: str = "127.0.0.1"
     port: int | None = None  # None: no HTTP exporter
-
-
-def _frozen_map(items: Mapping[str, object] | None = None) -> Mapping[str, object]:
-    return MappingProxyType(dict(items or {}))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
-import yaml  # type: ignore[import-untyped]  # pyyaml ships no type hints
+import yaml
 
 from relayd.config.model import TenantConfig
 from relayd.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigProblem, parse_managed_tenants

@@ -52,14 +52,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 from relayd.observe import events as ev
 from relayd.config.model import RelayConfig
 from relayd.delivery.dsn import auto_submitted_keyword
 from relayd.queue.fairness import Lane
+from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
 from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
 from relayd.delivery.router import domain_of, group_by_route, route
+from relayd.delivery.transport import Transport
 from relayd.delivery.upstreamhealth import RETRY_WAIT
 from relayd.values import (
     AttemptOutcome,
@@ -237,8 +239,8 @@ class DeliveryAgent:
         self,
         *,
         config: Callable[[], RelayConfig],
-        spool: Any,  # relayd.queue.spool.Spool
-        transports: Callable[[], Mapping[str, Any]],  # name -> relayd.delivery.transport.Transport
+        spool: Spool,
+        transports: Callable[[], Mapping[str, Transport]],
         gates: Gate,
         events: ev.EventSink,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
@@ -278,8 +280,6 @@ class DeliveryAgent:
         the message is delivered, and the write is tried again every
         `state_retry_interval` until the spool can take it.
         """
-        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing, SpoolError
-
         held = self._unrecorded.get(entry.id)
         if held is not None:
             try:
@@ -364,8 +364,6 @@ class DeliveryAgent:
 
     def _hold(self, held: "Unrecorded", error: BaseException) -> QueueEntry:
         """Keep an outcome the spool refused in memory; stop delivering the message."""
-        from relayd.queue.spool import SpoolFullError
-
         now = self._clock()
         first = held.id not in self._unrecorded
         retry_at = now + self._state_retry_interval
@@ -394,8 +392,6 @@ class DeliveryAgent:
 
     async def record_unrecorded(self) -> None:
         """One more try to write every held outcome (at stop: what is not written may go out again)."""
-        from relayd.queue.spool import SpoolError
-
         for held in list(self._unrecorded.values()):
             for _ in range(2):  # the second time into the room the emergency reserve leaves
                 try:
@@ -427,8 +423,6 @@ class DeliveryAgent:
         Returns False when the message was no longer queued. Raises
         SpoolCorruptError (after setting the file aside) when its body is damaged.
         """
-        from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
-
         try:
             body = self._spool.read_body(entry.id)
         except SpoolEntryMissing:
@@ -606,7 +600,7 @@ class DeliveryAgent:
         return reports
 
     async def _attempt(
-        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Any, config: RelayConfig
+        self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Transport, config: RelayConfig
     ) -> AttemptResult:
         delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
         started = time.monotonic()

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TextIO
 
 from relayd.observe import events as ev
-from relayd.observe.mainlog import LOG_FILE_MODE, MAX_FIELD, arrival_auth, format_event
+from relayd.observe.logline import MAX_FIELD, arrival_auth, format_event
+from relayd.observe.mainlog import LOG_FILE_MODE
 from relayd.observe.webhookbody import iso_time, kind_of
 from relayd.values import DeliveryReport, QueueEntry, SmtpReply
 

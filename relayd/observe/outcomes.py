@@ -8,7 +8,7 @@ the text log back.
 Untrusted input: the events' addresses and replies; the lines are the main
 log's own (sanitised) text.
 Formatting is left to the reader: recording an event costs an append, the
-line is made (with `mainlog.format_event`, the same text as the log file)
+line is made (with `logline.format_event`, the same text as the log file)
 only when the control socket asks.
 Bounds: at most `max_messages` queue ids (the least recently touched is
 dropped first) and `max_per_message` lines each, so memory stays fixed
@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from relayd.observe import events as ev
-from relayd.observe.mainlog import format_event, format_timestamp
+from relayd.observe.logline import format_event, format_timestamp
 
 MAX_MESSAGES = 4096
 MAX_PER_MESSAGE = 64

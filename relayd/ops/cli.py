@@ -9,7 +9,8 @@ Untrusted input: arguments, stdin, and the config, key and store files.
 Fails: never with a traceback; passwords and keys never reach stdout or stderr.
 
 Layout, for adding verbs: each group registers its commands in an
-`_add_<group>_commands(subparsers)` function listed in `_COMMAND_GROUPS`; each
+`add_<group>_commands(subparsers)` function listed in `_COMMAND_GROUPS`, so a
+new verb group is a module of its own plus one line there; each
 command is `cmd_<group>_<verb>(args) -> int` and raises `CliError` for an
 ordinary failure. `main()` puts the environment and stdin on the namespace as
 `args.environ` and `args.stdin`, so commands read those rather than globals,
@@ -27,8 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, TextIO
 
 from relayd.observe.audit import audited
-from relayd.ops.cli_admin import add_admin_commands, add_tenant_verbs
+from relayd.ops.cli_admin import add_admin_commands
+from relayd.ops.cli_daemon import add_daemon_commands
 from relayd.ops.cli_queue import add_queue_commands
+from relayd.ops.cli_queueact import add_action_verbs
+from relayd.ops.cli_tenant import add_tenant_verbs
 from relayd.ops.cli_webhook import add_webhook_commands
 from relayd.ops.clicommon import (
     CONFIG_ENV,
@@ -302,8 +306,8 @@ def _add_admin_commands(subparsers: Subparsers) -> None:
 
 
 def _add_queue_commands(subparsers: Subparsers) -> None:
-    """queue ..., reload, status, send-test (relayd.ops.cli_queue)."""
-    add_queue_commands(subparsers)
+    """queue list/count/summary/show (relayd.ops.cli_queue), then its actions (relayd.ops.cli_queueact)."""
+    add_action_verbs(add_queue_commands(subparsers))
 
 
 # --------------------------------------------------------------------- main
@@ -314,7 +318,8 @@ _COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
     _add_tenant_commands,
     _add_admin_commands,
     _add_queue_commands,
-    add_webhook_commands,
+    add_daemon_commands,  # reload, status, send-test (relayd.ops.cli_daemon)
+    add_webhook_commands,  # webhook secret (relayd.ops.cli_webhook)
 )
 
 

@@ -36,6 +36,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 MAX_PASSWORD_LENGTH = 4096  # the credential store's field limit
+CONTROL_TIMEOUT = 30.0  # seconds; a reload or a health answer takes well under one
 
 
 class CliError(Exception):

@@ -1,9 +1,10 @@
-"""The control socket: how relayctl steers a running relayd, and how it knows none runs.
+"""The control socket's commands: how relayctl steers a running relayd.
 
 Takes: JSON-line requests on a Unix stream socket (`RelayConfig.control_path`,
 mode 0600), from processes of relayd's own user or root only (checked with
 SO_PEERCRED); the running stages (scheduler, spool, delivery agent, health
-table, main log) handed in through `QueueControl`'s constructor.
+table, events) handed in through `QueueControl`'s constructor as the small
+ports below; the socket itself is relayd.ops.controlserver.
 Emits: one or more JSON lines per request; the last has ``"done": true`` and
 either ``"ok": true`` plus data or ``"ok": false, "error": "sentence"``. Long
 actions send ``{"progress": n, "total": m}`` lines first; `queue.list` sends
@@ -13,9 +14,10 @@ checked; message ids must have the id shape before they touch a path). Only
 relayd's user and root can connect, but a malformed request still only gets
 an error line.
 How it fails: a handler raises `ControlError` for an ordinary refusal (sent as
-``ok: false``); anything else is logged and answered "internal error". The
-client side is relayd.ops.controlclient (its `ControlUnavailable` says, in one
-sentence, that the daemon is not running or that it stopped answering).
+``ok: false``); anything else is logged and answered "internal error"
+(relayd.ops.controlserver). The client side is relayd.ops.controlclient (its
+`ControlUnavailable` says, in one sentence, that the daemon is not running or
+that it stopped answering).
 
 Every change to a queued message goes through the daemon, which owns the
 index and the set of messages in delivery: `Scheduler.exclusive` keeps the
@@ -33,244 +35,77 @@ queue.log, deliver, flush, freeze, thaw, remove, giveup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import pwd
-import socket
-import struct
-import tempfile
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
-from relayd.ops.controlclient import socket_name
-from relayd.observe.events import EventSink, MessageCompleted, OperatorAction
-from relayd.queue.msgid import is_message_id
+from relayd.config.model import RelayConfig
+from relayd.delivery.upstreamhealth import UpstreamRecord, UpstreamState
+from relayd.jsonwire import JsonOut, JsonValue, scalar_fields
+from relayd.observe.events import EventSink, OperatorAction
 from relayd.observe.outcomes import RecentOutcomes
+from relayd.ops.controlserver import ControlError, Handler, Request
+from relayd.ops import queueedit
+from relayd.ops.mainlogread import read_log_lines
+from relayd.queue.msgid import is_message_id
 from relayd.queue.queuewire import entry_to_json, queue_counts, wire_row
+from relayd.queue.scheduler import MessageBusy
+from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
 from relayd.values import QueueEntry, RecipientState
 
-MAX_REQUEST = 32 * 1024 * 1024  # an id list for 100,000 messages is about 2 MB
 LIST_CHUNK = 5000  # rows per queue.list line: big enough to be cheap, small enough to stream
 PROGRESS_EVERY = 50  # messages between progress lines of a long action
 DEFAULT_BUSY_WAIT = 60.0  # seconds an operator action waits for a running delivery attempt
 DEFAULT_DELIVER_WAIT = 120.0  # seconds `deliver` waits for its attempts to end
-LOG_READ_CAP = 64 * 1024 * 1024  # the tail of the main log searched for a message's history
-_PEERCRED = struct.Struct("3i")
 
 
-class ControlError(Exception):
-    """An ordinary refusal: `message` goes back to the client as `error`."""
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.extra = extra
+# ------------------------------------------------------------------ the ports
 
 
-# ------------------------------------------------------------------ server
+class QueueIndex(Protocol):
+    """The scheduler's side (relayd.queue.scheduler.Scheduler): the index and who is in delivery."""
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One parsed request: its arguments, who sent it, and ways to send lines before the answer.
-
-    `emit` sends one JSON object as a line; `emit_raw` sends bytes that
-    already are complete JSON lines (pre-encoded queue rows).
-    """
-
-    cmd: str
-    args: Mapping[str, Any]
-    user: str
-    emit: Emit
-    emit_raw: Callable[[bytes], Awaitable[None]]
+    def entries(self) -> list[QueueEntry]: ...
+    def get(self, message_id: str) -> QueueEntry | None: ...
+    def add(self, entry: QueueEntry) -> None: ...
+    def forget(self, message_id: str) -> None: ...
+    def in_flight(self, message_id: str) -> bool: ...
+    def in_flight_ids(self) -> frozenset[str]: ...
+    def waiting(self) -> dict[str, float]: ...
+    def force(self, message_ids: Iterable[str]) -> None: ...
+    def attempt_finished(self, message_id: str) -> asyncio.Future[None]: ...
+    def exclusive(self, message_id: str, timeout: float) -> AbstractAsyncContextManager[QueueEntry | None]: ...
 
 
-Handler = Callable[[Request], Awaitable[dict[str, Any]]]
+class SpoolFiles(Protocol):
+    """The spool's side (relayd.queue.spool.Spool): what an operator action reads and writes."""
+
+    def read_body(self, id: str) -> bytes: ...
+    async def update(self, entry: QueueEntry, *, durable: bool = False) -> None: ...
+    def remove(self, id: str) -> bool: ...
 
 
-def _peer(sock: socket.socket | None) -> tuple[int, str]:
-    """The connecting process's uid and user name (SO_PEERCRED)."""
-    if sock is None:
-        return -1, "unknown"
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    _pid, uid, _gid = _PEERCRED.unpack(raw)
-    try:
-        return uid, pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return uid, f"uid {uid}"
+class Outcomes(Protocol):
+    """The delivery agent's side (relayd.delivery.walk.DeliveryAgent)."""
+
+    def unrecorded(self) -> dict[str, str]: ...
+    def forget(self, message_id: str) -> None: ...
+    async def give_up(self, entry: QueueEntry) -> bool: ...
 
 
-def _encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+class HealthTable(Protocol):
+    """The upstream health gate (relayd.delivery.upstreamhealth.UpstreamHealth)."""
+
+    def snapshot(self) -> dict[str, tuple[UpstreamRecord, UpstreamState | None]]: ...
+    def clear(self) -> None: ...
 
 
-class ControlServer:
-    """Serves `handlers` on a Unix socket that only relayd's user and root may use."""
-
-    def __init__(
-        self,
-        path: Path,
-        handlers: Mapping[str, Handler],
-        *,
-        log_error: Callable[[str], None],
-        ready: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self._handlers = handlers
-        # Answers wait for this (the queue index loaded at start), so that
-        # `mailq` right after a restart never shows half a queue.
-        self._ready = ready
-        self._log_error = log_error
-        self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._inode: tuple[int, int] | None = None
-
-    async def start(self) -> None:
-        """Bind the socket with mode 0600 before anyone can see it, replacing a stale one."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            private = Path(tempfile.mkdtemp(prefix=".control-", dir=self.path.parent))
-            try:
-                with socket_name(private / "s") as name:
-                    sock.bind(name)
-                os.chmod(private / "s", 0o600)
-                os.replace(private / "s", self.path)
-            finally:
-                with contextlib.suppress(OSError):
-                    (private / "s").unlink()
-                os.rmdir(private)
-            st = os.stat(self.path, follow_symlinks=False)
-            self._inode = (st.st_dev, st.st_ino)
-            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def stop(self) -> None:
-        """Stop listening, end open connections, and remove the socket file if it is still ours."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()  # after the connections: newer Pythons wait for them
-        with contextlib.suppress(OSError):
-            st = os.stat(self.path, follow_symlinks=False)
-            if (st.st_dev, st.st_ino) == self._inode:
-                self.path.unlink()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            uid, user = _peer(writer.get_extra_info("socket"))
-            if uid not in (0, os.geteuid()):
-                await self._send(writer, self._failure(f"permission denied for {user}"))
-                return
-            while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    await self._send(writer, self._failure("request line too long"))
-                    return
-                if not line:
-                    return
-                if self._ready is not None:
-                    await self._ready()
-                await self._answer(line, user, writer)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _answer(self, line: bytes, user: str, writer: asyncio.StreamWriter) -> None:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("cmd"), str):
-            await self._send(writer, self._failure('a request is one JSON object with a "cmd" string'))
-            return
-        cmd = obj.pop("cmd")
-        handler = self._handlers.get(cmd)
-        if handler is None:
-            await self._send(writer, self._failure(f"unknown command '{cmd[:40]}'"))
-            return
-
-        async def emit(message: dict[str, Any]) -> None:
-            await self._send(writer, message)
-
-        async def emit_raw(lines: bytes) -> None:
-            writer.write(lines)
-            await writer.drain()
-
-        try:
-            data = await handler(Request(cmd, obj, user, emit, emit_raw))
-        except ControlError as exc:
-            await self._send(writer, self._failure(exc.message, **exc.extra))
-            return
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # a bug must not kill the daemon or leave the client hanging
-            self._log_error(f"control command {cmd} failed: {type(exc).__name__}: {exc}")
-            await self._send(writer, self._failure(f"internal error ({type(exc).__name__}); see the main log"))
-            return
-        await self._send(writer, {**data, "done": True, "ok": True})
-
-    @staticmethod
-    def _failure(error: str, **extra: Any) -> dict[str, Any]:
-        return {**extra, "done": True, "ok": False, "error": error}
-
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, message: Mapping[str, Any]) -> None:
-        writer.write(_encode(message))
-        await writer.drain()
-
-
-# ------------------------------------------------------ the main log
-
-
-def read_log_lines(path: Path | None, message_id: str, *, cap: int = LOG_READ_CAP) -> list[str]:
-    """Main log lines that mention `message_id`, from the last `cap` bytes of the file."""
-    if path is None or not is_message_id(message_id):
-        return []
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            start = max(0, size - cap)
-            f.seek(start)
-            data = f.read(cap)
-    except FileNotFoundError:
-        return []
-    if start > 0:
-        data = data.partition(b"\n")[2]  # the first line was cut
-    needle = message_id.encode()
-    return [
-        line.decode("utf-8", "replace")
-        for line in data.split(b"\n")
-        if needle in line
-    ]
-
-
-# ---------------------------------------------------------- the commands
-
-
-def _ids(args: Mapping[str, Any]) -> list[str]:
-    ids = args.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+def _ids(args: Mapping[str, JsonValue]) -> list[str]:
+    given = args.get("ids")
+    ids = [i for i in given if isinstance(i, str)] if isinstance(given, list) else []
+    if not isinstance(given, list) or len(ids) != len(given):
         raise ControlError('"ids" must be a list of message ids')
     bad = [i for i in ids if not is_message_id(i)]
     if bad:
@@ -278,9 +113,9 @@ def _ids(args: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _seconds(args: Mapping[str, Any], name: str, default: float) -> float:
+def _seconds(args: Mapping[str, JsonValue], name: str, default: float) -> float:
     value = args.get(name, default)
-    if type(value) not in (int, float) or not 0 <= value <= 3600:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
         raise ControlError(f'"{name}" must be a number of seconds between 0 and 3600')
     return float(value)
 
@@ -292,27 +127,29 @@ def _entry_id(entry: QueueEntry) -> str:
 class QueueControl:
     """The commands, over the daemon's own stages (all handed in; nothing global).
 
-    `scheduler` is a relayd.queue.scheduler.Scheduler, `spool` a relayd.queue.spool.Spool,
-    `agent` a relayd.delivery.walk.DeliveryAgent, `health` an UpstreamHealth, `events`
-    where operator actions are emitted, `outcomes` the recent events the
-    daemon keeps, which `deliver` and `queue.outcome` answer from. `reload` re-reads the configuration and returns its problems
-    (empty when it took); `listeners` gives the bound (name, address, port).
+    `scheduler` (a `QueueIndex`: relayd.queue.scheduler.Scheduler), `spool`
+    (`SpoolFiles`: relayd.queue.spool.Spool), `agent` (`Outcomes`:
+    relayd.delivery.walk.DeliveryAgent), `health` (`HealthTable`: UpstreamHealth),
+    `events` where operator actions are emitted, `outcomes` the recent events the
+    daemon keeps, which `deliver` and `queue.outcome` answer from. `reload`
+    re-reads the configuration and returns its problems (empty when it took);
+    `listeners` gives the bound (name, address, port).
     """
 
     def __init__(
         self,
         *,
-        config: Callable[[], Any],
-        scheduler: Any,
-        spool: Any,
-        agent: Any,
-        health: Any,
+        config: Callable[[], RelayConfig],
+        scheduler: QueueIndex,
+        spool: SpoolFiles,
+        agent: Outcomes,
+        health: HealthTable,
         events: EventSink,
         outcomes: RecentOutcomes,
         reload: Callable[[], Awaitable[list[str]]],
         listeners: Callable[[], Sequence[tuple[str, str, int]]],
         clock: Callable[[], float] = time.time,
-        spool_room: Callable[[], dict[str, object]] | None = None,
+        spool_room: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -348,9 +185,9 @@ class QueueControl:
 
     # -- observation -----------------------------------------------------------
 
-    def _health_table(self) -> dict[str, dict[str, Any]]:
+    def _health_table(self) -> dict[str, JsonOut]:
         snapshot = self._health.snapshot()
-        table: dict[str, dict[str, Any]] = {}
+        table: dict[str, JsonOut] = {}
         for name in set(self._config().transports) | set(snapshot):
             record, skipped = snapshot.get(name, (None, None))
             table[name] = {
@@ -361,10 +198,10 @@ class QueueControl:
             }
         return table
 
-    async def health(self, request: Request) -> dict[str, Any]:
+    async def health(self, request: Request) -> dict[str, JsonOut]:
         return {"transports": self._health_table()}
 
-    async def status(self, request: Request) -> dict[str, Any]:
+    async def status(self, request: Request) -> dict[str, JsonOut]:
         now = self._clock()
         return {
             "pid": os.getpid(),
@@ -374,24 +211,24 @@ class QueueControl:
             "listeners": [{"name": n, "address": a, "port": p} for n, a, p in self._listeners()],
             "queue": queue_counts(
                 self._scheduler.entries(), self._scheduler.in_flight_ids(), now, self._scheduler.waiting()
-            ),
+            ).as_json(),
             "transports": self._health_table(),
             "spool": self._spool_status(),
         }
 
-    def _spool_status(self) -> dict[str, Any]:
+    def _spool_status(self) -> dict[str, JsonOut]:
         """Free space, the reserve, and messages whose outcome the spool could not record."""
-        status: dict[str, Any] = dict(self._spool_room()) if self._spool_room is not None else {}
+        status: dict[str, JsonOut] = dict(scalar_fields(self._spool_room())) if self._spool_room is not None else {}
         status["unrecorded"] = self._agent.unrecorded()
         return status
 
-    async def reload(self, request: Request) -> dict[str, Any]:
+    async def reload(self, request: Request) -> dict[str, JsonOut]:
         problems = await self._reload()
         if problems:
             raise ControlError("\n".join(problems), problems=problems)
         return {"config": str(self._config().source)}
 
-    async def queue_list(self, request: Request) -> dict[str, Any]:
+    async def queue_list(self, request: Request) -> dict[str, JsonOut]:
         """The whole index in `{"rows": [...]}` lines of LIST_CHUNK compact rows.
 
         Each row's JSON is kept between calls while its entry (an immutable
@@ -416,17 +253,17 @@ class QueueControl:
         self._row_cache = fresh
         return {"count": len(entries), "now": self._clock(), "unrecorded": self._agent.unrecorded()}
 
-    async def queue_count(self, request: Request) -> dict[str, Any]:
-        return queue_counts(
+    async def queue_count(self, request: Request) -> dict[str, JsonOut]:
+        return dict(queue_counts(
             self._scheduler.entries(), self._scheduler.in_flight_ids(), self._clock(), self._scheduler.waiting()
-        )
+        ).as_json())
 
-    async def queue_show(self, request: Request) -> dict[str, Any]:
+    async def queue_show(self, request: Request) -> dict[str, JsonOut]:
         message_id = request.args.get("id")
         if not isinstance(message_id, str) or not is_message_id(message_id):
             raise ControlError('"id" must be a message id')
         entry = self._scheduler.get(message_id)
-        answer: dict[str, Any] = {"message": None, "in_flight": False}
+        answer: dict[str, JsonOut] = {"message": None, "in_flight": False}
         if request.args.get("log"):
             answer["log"] = await self._log_lines(message_id)
         if entry is None:
@@ -438,8 +275,6 @@ class QueueControl:
         answer["waiting_until"] = self._scheduler.waiting().get(message_id)
         answer["cannot_record"] = self._agent.unrecorded().get(message_id)
         if request.args.get("body"):
-            from relayd.queue.spool import SpoolCorruptError, SpoolEntryMissing
-
             try:
                 body: bytes = await asyncio.to_thread(self._spool.read_body, message_id)
             except SpoolEntryMissing:
@@ -449,7 +284,7 @@ class QueueControl:
             answer["body"] = body.decode("utf-8", "surrogateescape")
         return answer
 
-    async def queue_log(self, request: Request) -> dict[str, Any]:
+    async def queue_log(self, request: Request) -> dict[str, JsonOut]:
         message_id = request.args.get("id")
         if not isinstance(message_id, str) or not is_message_id(message_id):
             raise ControlError('"id" must be a message id')
@@ -463,7 +298,7 @@ class QueueControl:
             return self._outcomes.lines_since(message_id)
         return await asyncio.to_thread(read_log_lines, log_file, message_id)
 
-    async def queue_outcome(self, request: Request) -> dict[str, Any]:
+    async def queue_outcome(self, request: Request) -> dict[str, JsonOut]:
         """What became of one recipient of a message, from the recent events (send-test follows this).
 
         `outcome` is delivered, deferred or failed with the log line's detail;
@@ -498,33 +333,31 @@ class QueueControl:
         return results
 
     async def _write_frozen(self, entry: QueueEntry, frozen: bool) -> QueueEntry | None:
-        from relayd.queue.spool import SpoolEntryMissing
-
-        changed = replace(entry, frozen=frozen)
-        try:
-            await self._spool.update(changed, durable=True)
-        except SpoolEntryMissing:
-            self._scheduler.forget(entry.envelope.id)
-            return None
-        self._scheduler.add(changed)
+        changed = await queueedit.write_frozen(self._spool, entry, frozen)
+        self._index_written(entry.envelope.id, changed)
         return changed
 
-    async def freeze(self, request: Request) -> dict[str, Any]:
+    def _index_written(self, message_id: str, changed: QueueEntry | None) -> None:
+        """The index after a spool edit: the new entry, or none when its file was gone."""
+        if changed is None:
+            self._scheduler.forget(message_id)
+        else:
+            self._scheduler.add(changed)
+
+    async def freeze(self, request: Request) -> dict[str, JsonOut]:
         return await self._set_frozen(request, True)
 
-    async def thaw(self, request: Request) -> dict[str, Any]:
+    async def thaw(self, request: Request) -> dict[str, JsonOut]:
         return await self._set_frozen(request, False)
 
     async def _on_each_exclusively(
         self, request: Request, action: Callable[[str, QueueEntry], Awaitable[str]]
-    ) -> dict[str, Any]:
+    ) -> dict[str, JsonOut]:
         """Run `action` on every requested message while the daemon keeps it out of delivery.
 
         A message in delivery is waited for (up to the request's `wait`); one
         that stays busy is reported as such and left unchanged.
         """
-        from relayd.queue.scheduler import MessageBusy
-
         wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
 
         async def act(message_id: str) -> str:
@@ -538,36 +371,29 @@ class QueueControl:
 
         return {"results": await self._each(request, _ids(request.args), act)}
 
-    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, Any]:
+    async def _set_frozen(self, request: Request, frozen: bool) -> dict[str, JsonOut]:
         """Exim's -Mf / -Mt: the frozen flag is written to the spool, so it survives restarts."""
-        unchanged, done = ("already frozen", "frozen") if frozen else ("not frozen", "thawed")
-
         async def set_flag(message_id: str, entry: QueueEntry) -> str:
-            if entry.frozen == frozen:
-                return unchanged
-            if await self._write_frozen(entry, frozen) is None:
-                return "not in queue"
-            self._events.emit(OperatorAction(action="freeze" if frozen else "thaw", user=request.user, queue_id=message_id))
-            return done
+            return await queueedit.set_frozen(
+                self._spool, entry, frozen, user=request.user, events=self._events,
+                written=lambda changed: self._index_written(message_id, changed),
+            )
 
         return await self._on_each_exclusively(request, set_flag)
 
-    async def remove(self, request: Request) -> dict[str, Any]:
+    async def remove(self, request: Request) -> dict[str, JsonOut]:
         async def remove_one(message_id: str, entry: QueueEntry) -> str:
-            gone = await asyncio.to_thread(self._spool.remove, message_id)
-            self._scheduler.forget(message_id)
-            self._agent.forget(message_id)
-            if not gone:
-                return "not in queue"
-            self._events.emit(OperatorAction(action="remove", user=request.user, queue_id=message_id))
-            self._events.emit(MessageCompleted(queue_id=message_id))
-            return "removed"
+            return await queueedit.remove(
+                self._spool, message_id, user=request.user, events=self._events, removed=self._forget,
+            )
 
         return await self._on_each_exclusively(request, remove_one)
 
-    async def giveup(self, request: Request) -> dict[str, Any]:
-        from relayd.queue.spool import SpoolCorruptError
+    def _forget(self, message_id: str) -> None:
+        self._scheduler.forget(message_id)
+        self._agent.forget(message_id)
 
+    async def giveup(self, request: Request) -> dict[str, JsonOut]:
         async def give_up_one(message_id: str, entry: QueueEntry) -> str:
             self._events.emit(OperatorAction(action="giveup", user=request.user, queue_id=message_id))
             try:
@@ -582,10 +408,8 @@ class QueueControl:
 
         return await self._on_each_exclusively(request, give_up_one)
 
-    async def deliver(self, request: Request) -> dict[str, Any]:
+    async def deliver(self, request: Request) -> dict[str, JsonOut]:
         """Exim's -M: thaw if frozen, then one attempt now, ignoring retry times; wait for it."""
-        from relayd.queue.scheduler import MessageBusy
-
         busy_wait = _seconds(request.args, "wait", DEFAULT_BUSY_WAIT)
         attempt_wait = _seconds(request.args, "attempt_wait", DEFAULT_DELIVER_WAIT)
         ids = _ids(request.args)
@@ -640,7 +464,7 @@ class QueueControl:
         states = {r.state for r in entry.undelivered}
         return "deferred" if RecipientState.DEFERRED in states else "pending"
 
-    async def flush(self, request: Request) -> dict[str, Any]:
+    async def flush(self, request: Request) -> dict[str, JsonOut]:
         """Exim's -qff: every message (or the given ones) now, ignoring every retry time."""
         include_frozen = bool(request.args.get("include_frozen", True))
         if "ids" in request.args:
@@ -657,8 +481,6 @@ class QueueControl:
             if entry.frozen:
                 if not include_frozen:
                     continue
-                from relayd.queue.scheduler import MessageBusy
-
                 try:
                     async with self._scheduler.exclusive(message_id, DEFAULT_BUSY_WAIT) as current:
                         if current is None or await self._write_frozen(current, False) is None:

@@ -17,7 +17,9 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
+
+from relayd.jsonwire import JsonObject, JsonOut
 
 MAX_REPLY_LINE = 256 * 1024 * 1024  # a shown body can be a whole 25 MB message, JSON-escaped
 _SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; leave room for the terminator
@@ -51,14 +53,14 @@ class ControlClient:
         self.path = Path(path)
         self.timeout = timeout
 
-    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+    def request(self, cmd: str, **args: JsonOut) -> JsonObject:
         """The final answer (``ok`` true or false); intermediate lines are skipped."""
-        final: dict[str, Any] = {}
+        final: JsonObject = {}
         for message in self.stream(cmd, **args):
             final = message
         return final
 
-    def stream(self, cmd: str, **args: Any) -> Iterator[dict[str, Any]]:
+    def stream(self, cmd: str, **args: JsonOut) -> Iterator[JsonObject]:
         """Every answer line, the final one (``done: true``) last."""
         sock = self._connect()
         with sock, sock.makefile("rb") as reader:

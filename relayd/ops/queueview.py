@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from relayd.jsonwire import JsonObject, JsonValue, as_float, as_object, as_objects
 from relayd.observe.mainlog import MAX_FIELD
 from relayd.observe.mainlog import sanitize as _sanitize
 from relayd.queue.queuewire import QueueRow as QueueRow
@@ -53,7 +54,7 @@ def row_from_entry(entry: QueueEntry, in_flight: bool = False) -> QueueRow:
     return row_from_wire(wire_row(entry, in_flight))
 
 
-def row_to_json(row: QueueRow, now: float) -> dict[str, Any]:
+def row_to_json(row: QueueRow, now: float) -> JsonObject:
     """The `--json` form of one listed message."""
     return {
         "id": row.id,
@@ -176,7 +177,7 @@ def format_size(size: int) -> str:
 _MARKS = {"D": "D", "F": "F"}
 
 
-def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
+def listing_text(wire_rows: Iterable[Sequence[JsonValue]], now: float) -> str:
     """`listing_lines` for a chunk of unfiltered wire rows, as one string, fast.
 
     100,000 messages must list in well under a second, so this reads the
@@ -190,6 +191,9 @@ def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
     add = out.append
     try:
         for mid, tenant, sender, received, size, frozen, _in_flight, rcpts in wire_rows:
+            if not (isinstance(received, (int, float)) and isinstance(size, int) and isinstance(rcpts, list)
+                    and isinstance(sender, str) and isinstance(tenant, str)):
+                raise ValueError("malformed queue row")
             minutes = int((now - received) // 60)
             age = ages.get(minutes)
             if age is None:
@@ -204,9 +208,12 @@ def listing_text(wire_rows: Iterable[Sequence[Any]], now: float) -> str:
             if org is None:
                 org = clean[tenant] = sanitize(str(tenant))
             add(f"{age} {size_text} {mid} <{who}> A={org}{' *** frozen ***' if frozen else ''}\n")
-            for address, state, _attempts, _next in rcpts:
+            for rcpt in rcpts:
+                if not isinstance(rcpt, list) or len(rcpt) != 4 or not isinstance(rcpt[0], str):
+                    raise ValueError("malformed queue row")
+                address, state = rcpt[0], rcpt[1]
                 plain = address.isprintable() and "\\" not in address and len(address) <= MAX_FIELD
-                add(f"        {_MARKS.get(state, ' ')} {address if plain else sanitize(str(address))}\n")
+                add(f"        {_MARKS.get(state, ' ') if isinstance(state, str) else ' '} {address if plain else sanitize(str(address))}\n")
             add("\n")
     except (TypeError, ValueError, AttributeError):
         raise ValueError("malformed queue row") from None
@@ -316,7 +323,7 @@ def summarize(
     return summary
 
 
-def _bucket_json(key: str, bucket: Bucket, now: float) -> dict[str, Any]:
+def _bucket_json(key: str, bucket: Bucket, now: float) -> JsonObject:
     return {
         "key": key,
         "messages": bucket.messages,
@@ -330,7 +337,7 @@ def _sorted_groups(groups: Mapping[str, Bucket]) -> list[tuple[str, Bucket]]:
     return sorted(groups.items(), key=lambda kv: (-kv[1].messages, kv[0]))
 
 
-def summary_to_json(summary: Summary, now: float) -> dict[str, Any]:
+def summary_to_json(summary: Summary, now: float) -> JsonObject:
     return {
         "total": _bucket_json("TOTAL", summary.total, now),
         "by_tenant": [_bucket_json(k, b, now) for k, b in _sorted_groups(summary.by_tenant)],
@@ -458,26 +465,33 @@ def _recipient_state(r: Recipient, now: float) -> str:
 # ---------------------------------------------------------------- status
 
 
-def status_lines(status: Mapping[str, Any], now: float) -> list[str]:
+def _number(value: JsonValue) -> float | None:
+    """A number read from the status answer, or None for anything else (absent, null, text)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def status_lines(status: JsonObject, now: float) -> list[str]:
     """`relayctl status` for a human: daemon, listeners, queue, one row per transport."""
-    queue = status["queue"]
-    oldest = queue.get("oldest_age")
+    queue = as_object(status["queue"])
+    oldest = _number(queue.get("oldest_age"))
     lines = [
-        f"relayd pid {status['pid']}, up {format_duration(status['uptime'])}, config {sanitize(str(status.get('config', '')))}",
+        f"relayd pid {status['pid']}, up {format_duration(as_float(status['uptime']))}, "
+        f"config {sanitize(str(status.get('config', '')))}",
         "listeners: " + ", ".join(
             f"{sanitize(str(b['name']))} {sanitize(str(b['address']))}" + (f":{b['port']}" if b["port"] else "")
-            for b in status["listeners"]  # port 0: a unix listener, named by its path
+            for b in as_objects(status["listeners"])  # port 0: a unix listener, named by its path
         ),
         f"queue: {queue['total']} message(s): {queue['active']} active, {queue['deferred']} deferred, "
         f"{queue['frozen']} frozen" + (f"; oldest {format_duration(oldest)}" if oldest is not None else ""),
         "",
     ]
-    lines[-1:-1] = spool_lines(status.get("spool") or {})
-    lines.extend(transport_table(status["transports"], now))
+    lines[-1:-1] = spool_lines(as_object(status.get("spool")))
+    transports = as_object(status["transports"])
+    lines.extend(transport_table({name: as_object(h) for name, h in transports.items()}, now))
     return lines
 
 
-def spool_lines(spool: Mapping[str, Any]) -> list[str]:
+def spool_lines(spool: JsonObject) -> list[str]:
     """Free space against the reserve, and messages whose outcome could not be recorded."""
     lines: list[str] = []
     free, reserve = spool.get("free_bytes"), spool.get("reserve_bytes")
@@ -488,7 +502,8 @@ def spool_lines(spool: Mapping[str, Any]) -> list[str]:
         lines.append("spool: the disk filled up and the emergency reserve file is used; "
                      "new mail refused (452 4.3.1) until there is room to put it back")
     failure = spool.get("state_write_failure")
-    held = spool.get("unrecorded") or {}
+    unrecorded = spool.get("unrecorded")
+    held = [str(mid) for mid in unrecorded] if isinstance(unrecorded, (dict, list)) else []
     if failure:
         lines.append(f"spool: cannot record delivery state ({sanitize(str(failure), limit=300)}); "
                      "new mail refused (452 4.3.1)")
@@ -497,17 +512,17 @@ def spool_lines(spool: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def transport_state(h: Mapping[str, Any]) -> str:
+def transport_state(h: JsonObject) -> str:
     """One word (or phrase) for a transport's health; pure.
 
     `unused` until relayd has tried it (a transport is not `ok` because
     nothing has gone wrong yet), `failing` when its last attempt failed more
     recently than its last success, `retry wait until ...` while skipped.
     """
-    skipped = h.get("skipped_until")
+    skipped = _number(h.get("skipped_until"))
     if skipped:
         return f"retry wait until {format_time(skipped)}"
-    success, error_at = h.get("last_success"), h.get("last_error_at")
+    success, error_at = _number(h.get("last_success")), _number(h.get("last_error_at"))
     if not success and not h.get("last_error"):
         return "unused"
     if h.get("last_error") and (not success or (error_at is not None and error_at > success)):
@@ -515,28 +530,28 @@ def transport_state(h: Mapping[str, Any]) -> str:
     return "ok"
 
 
-def _verify_cell(verify: Any, now: float) -> str:
-    if not isinstance(verify, Mapping):
+def _verify_cell(verify: JsonValue, now: float) -> str:
+    if not isinstance(verify, dict):
         return "-"
     word = "ok" if verify.get("ok") else "FAILED"
-    at = verify.get("at")
-    when = f" {format_duration(now - at)} ago" if isinstance(at, (int, float)) else ""
+    at = _number(verify.get("at"))
+    when = f" {format_duration(now - at)} ago" if at is not None else ""
     detail = "" if verify.get("ok") else f": {sanitize(str(verify.get('detail', '')), limit=80)}"
     return f"{word}{when}{detail}"
 
 
-def transport_table(transports: Mapping[str, Mapping[str, Any]], now: float) -> list[str]:
+def transport_table(transports: Mapping[str, JsonObject], now: float) -> list[str]:
     headers = ["TRANSPORT", "STATE", "LAST SUCCESS", "LAST ERROR", "LAST VERIFY"]
     rows: list[list[str]] = []
     for name in sorted(transports):
         h = transports[name]
         state = transport_state(h)
-        success = h.get("last_success")
+        success = _number(h.get("last_success"))
         last_success = f"{format_duration(now - success)} ago" if success else "-"
         error = h.get("last_error")
         last_error = "-"
         if error:
-            at = h.get("last_error_at")
+            at = _number(h.get("last_error_at"))
             when = f"{format_duration(now - at)} ago: " if at else ""
             last_error = when + sanitize(str(error), limit=120)
         rows.append([sanitize(name), state, last_success, last_error, _verify_cell(h.get("last_verify"), now)])

@@ -28,6 +28,9 @@ Choices where sendmail implementations differ, written down once:
   relay.yaml's hostname, as Exim does.
 * All or nothing: if relayd refuses any recipient, the transaction is reset
   and nothing is queued, so a retry by the caller cannot duplicate mail.
+
+The command line is read in relayd.ops.sendmailargs, the message built in
+relayd.ops.sendmailmsg; this module finds relayd and talks SMTP to it.
 """
 
 from __future__ import annotations
@@ -47,353 +50,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence, TextIO
 
+from relayd.config.loader import ConfigError, load_config
 from relayd.config.model import RelayConfig, TlsMode
+from relayd.ops.sendmailargs import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    PROG,
+    SOCKET_ENV,
+    USAGE,
+    Exit,
+    Failure,
+    Options,
+    parse_arguments,
+)
+from relayd.ops.sendmailmsg import Submission, build_submission, read_message
 from relayd.smtp.policy import effective_limit
 
-PROG = "relayd-sendmail"
-DEFAULT_CONFIG = Path("/etc/relayd/relay.yaml")
-CONFIG_ENV = "RELAYD_CONFIG"
-DEFAULT_SOCKET = Path("/run/relayd/submit.sock")
-SOCKET_ENV = "RELAYD_SUBMIT_SOCKET"
 SMTP_TIMEOUT = 60.0  # seconds per SMTP step; relayd answers DATA once the spool has flushed
-MAX_ARGUMENT_RECIPIENTS = 10_000  # the largest recipient limit relay.yaml accepts
-
-
-class Exit(enum.IntEnum):
-    """sysexits.h, as sendmail uses them."""
-
-    OK = 0
-    USAGE = 64  # bad command line
-    DATAERR = 65  # the message itself is unacceptable (size, content, addresses)
-    NOUSER = 67  # a recipient was refused permanently
-    UNAVAILABLE = 69  # relayd refused for another permanent reason
-    SOFTWARE = 70  # a bug here
-    PROTOCOL = 76  # relayd answered something SMTP does not allow at that point
-    NOPERM = 77  # the tenant may not send this (sender or header From: not allowed)
-    TEMPFAIL = 75  # relayd unreachable, or a 4xx answer: try again later
-    CONFIG = 78  # relay.yaml unusable for local submission
-
-
-class Failure(Exception):
-    """Stops the run: `message` goes to stderr as one line, `code` is the exit status."""
-
-    def __init__(self, code: Exit, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def usage_error(message: str) -> Failure:
-    return Failure(Exit.USAGE, message)
-
-
-USAGE = f"""usage: {PROG} [-t] [-i] [-f sender] [-F "Full Name"] [-v] [--socket PATH] [--config relay.yaml] [--]
-                       [recipient ...]
-Reads one message from standard input and queues it in the running relayd.
-  -t              also send to the To:, Cc: and Bcc: addresses of the message (Bcc: is removed)
-  -i, -oi         a line with a single dot does not end the message
-  -f ADDR, -r ADDR  envelope sender (default: the From: address, else user@hostname)
-  -F NAME         full name for the From: header added when the message has none
-  -v              say on stderr what happens
-  --socket PATH   relayd's unix listener (default: ${SOCKET_ENV}, else the one in relay.yaml, else {DEFAULT_SOCKET});
-                  a relay.yaml without one is reached from the address of a tenant with bind_addresses
-  --config PATH   relay.yaml (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG}); also -C PATH
-Accepted and ignored: -m -n -U -oem -oee -oep -oeq -oew -odb -odi -odq -odf -oQ... -om -oo -B TYPE -N DSN -R RET -V ENVID -h N -bm
-Exit status (sysexits): 0 queued, 64 usage, 65 bad message, 67 recipient refused, 69 refused,
-  75 relayd unreachable or busy (try again), 76 protocol, 77 sender or local user not allowed,
-  78 configuration.
-"""
-
-
-# ----------------------------------------------------------------- the command line
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the command line asked for."""
-
-    extract_recipients: bool = False  # -t
-    dot_ends_input: bool = True  # a lone "." line ends the message unless -i / -oi
-    sender: str | None = None  # -f / -r
-    full_name: str | None = None  # -F
-    verbose: bool = False  # -v
-    config: Path | None = None  # --config / -C
-    socket: Path | None = None  # --socket
-    recipients: tuple[str, ...] = ()
-    show_help: bool = False
-
-
-# Flags that take no value and change nothing here (-m "me too", -n no aliasing,
-# -U initial submission): sendmail callers pass them habitually.
-_IGNORED_FLAGS = frozenset("mnU")
-# Flags whose value is accepted and ignored: body type, DSN notify/return,
-# envelope id, hop count. relayd does not carry DSN requests upstream.
-_IGNORED_WITH_VALUE = frozenset("BNRVh")
-_VALUE_FLAGS = frozenset("fFrC") | _IGNORED_WITH_VALUE
-
-
-def _apply_o(option: str, opts: dict[str, object]) -> None:
-    """-oX options: -oi means -i; error, delivery and queue modes are meaningless here."""
-    if option in ("i", "itrue"):
-        opts["dot_ends_input"] = False
-    elif option == "ifalse":
-        opts["dot_ends_input"] = True
-    elif option[:1] in ("e", "d", "Q") or option in ("m", "o"):
-        return  # -oem/-oee/..., -odb/-odi/..., -oQdir, -om, -oo: accepted, like Exim
-    else:
-        raise usage_error(f"-o{option}: unsupported option")
-
-
-def _refuse_mode(mode: str) -> Failure:
-    if mode == "p":
-        return usage_error("-bp: the queue is relayd's; list it with `relayctl queue list` or `mailq`")
-    if mode == "s":
-        return usage_error("-bs: SMTP on standard input is not supported; connect to relayd's listener instead")
-    return usage_error(
-        f"-b{mode}: unsupported mode; {PROG} only submits a message read from standard input"
-    )
-
-
-def parse_arguments(argv: Sequence[str]) -> Options:
-    """sendmail's getopt-style command line (flags may be bundled: -ti, -fme@x)."""
-    opts: dict[str, object] = {}
-    recipients: list[str] = []
-    args = list(argv)
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            recipients.extend(args[i:])
-            break
-        if arg.startswith("--"):
-            i = _long_option(arg, args, i, opts)
-            continue
-        if not arg.startswith("-") or arg == "-":
-            recipients.append(arg)
-            continue
-        i = _short_cluster(arg, args, i, opts)
-    if len(recipients) > MAX_ARGUMENT_RECIPIENTS:
-        raise usage_error(f"more than {MAX_ARGUMENT_RECIPIENTS} recipients")
-    return Options(recipients=tuple(recipients), **opts)  # type: ignore[arg-type]
-
-
-def _long_option(arg: str, args: list[str], i: int, opts: dict[str, object]) -> int:
-    name, eq, value = arg[2:].partition("=")
-    if name == "help":
-        opts["show_help"] = True
-        return i
-    if name not in ("config", "socket"):
-        raise usage_error(f"{arg}: unknown option (see --help)")
-    if not eq:
-        if i >= len(args):
-            raise usage_error(f"--{name} needs a path")
-        value, i = args[i], i + 1
-    opts[name] = Path(value)
-    return i
-
-
-def _short_cluster(arg: str, args: list[str], i: int, opts: dict[str, object]) -> int:
-    """One `-xyz` word; returns the index of the next word."""
-    j = 1
-    while j < len(arg):
-        flag = arg[j]
-        j += 1
-        if flag == "t":
-            opts["extract_recipients"] = True
-        elif flag == "i":
-            opts["dot_ends_input"] = False
-        elif flag == "v":
-            opts["verbose"] = True
-        elif flag in _IGNORED_FLAGS:
-            pass
-        elif flag in _VALUE_FLAGS or flag == "o":
-            value = arg[j:]
-            if not value:
-                if i >= len(args):
-                    raise usage_error(f"-{flag} needs a value")
-                value, i = args[i], i + 1
-            _apply_value(flag, value, opts)
-            return i
-        elif flag == "b":
-            if arg[j:] != "m":
-                raise _refuse_mode(arg[j:])
-            return i
-        elif flag == "q":
-            raise usage_error("-q: relayd runs its queue itself; use `relayctl queue flush` to retry now")
-        elif flag == "I":
-            raise usage_error("-I: relayd has no alias database")
-        else:
-            raise usage_error(f"-{flag}: unknown option (see --help)")
-    return i
-
-
-def _apply_value(flag: str, value: str, opts: dict[str, object]) -> None:
-    if flag in ("f", "r"):
-        opts["sender"] = value
-    elif flag == "F":
-        opts["full_name"] = value
-    elif flag == "C":
-        opts["config"] = Path(value)
-    elif flag == "o":
-        _apply_o(value, opts)
-    # else: a flag in _IGNORED_WITH_VALUE
-
-
-# ----------------------------------------------------------------- the message (pure)
-
-
-@dataclass(frozen=True)
-class Submission:
-    """What goes to relayd: envelope and message bytes with CRLF line ends."""
-
-    sender: str
-    recipients: tuple[str, ...]
-    message: bytes
-
-
-def cut_at_lone_dot(data: bytes) -> bytes:
-    """The input up to (not including) a line that is a single dot (sendmail without -i)."""
-    if data in (b".", b".\n", b".\r\n") or data.startswith((b".\n", b".\r\n")):
-        return b""
-    found = re.search(rb"\n\.(?:\r?\n|\Z)", data)
-    return data if found is None else data[: found.start() + 1]
-
-
-def normalise_line_ends(data: bytes) -> bytes:
-    """Bare LF and bare CR become CRLF; the message ends with CRLF."""
-    data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
-    return data if not data or data.endswith(b"\r\n") else data + b"\r\n"
-
-
-_FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-def split_header(message: bytes) -> tuple[list[bytes], bytes]:
-    """Header fields (each with its folded lines) and the body, from CRLF text.
-
-    The header ends at the first empty line, or at the first line that is not
-    a field (`echo hi | sendmail x` has no header at all). A leading mbox
-    `From ` line is dropped, as sendmail does.
-    """
-    if message.startswith(b"From "):
-        end = message.find(b"\r\n")
-        message = b"" if end < 0 else message[end + 2:]
-    fields: list[bytes] = []
-    pos = 0
-    while pos < len(message):
-        end = message.find(b"\r\n", pos)
-        stop = len(message) if end < 0 else end + 2
-        line = message[pos:stop]
-        if line == b"\r\n":
-            return fields, message[stop:]
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        elif _FIELD.match(line):
-            fields.append(line)
-        else:
-            break
-        pos = stop
-    return fields, message[pos:]
-
-
-def field_name(field_bytes: bytes) -> str:
-    return field_bytes.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
-
-
-def field_value(field_bytes: bytes) -> str:
-    """The unfolded value, as text (UTF-8 where it is, never failing)."""
-    raw = field_bytes.split(b":", 1)[1]
-    return re.sub(r"\r\n(?=[ \t])", "", raw.decode("utf-8", "replace")).strip()
-
-
-def addresses_in(values: Sequence[str]) -> list[str]:
-    """Mailbox addresses from header values or arguments (`a@x, "B" <b@y>`)."""
-    return [addr for _name, addr in email.utils.getaddresses(list(values)) if addr]
-
-
-def qualify(address: str, hostname: str) -> str:
-    return address if "@" in address or not address else f"{address}@{hostname}"
-
-
-def _unique(addresses: Sequence[str]) -> tuple[str, ...]:
-    seen: set[str] = set()
-    kept: list[str] = []
-    for address in addresses:
-        if address.lower() not in seen:
-            seen.add(address.lower())
-            kept.append(address)
-    return tuple(kept)
-
-
-def envelope_sender(options: Options, header_from: Sequence[str], local_sender: str, hostname: str) -> str:
-    """-f, else the message's From: address, else user@hostname. `-f <>` is the null sender."""
-    if options.sender is not None:
-        text = options.sender.strip()
-        if text in ("<>", ""):
-            return ""
-        found = addresses_in([text])
-        return qualify(found[0] if found else text, hostname)
-    if header_from:
-        return qualify(header_from[0], hostname)
-    return local_sender
-
-
-def build_submission(
-    raw: bytes, options: Options, *, local_sender: str, hostname: str, now: float, message_id: str
-) -> Submission:
-    """Turn what came on stdin into the envelope and message relayd will see.
-
-    Adds Date:, Message-ID: and From: when missing, drops Bcc:, and collects
-    the recipients (arguments, plus To/Cc/Bcc with -t). No recipient at all is
-    a usage error, as in sendmail.
-    """
-    text = cut_at_lone_dot(raw) if options.dot_ends_input else raw
-    fields, body = split_header(normalise_line_ends(text))
-    names = [field_name(f) for f in fields]
-    header_from = addresses_in([field_value(f) for f, n in zip(fields, names) if n == "from"])
-    wanted = addresses_in(list(options.recipients))
-    if options.extract_recipients:
-        wanted += addresses_in([field_value(f) for f, n in zip(fields, names) if n in ("to", "cc", "bcc")])
-    recipients = _unique([qualify(a, hostname) for a in wanted])
-    if not recipients:
-        raise usage_error("no recipients: give them as arguments, or use -t to take them from To:/Cc:/Bcc:")
-    sender = envelope_sender(options, header_from, local_sender, hostname)
-    kept = [f for f, n in zip(fields, names) if n != "bcc"]
-    if "from" not in names:
-        from_address = sender or local_sender
-        kept.append(_header("From", email.utils.formataddr((options.full_name or "", from_address), "utf-8")))
-    if "date" not in names:
-        kept.append(_header("Date", email.utils.formatdate(now, localtime=True)))
-    if "message-id" not in names:
-        kept.append(_header("Message-ID", message_id))
-    return Submission(sender, recipients, b"".join(kept) + b"\r\n" + body)
-
-
-def _header(name: str, value: str) -> bytes:
-    return f"{name}: {value}\r\n".encode("utf-8")
-
-
-def read_message(stream: BinaryIO, *, dot_ends_input: bool, limit: int) -> bytes:
-    """stdin, up to EOF (or the lone dot line); more than `limit` bytes is a data error.
-
-    Without -i the input is read line by line, so a person typing a message
-    can end it with "." and does not have to send EOF.
-    """
-    chunks: list[bytes] = []
-    total = 0
-    while True:
-        chunk = stream.readline(limit + 2) if dot_ends_input else stream.read(1 << 16)
-        if not chunk:
-            break
-        if dot_ends_input and chunk.rstrip(b"\r\n") == b"." and chunk.endswith(b"\n"):
-            chunks.append(chunk)  # cut_at_lone_dot removes it; nothing after it is read
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            raise Failure(Exit.DATAERR, f"the message is larger than relayd accepts ({limit} bytes); nothing was sent")
-    return b"".join(chunks)
 
 
 # ----------------------------------------------------------------- where to submit (pure)
@@ -769,8 +443,6 @@ def local_user() -> str:
 
 def load_relay_config(path: Path) -> RelayConfig | None:
     """relay.yaml, or None when this user may not read it (the socket needs no config)."""
-    from relayd.config.loader import ConfigError, load_config
-
     try:
         with open(path, "rb"):
             pass

@@ -31,10 +31,11 @@ Why each bound exists:
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from relayd.netaddr import is_loopback
 
 
 class Writable(Protocol):
@@ -61,13 +62,6 @@ def write_and_close(transport: object, line: bytes) -> bool:
     write(line)
     close()
     return True
-
-
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return address == "localhost"
 
 
 @dataclass
