@@ -13,7 +13,6 @@ import asyncio
 import gc
 import os
 import signal
-import ssl
 import sys
 import time
 from typing import Callable, Mapping
@@ -26,10 +25,7 @@ from relayd.config.loader import ConfigError, load_config
 from relayd.ops.control import QueueControl
 from relayd.ops.controlserver import ControlServer
 from relayd.config.credentials import (
-    CredentialError,
-    CredentialStore,
-    StoreKeyMismatch,
-    load_master_keys,
+    CredentialError, CredentialStore, StoreKeyMismatch, UpstreamCredential, load_master_keys,
 )
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
@@ -39,7 +35,7 @@ from relayd.delivery.gates import GateSet
 from relayd.delivery.oauthsources import STATE_FILE, OAuthSources
 from relayd.smtp.listener import ListenerServices, SubmissionRefused, SubmissionServer
 from relayd.observe import events as ev
-from relayd.observe.mainlog import MainLog
+from relayd.observe.extrasinks import ExtraSinks, main_log_for
 from relayd.observe.failures import RecentFailures
 from relayd.observe.metrics import RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
@@ -54,26 +50,20 @@ from relayd.ops.usagecontrol import UsageControl
 from relayd.queue.usage import TenantUsageService
 from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
-from relayd.runtime import build_parser, fix_malloc_mmap_threshold, harden_process, prepare_dev_config, run_event_loop
+from relayd.runtime import (
+    build_parser, fix_malloc_mmap_threshold, harden_process, install_signals, make_server_tls_context,
+    prepare_dev_config, run_event_loop,
+)
 from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.queue.spoolroom import SpoolRoom
 from relayd.delivery.transport import CredentialLike, Transport, build_transports
 from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.delivery.providergate import ProviderLimits
 from relayd.delivery.providerreplies import ReplyClass
-from relayd.values import Envelope, QueueEntry, Recipient
+from relayd.values import Envelope, QueueEntry
 
 
 _INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
-
-
-def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
-    if config.tls is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
-    return context
 
 
 class QueuedBody:
@@ -128,11 +118,13 @@ class Relay:
     ) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
-        self.log = MainLog(config.log_file)
+        self.log = main_log_for(config)
         self.metrics = RelayMetrics()
         self.outcomes = RecentOutcomes()
-        # The fan-out every stage emits into; a JSON log or webhook sink is one more entry.
-        self.events = ev.FanOut([self.log, self.metrics, self.outcomes])
+        self.extra_sinks = ExtraSinks(config, secret=self._webhook_secret,
+                                      notify=lambda text, level: self.events.emit(ev.Notice(text=text, level=level)))
+        # The fan-out every stage emits into.
+        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, self.extra_sinks])
         self.failures = RecentFailures()
         self.events.add(self.failures)
         self.health = UpstreamHealth()
@@ -241,8 +233,8 @@ class Relay:
     # -- construction helpers --------------------------------------------------
 
     def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
-        needed = config.metrics.status_auth is not None or any(
-            getattr(t, "credential", None) for t in config.transports.values())
+        needed = (config.metrics.status_auth is not None or bool(config.webhooks.endpoints)
+                  or any(getattr(t, "credential", None) for t in config.transports.values()))
         if not needed and not config.credentials.store.exists():
             return None
         keys = load_master_keys(config.credentials, self.environ)
@@ -250,6 +242,10 @@ class Relay:
 
     def _lookup_credential(self, name: str) -> CredentialLike | None:
         return self.oauth.lookup(name, self.credentials)
+
+    def _webhook_secret(self, name: str) -> bytes | None:
+        credential = self.credentials.get(name) if self.credentials is not None else None
+        return credential.password.reveal().encode("utf-8") if isinstance(credential, UpstreamCredential) else None
 
     def _build_transports(self, config: RelayConfig) -> dict[str, Transport]:
         self.oauth.rebuild(config.transports, self.credentials)
@@ -351,6 +347,7 @@ class Relay:
         for message_id in await asyncio.to_thread(self.spool.sweep_incoming):
             self.events.emit(ev.IncompleteDiscarded(queue_id=message_id))
         await asyncio.to_thread(self.room.keep_emergency_reserve)
+        await self.extra_sinks.start()
         await self.server.start(self.config.listeners)
         await self.control.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
@@ -424,6 +421,7 @@ class Relay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for transport in self.transports.values():
             await transport.close()
+        await self.extra_sinks.stop()
         await self.spool.stop()
         if self._observe is not None:
             self._observe.stop()
@@ -431,6 +429,7 @@ class Relay:
         await self.oauth.state_file.close()
         self.events.emit(ev.DaemonStopped())
         self.log.close()
+        self.extra_sinks.close()
         if self._spool_lock is not None:
             self._spool_lock.release()
             self._spool_lock = None
@@ -464,6 +463,8 @@ class Relay:
             return problems
         if new.listeners != self.config.listeners or new.tls != self.config.tls:
             self.warn("listener or TLS changes take effect at the next restart")
+        if new.log_format != self.config.log_format:
+            self.warn("a new log_format takes effect at the next restart")
         if new.control_path != self.config.control_path:
             self.warn("a new control_socket path takes effect at the next restart")
         old_transports = self.transports
@@ -479,6 +480,7 @@ class Relay:
         await self.shaping.load(new.transports, time.time())
         await self.usage.quotas.load()
         self.scheduler.gate_opened()  # a raised or removed limit releases what it held
+        await self.extra_sinks.reconfigure(new)
         self.events.emit(ev.ConfigReloaded(source=str(new.source)))
         sdnotify.notify("READY=1\nSTATUS=configuration reloaded", self.environ)
         return []
@@ -517,6 +519,14 @@ class Relay:
             )
             return held
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): open the log files again; a failure keeps the old ones."""
+        try:
+            self.log.reopen()
+            self.extra_sinks.reopen()
+        except OSError as error:
+            self.events.emit(ev.Notice(text=f"cannot reopen a log file, keeping the old one: {error}", level="error"))
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
@@ -525,30 +535,14 @@ def _credential_names(config: RelayConfig) -> set[str]:
     names = {
         t.credential for t in config.transports.values()
         if isinstance(t, SmtpTransportConfig) and t.credential is not None
-    }
+    } | {endpoint.credential for endpoint in config.webhooks.endpoints}
     return names | ({config.metrics.status_auth} if config.metrics.status_auth else set())
-
-
-def _install_signals(relay: Relay, loop: asyncio.AbstractEventLoop) -> None:
-    stopping: list[asyncio.Task[None]] = []
-
-    def on_term() -> None:
-        if not stopping:
-            stopping.append(loop.create_task(relay.stop()))
-
-    def on_hup() -> None:
-        loop.create_task(relay.reload())
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    loop.add_signal_handler(signal.SIGUSR1, relay.log.reopen)
 
 
 async def serve(config: RelayConfig, environ: Mapping[str, str] | None = None) -> int:
     relay = Relay(config, environ=environ)
     loop = asyncio.get_running_loop()
-    _install_signals(relay, loop)
+    install_signals(relay, loop)
     await relay.start()
     relay.events.emit(ev.Notice(text=hardening.describe()))
     if config.pid_file is not None:

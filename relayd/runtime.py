@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import ssl
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
+from typing import Awaitable, Protocol
 
 from relayd import hardening
 from relayd.config.credentials import MASTER_KEY_ENV
@@ -125,3 +128,39 @@ def prepare_dev_config(args: argparse.Namespace) -> RelayConfig | int:
     sys.stdout.write(connection_help(config, args.dir, dev_password(args.dir.resolve())))
     sys.stdout.flush()
     return config
+
+
+def make_server_tls_context(config: RelayConfig) -> ssl.SSLContext | None:
+    """The listeners' TLS context (TLS 1.2 or later), or None when relay.yaml has no tls:."""
+    if config.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+    return context
+
+
+class SignalledDaemon(Protocol):
+    """What the signals ask of the daemon: stop, reload relay.yaml, reopen the logs."""
+
+    def stop(self) -> Awaitable[None]: ...
+    def reload(self) -> Awaitable[bool]: ...
+    def reopen_logs(self) -> None: ...
+
+
+def install_signals(daemon: SignalledDaemon, loop: asyncio.AbstractEventLoop) -> None:
+    """SIGTERM/SIGINT stop once (a repeat does not start a second stop), SIGHUP reloads,
+    SIGUSR1 reopens the logs (logrotate's postrotate)."""
+    stopping: list[asyncio.Future[None]] = []
+
+    def on_term() -> None:
+        if not stopping:
+            stopping.append(asyncio.ensure_future(daemon.stop(), loop=loop))
+
+    def on_hup() -> None:
+        asyncio.ensure_future(daemon.reload(), loop=loop)
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, daemon.reopen_logs)

@@ -33,3 +33,7 @@ SPOOL_BYTES = (0, 1024**4)  # 0-1024G
 TENANT_MESSAGES = (1, 10_000_000)
 REFRESH_MARGIN = (30.0, 1800.0)  # a token lives about an hour; refresh 30s-30m before it ends
 TOKEN_TIMEOUT = (1.0, 300.0)  # one OAuth token request
+WEBHOOK_PENDING = (10, 10_000_000)  # events waiting per endpoint before the oldest is dropped
+WEBHOOK_RETRY = (0.1, 86400.0)  # 0.1s-1d
+WEBHOOK_TIMEOUT = (0.5, 300.0)  # 0.5s-5m
+WEBHOOK_IN_FLIGHT = (1, 100)

@@ -21,7 +21,7 @@ naming both places, and the managed file's problems carry its own name.
 Relative paths are resolved against the YAML file's directory. The file is
 read as a tree that keeps positions (relayd.config.yamltree); the generic checks
 are in relayd.config.fields; each section group has its own module
-(listenersection, transportsection, tenantsection), and this one composes them
+(listenersection, transportsection, tenantsection, webhooksection), and this one composes them
 with the small top-level sections (credentials, spool limits, delivery, metrics).
 """
 
@@ -48,6 +48,8 @@ from relayd.config.retry import DEFAULT_RETRY, parse_retry_schedule
 from relayd.config.tenantsection import TenantSections
 from relayd.config.transportsection import TransportSections
 from relayd.config.usagesection import UsageSections
+from relayd.config.webhookconfig import LogFormat
+from relayd.config.webhooksection import WebhookSections
 from relayd.config.yamltree import (
     MAX_CONFIG_BYTES,
     ConfigError,
@@ -67,7 +69,7 @@ __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "ConfigProblem", "SizeSyntaxError"
 
 _TOP_KEYS = ("version", "hostname", "spool_dir", "log_file", "pid_file", "control_socket", "tls",
              "credentials", "retry", "delivery", "metrics", "listeners", "transports", "tenants",
-             "tenants_file", "audit_log", "spool_limits", "usage")
+             "tenants_file", "audit_log", "spool_limits", "usage", "log_format", "json_log_file", "webhooks")
 _MANAGED_TOP_KEYS = ("version", "tenants")
 _CREDENTIALS_KEYS = ("store", "master_key_file")
 _DELIVERY_KEYS = ("max_parallel", "queue_run_interval", "shutdown_grace")
@@ -75,7 +77,7 @@ _METRICS_KEYS = ("address", "port", "status_auth")
 _SPOOL_LIMITS_KEYS = ("min_free", "tenant_max_bytes", "tenant_max_messages")
 
 
-class Reader(ListenerSections, TransportSections, TenantSections, UsageSections):
+class Reader(ListenerSections, TransportSections, TenantSections, UsageSections, WebhookSections):
     """Checks the whole file section by section, collecting problems and building config values.
 
     Each getter returns a usable value even after reporting a problem (the
@@ -119,6 +121,9 @@ class Reader(ListenerSections, TransportSections, TenantSections, UsageSections)
             tenants_file=tenants_file,
             audit_log=self.get(m, "audit_log", self.path, None),
             usage=self.usage(m),
+            log_format=self.get(m, "log_format", self.log_format, LogFormat.TEXT),
+            json_log_file=self.get(m, "json_log_file", self.path, None),
+            webhooks=self.webhooks(m, frozenset(own_tenants) | frozenset(managed)),
         )
 
     def managed_tenants(self, path: Path, source: Path, transport_names: frozenset[str],

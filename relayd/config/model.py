@@ -15,6 +15,7 @@ from typing import Mapping, Union
 from relayd.config.quota import NO_QUOTA, TenantQuota, UsageConfig
 from relayd.config.retry import DEFAULT_RETRY, RetrySchedule, parse_retry_schedule
 from relayd.config.shaping import UNSHAPED, Shaping
+from relayd.config.webhookconfig import LogFormat, WebhooksConfig
 
 
 class TlsMode(enum.Enum):
@@ -265,6 +266,13 @@ class RelayConfig:
     tenants_file: Path | None = None  # defaults to tenants.yaml next to the credential store
     audit_log: Path | None = None  # defaults to audit.log next to log_file (else the store)
     usage: UsageConfig = field(default_factory=UsageConfig)  # counting time zone and counter store
+    log_format: LogFormat = LogFormat.TEXT  # what log_file holds (relayd.observe.jsonlog for json)
+    json_log_file: Path | None = None  # a second log with one JSON object per event
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+
+    @property
+    def webhook_outbox(self) -> Path:
+        return self.webhooks.outbox_dir or self.spool_dir / "webhooks"
 
     def tenant_for_uid(self, uid: int) -> TenantConfig | None:
         """The tenant a local user submits as on a Unix-socket listener (enabled or not)."""

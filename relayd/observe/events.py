@@ -6,7 +6,8 @@ Emits: nothing itself. The sinks are the Exim-shaped main log
 (`relayd.observe.mainlog.MainLog`), the Prometheus metrics (`relayd.observe.metrics.RelayMetrics`)
 and the recent-outcomes ring the control socket answers from
 (`relayd.observe.outcomes.RecentOutcomes`); the daemon composes them with `FanOut`.
-A JSON log or a webhook sink is one more class with an `emit(event)` method.
+With relay.yaml's say, also the JSON log (`relayd.observe.jsonlog.JsonLog`) and
+the webhooks (`relayd.observe.webhooks.WebhookSink`).
 Untrusted input: addresses, HELO names, logins and upstream replies travel in
 these values as received; every sink escapes what it writes (the main log
 through `mainlog.sanitize`) and never uses such text as a metric label.

@@ -35,6 +35,7 @@ from relayd.ops.cli_queue import add_queue_commands
 from relayd.ops.cli_queueact import add_action_verbs
 from relayd.ops.cli_tenant import add_tenant_verbs
 from relayd.ops.cli_usage import add_usage_commands
+from relayd.ops.cli_webhook import add_webhook_commands
 from relayd.ops.clicommon import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -323,6 +324,7 @@ _COMMAND_GROUPS: tuple[Callable[[Subparsers], None], ...] = (
     add_daemon_commands,  # reload, status, send-test (relayd.ops.cli_daemon)
     add_oauth_commands,  # oauth authorize, oauth status (relayd.ops.cli_oauth)
     add_usage_commands,  # usage (relayd.ops.cli_usage)
+    add_webhook_commands,  # webhook secret (relayd.ops.cli_webhook)
 )
 
 

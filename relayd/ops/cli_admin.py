@@ -121,7 +121,8 @@ def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: st
     needed = {t.name: t.credential for t in config.transports.values()
               if isinstance(t, SmtpTransportConfig) and t.credential is not None}
     status_auth = config.metrics.status_auth
-    if not needed and status_auth is None:
+    hooks = {e.name: e.credential for e in config.webhooks.endpoints}
+    if not needed and status_auth is None and not hooks:
         return []
     try:
         store = _open_store(config, environ)
@@ -131,6 +132,10 @@ def _check_credentials(config: RelayConfig, environ: Mapping[str, str], file: st
         f"{_where(file, ('transports', transport, 'credential'))}: transport {transport}: credential {name} "
         f"is not in {config.credentials.store}; add it with `{PROG} secret set {name} --user USER`"
         for transport, name in sorted(needed.items()) if store.get(name) is None
+    ] + [
+        f"{_where(file, ('webhooks', 'endpoints'))}: webhook endpoint {endpoint}: credential {name} is not "
+        f"in {config.credentials.store}; add it with `{PROG} webhook secret {name} --generate`"
+        for endpoint, name in sorted(hooks.items()) if store.get(name) is None
     ]
     if status_auth is not None and store.get(status_auth) is None:
         problems.append(f"{_where(file, ('metrics', 'status_auth'))}: metrics: status_auth: credential {status_auth} "
