@@ -45,6 +45,7 @@ from relayd.delivery.shaping import ShapingGate, status_wire
 from relayd.jsonwire import JsonOutObject
 from relayd.observe.counters import CounterError
 from relayd.observe.countstore import SqliteCounters
+from relayd.observe.oauthmetrics import OAuthCollector
 from relayd.observe.shapingmetrics import ShapingCollector
 from relayd.ops.usagecontrol import UsageControl
 from relayd.queue.usage import TenantUsageService
@@ -123,10 +124,9 @@ class Relay:
         self.outcomes = RecentOutcomes()
         self.extra_sinks = ExtraSinks(config, secret=self._webhook_secret,
                                       notify=lambda text, level: self.events.emit(ev.Notice(text=text, level=level)))
-        # The fan-out every stage emits into.
-        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, self.extra_sinks])
         self.failures = RecentFailures()
-        self.events.add(self.failures)
+        # The fan-out every stage emits into.
+        self.events = ev.FanOut([self.log, self.metrics, self.outcomes, self.extra_sinks, self.failures])
         self.health = UpstreamHealth()
         self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
         self.counters = SqliteCounters.in_directory(config.spool_dir)
@@ -139,12 +139,9 @@ class Relay:
         self.events.add(self.usage.metrics)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
-            config.spool_dir,
-            lambda: self.config.spool_limits,
+            config.spool_dir, lambda: self.config.spool_limits,
             lambda: max(listener.max_message_size for listener in self.config.listeners),
-            state_failure=lambda: self.agent.state_write_failure(),
-            log=self.warn,
-        )
+            state_failure=lambda: self.agent.state_write_failure(), log=self.warn)
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
         self.credentials = self._open_credentials(config)
         self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events,
@@ -224,6 +221,7 @@ class Relay:
             config=lambda: self.config, listeners=lambda: self.server.bound, scheduler=self.scheduler,
             gates=self.gates, health=self.health, room=self.room, failures=self.failures,
             index_ready=lambda: self.index_loaded is not None and self.index_loaded.done(),
+            usage=self.usage.page_usage,
         )
 
     def warn(self, text: str) -> None:
@@ -340,6 +338,7 @@ class Relay:
             raise
 
     async def _start_stages(self) -> None:
+        loop = asyncio.get_running_loop()
         await self.spool.start()
         await asyncio.to_thread(self.counters.open)
         await self.shaping.load(self.config.transports, time.time())
@@ -350,21 +349,22 @@ class Relay:
         await self.extra_sinks.start()
         await self.server.start(self.config.listeners)
         await self.control.start()
-        self._tasks.append(asyncio.get_running_loop().create_task(self.scheduler.run()))
-        self._tasks.append(asyncio.get_running_loop().create_task(self.room.keep_emergency_reserve_in_place()))
-        self.metrics.registry.register(ShapingCollector(loop_reader(asyncio.get_running_loop(), self.shaping_status)))
-        self.usage.metrics.read_with(loop_reader(asyncio.get_running_loop(), self.usage.snapshot))
+        self._tasks.append(loop.create_task(self.scheduler.run()))
+        self._tasks.append(loop.create_task(self.room.keep_emergency_reserve_in_place()))
+        for collector in (ShapingCollector(loop_reader(loop, self.shaping_status)),
+                          OAuthCollector(loop_reader(loop, self.oauth.token_lives))):
+            self.metrics.registry.register(collector)
+        self.usage.metrics.read_with(loop_reader(loop, self.usage.snapshot))
         if self.config.metrics.port is not None:
-            self._observe = start_observe_listener(self.present, self.metrics, asyncio.get_running_loop(),
-                                                   self.status_login)
+            self._observe = start_observe_listener(self.present, self.metrics, loop, self.status_login)
         listening = ", ".join(f"{name}={addr}:{port}" for name, addr, port in self.server.bound)
         self.events.emit(ev.DaemonStarted(listening=listening))
-        self.index_loaded = asyncio.get_running_loop().create_task(self._load_index())
+        self.index_loaded = loop.create_task(self._load_index())
         self._tasks.append(self.index_loaded)
         sdnotify.notify("READY=1\nSTATUS=accepting mail", self.environ)
         interval = sdnotify.watchdog_interval(self.environ)
         if interval is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(sdnotify.watchdog_loop(interval, self.environ)))
+            self._tasks.append(loop.create_task(sdnotify.watchdog_loop(interval, self.environ)))
 
     def shaping_status(self) -> dict[str, JsonOutObject]:
         """Per transport: rate, window counts against limits, next release (status, metrics)."""

@@ -220,3 +220,30 @@ def test_a_reload_takes_a_new_status_password_and_keeps_the_old_one_when_the_log
         assert "status_auth names credential 'gone'" in relay_files.mainlog()
         assert fetch(url, ("ops", "second-password"))[0] == 200
         assert fetch(url)[0] == 401
+
+
+def test_the_status_page_shows_a_tenants_usage_against_its_quota(
+    relay_files: RelayFiles, upstreams: Callable[..., Any]
+) -> None:
+    provider = upstreams(users={"relay@provider.test": "pw"})
+    relay_files.write(
+        upstreams=[UpstreamSpec("provider", provider.port, "provider", "relay@provider.test", "pw")],
+        tenants=[TenantSpec("acme", "acme-pw", ["*@acme.example"], [(["*"], ["provider"])],
+                            extra="quota:\n  max_per_day: 10\n  max_per_month: 1000"),
+                 TenantSpec("beta", "beta-pw", ["*@beta.example"], [(["*"], ["provider"])])],
+    )
+    port = free_port()
+    with relay_files.config.open("a") as config:
+        config.write(f"metrics:\n  address: 127.0.0.1\n  port: {port}\n")
+    with RelaydProcess(relay_files):
+        for n in range(9):
+            submit(relay_files, LOGIN, SENDER, [f"r{n}@customer.test"])
+        provider.wait_for_messages(9)
+        url = f"http://127.0.0.1:{port}/"
+        page = fetch(url)[2]
+    usage = page[page.index('id="usage"'):]
+    usage = usage[:usage.index("</table>")]
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td><td class=\"n\">([^<]*)</td>", usage)
+    assert rows == [("acme", "day", "9 of 10 (90%)"), ("acme", "month", "9 of 1000 (1%)")]
+    assert 'class="high"' in usage  # 90 % of the day's quota: the bar turns to the warning colour
+    assert "beta" not in usage  # no quota: nothing to measure against

@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Iterator, TypeVar
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client import CollectorRegistry, generate_latest
 
 from relayd.config.credentials import CredentialStore, generate_master_key
 from relayd.config.retry import parse_retry_schedule
@@ -24,6 +25,7 @@ from relayd.delivery.upstreamauth import MECHANISMS, AuthRefused
 from relayd.delivery.tokensource import Bearer, TokenSource, TokenUnavailable
 from relayd.config.secret import Secret
 from relayd.observe import events as ev
+from relayd.observe.oauthmetrics import OAuthCollector
 from relayd.observe.mainlog import format_event
 from relayd.values import AttemptOutcome, AttemptResult, Delivery
 from tests.eventloop import run_on_test_loop
@@ -431,3 +433,27 @@ def test_an_unreadable_store_is_a_failed_refresh_never_a_crash(world: World) -> 
     failure = run(go())
     assert failure.detail == f"credential {NAME}: the credential store could not be read (PermissionError)"
     assert not failure.needs_reauthorisation and source.state.failures == 1
+
+
+def test_the_token_lifetime_and_refreshes_failed_in_a_row_are_exported_per_credential(world: World) -> None:
+    world.put(client_secret=CLIENT_SECRET, refresh_token=REFRESH_TOKEN)
+    config = world.config(user=MAILBOX)
+    sources = world.sources(config)
+    registry = CollectorRegistry()
+    registry.register(OAuthCollector(sources.token_lives))
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name, {"credential": NAME})
+
+    assert sample("relayd_oauth_token_seconds_to_expiry") is None  # no token had yet: no lifetime to show
+    assert sample("relayd_oauth_token_refresh_failures") == 0.0
+    run(send(world.transport(config, sources), delivery(1)))
+    left = sample("relayd_oauth_token_seconds_to_expiry")
+    assert left is not None and 3500 < left <= 3600  # the fake server's tokens live an hour
+    world.oauth.set_mode("invalid_grant")
+    world.oauth.expire_all()
+    for n in (2, 3):
+        sources.by_transport[next(iter(sources.by_transport))].refused()  # the upstream refused the token
+        run(send(world.transport(config, sources), delivery(n)))
+    assert sample("relayd_oauth_token_refresh_failures") == 2.0
+    assert CLIENT_SECRET not in generate_latest(registry).decode()

@@ -31,6 +31,7 @@ from relayd.delivery.smtpsession import CredentialLike
 from relayd.delivery.tokengrants import TokenGrant, request_token
 from relayd.delivery.tokensource import TokenRequest, TokenSource, TokenState, reauthorise_command
 from relayd.observe import events as ev
+from relayd.observe.oauthmetrics import TokenLife
 from relayd.observe.events import EventSink
 
 STATE_FILE = "oauth-state.json"
@@ -204,6 +205,10 @@ class OAuthSources:
                 return source
         credential = store.get(name) if store is not None else None
         return credential if isinstance(credential, UpstreamCredential) else None
+
+    def token_lives(self) -> list[TokenLife]:
+        """Each credential's token expiry and failures in a row, for the metrics (no secret)."""
+        return [TokenLife(s.state.credential, s.state.expires_at, s.state.failures) for s in self.by_transport.values()]
 
     def _store_changed_since_failure(self, state: TokenState) -> bool:
         before = self._failure_stamps.get(state.credential)

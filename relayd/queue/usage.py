@@ -35,6 +35,7 @@ from relayd.observe.claims import ClaimCounters, LocalClaims
 from relayd.observe.counters import WindowCounters
 from relayd.observe.rediscounters import RedisCounters
 from relayd.observe.transportusage import TransportUsage
+from relayd.observe.status import TenantUsage
 from relayd.observe.usagemetrics import UsageMetrics, UsageSample, UsageSnapshot
 from relayd.queue.quotaholds import HoldStore
 from relayd.queue.tenantquota import TenantQuotas
@@ -99,6 +100,11 @@ class TenantUsageService:
     async def status(self) -> JsonObject:
         """The quota side of every tenant, from memory (for `relayctl status`)."""
         return await self.report(None, per_transport=False)
+
+    def page_usage(self) -> list[TenantUsage]:
+        """The status page's usage bars: per tenant and window with a quota, messages against it."""
+        return [TenantUsage(s.tenant, s.window, s.messages, s.limit) for s in self.snapshot().samples
+                if s.limit is not None]
 
     def snapshot(self) -> UsageSnapshot:
         """The metrics' view (on the event loop): per tenant and window, usage against quota."""
