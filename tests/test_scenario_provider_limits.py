@@ -50,7 +50,7 @@ def chain_of(
     fakes = [upstreams(users={f"{name}@provider.test": "secret"}) for name, _ in presets]
     files.write(
         upstreams=[
-            UpstreamSpec(name, fake.port, name, f"{name}@provider.test", "secret", extra=preset)
+            UpstreamSpec(name, fake.port, f"{name}-login", f"{name}@provider.test", "secret", extra=preset)
             for (name, preset), fake in zip(presets, fakes)
         ],
         tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], [name for name, _ in presets])])],
@@ -105,9 +105,10 @@ def test_chain_a_alone_holds_the_message_with_its_reason_and_releases_it_at_the_
         assert gmail.messages == []
         delivered = gmail.wait_for_messages(2, timeout=15)
     assert sorted(m.rcpt_tos[0] for m in delivered) == ["one@customer.test", "two@customer.test"]
-    assert "held until" in shown_held and "daily sending quota reached" in shown_held
+    # The message that met the quota waits with the reply as its reason, the next try at the reset.
+    assert "5.4.5 Daily user sending limit exceeded" in shown_held, shown_held
     assert "1 attempt" in shown_held  # the quota reply was one attempt; the schedule did not move
-    assert "held until" in shown_waiting and "daily sending quota reached" in shown_waiting
+    assert "held: gmail_a daily sending quota reached" in shown_waiting and "released from" in shown_waiting
     assert "closed until" in status and "daily sending quota reached" in status
     log = relay_files.mainlog()
     assert f"{held} == one@customer.test R=acme-1 T=gmail_a defer (-1)" in log and "held until" in log
@@ -119,7 +120,8 @@ def test_ses_throttling_is_retried_after_minutes_on_the_same_transport_not_faile
     relay_files: RelayFiles, upstreams: Callable[..., Any]
 ) -> None:
     ses, backup = chain_of(
-        relay_files, upstreams, [("ses_a", "preset: ses\nregion: eu-west-1"), ("backup", "")]
+        # An account out of the SES sandbox: the preset's 1/s would send the second message on.
+        relay_files, upstreams, [("ses_a", "preset: ses\nregion: eu-west-1\nmax_per_second: 100"), ("backup", "")]
     )
     ses.reply_to("MAIL", SES_RATE, times=1)
     with RelayThread(relay_files.config, relay_options={"provider_wait": short_window(2.0)}):
@@ -173,7 +175,8 @@ def test_basic_auth_switched_off_puts_the_xoauth2_hint_in_the_main_log_and_statu
         submit(relay_files, ACME, "billing@acme.example", ["one@customer.test"])
         sendgrid.wait_for_messages(1)
         status = relayctl(relay_files, capsys, "status")
-    hint = "switch this transport to XOAUTH2: relayctl oauth authorize m365_acme"
+    # The command names the transport's credential, which is what `relayctl oauth authorize` takes.
+    hint = "switch this transport to XOAUTH2: relayctl oauth authorize m365_acme-login"
     log = relay_files.mainlog()
     failed_line = next(line for line in log.splitlines() if "T=m365_acme:" in line)
     assert "5.7.139" in failed_line and hint in failed_line

@@ -247,6 +247,14 @@ def transport_provider(config: RelayConfig, transport: str) -> str | None:
     return provider_of(settings.provider, settings.host)
 
 
+def hint_name(config: RelayConfig, transport: str) -> str:
+    """The name an operator hint gives: the transport's credential (what `relayctl oauth
+    authorize` takes), else the transport's own name."""
+    settings = config.transports.get(transport)
+    credential = settings.credential if isinstance(settings, SmtpTransportConfig) else None
+    return credential or transport
+
+
 def attempt_classes(result: AttemptResult, provider: str | None) -> list[tuple[RecipientResult, ReplyClass]]:
     """The failed recipients of an attempt whose reply the provider table knows, with their class."""
     found: list[tuple[RecipientResult, ReplyClass]] = []
@@ -271,7 +279,7 @@ def gate_report(
     healthy even when it came at MAIL FROM; a class's hint goes along.
     """
     classes = attempt_classes(result, transport_provider(config, transport))
-    hint = next((klass.hint_for(transport) for _rr, klass in classes if klass.hint), "")
+    hint = next((klass.hint_for(hint_name(config, transport)) for _rr, klass in classes if klass.hint), "")
     closing = next(((rr, klass) for rr, klass in classes if klass.closes_transport), None)
     accepted = sum(1 for r in result.results if r.outcome is AttemptOutcome.DELIVERED)
     if closing is not None:
@@ -337,7 +345,7 @@ def limited_by_provider(result: AttemptResult, provider: str | None) -> bool:
     return any(klass.closes_transport for _rr, klass in attempt_classes(result, provider))
 
 
-def host_failed_reason(transport: str, result: AttemptResult, provider: str | None, verdict: GateVerdict) -> str:
+def host_failed_reason(name_in_hint: str, result: AttemptResult, provider: str | None, verdict: GateVerdict) -> str:
     """The main log's reason for a transport the chain passed over.
 
     The upstream's words; for a provider limit, which one and until when the
@@ -352,7 +360,7 @@ def host_failed_reason(transport: str, result: AttemptResult, provider: str | No
         if verdict.until is not None:
             reason += f"; transport closed until {_local(verdict.until)}"
     hint = next(
-        (klass.hint_for(transport) for _rr, klass in classes
+        (klass.hint_for(name_in_hint) for _rr, klass in classes
          if klass.hint and klass.retry is RetryWhen.NOW and not klass.sender_only),
         "",
     )

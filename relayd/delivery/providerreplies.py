@@ -50,7 +50,7 @@ class RetryWhen(enum.Enum):
 # gradually: try again after an hour rather than wait a whole day or hammer it.
 ROLLING_DAY_PROBE = 3600.0
 
-TRANSPORT_HINT_NAME = "NAME"  # replaced by the transport's name where it is known
+TRANSPORT_HINT_NAME = "NAME"  # replaced by the transport's credential name where it is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,9 @@ class ReplyClass:
             return self.minutes * 60.0
         return 0.0
 
-    def hint_for(self, transport: str) -> str:
-        return self.hint.replace(TRANSPORT_HINT_NAME, transport)
+    def hint_for(self, name: str) -> str:
+        """The hint with the name the operator types: the transport's credential, else the transport."""
+        return self.hint.replace(TRANSPORT_HINT_NAME, name)
 
 
 # --- the classes -------------------------------------------------------------------

@@ -71,6 +71,7 @@ from relayd.delivery.outcome import (
     due_recipients,
     gate_report,
     held_report,
+    hint_name,
     host_failed_reason,
     leftover_report,
     limited_by_provider,
@@ -494,7 +495,8 @@ class DeliveryAgent:
             if still and (result.connection_failed or limited_by_provider(result, provider)):
                 self._events.emit(ev.HostFailed(
                     queue_id=entry.id, transport=name, host=result.host, ip=result.ip, port=result.port,
-                    reason=host_failed_reason(name, result, provider, self._gates.check(name, self._clock()))
+                    reason=host_failed_reason(hint_name(config, name), result, provider,
+                                              self._gates.check(name, self._clock()))
                     or last[still[0]].reason,
                     reason_label=reason_label(last[still[0]]),
                 ))
