@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import threading
 from pathlib import Path
 from typing import TextIO
 
 from relayd.observe import events as ev
+from relayd.observe.logfile import LogFile
 from relayd.observe.logline import MAX_FIELD, arrival_auth, format_event
-from relayd.observe.mainlog import LOG_FILE_MODE
 from relayd.observe.webhookbody import iso_time, kind_of
 from relayd.values import DeliveryReport, QueueEntry, SmtpReply
 
@@ -112,17 +110,6 @@ def json_line(event: ev.Event, *, utc: bool = False) -> str | None:
     return json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
 
 
-def open_log_file(path: Path) -> TextIO:
-    """Open `path` for appending, line-buffered; a new file gets mode 0640 whatever the umask."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | os.O_EXCL, LOG_FILE_MODE)
-        os.fchmod(fd, LOG_FILE_MODE)
-    except FileExistsError:
-        fd = os.open(path, flags, LOG_FILE_MODE)
-    return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
-
-
 class JsonLog:
     """Writes one JSON object per line: `emit(event)` (the `EventSink` method); thread-safe.
 
@@ -130,44 +117,27 @@ class JsonLog:
     """
 
     def __init__(self, path: Path | None, *, stream: TextIO | None = None, utc: bool = False) -> None:
-        self._path = path
         self._utc = utc
-        self._stream: TextIO = stream if stream is not None else sys.stderr
-        self._lock = threading.Lock()
-        self._file: TextIO | None = open_log_file(path) if path is not None else None
-        self.write_errors = 0
+        self._file = LogFile(path, stream=stream, on_error=_report_write_error)
+
+    @property
+    def write_errors(self) -> int:
+        return self._file.write_errors
 
     def emit(self, event: ev.Event) -> None:
         line = json_line(event, utc=self._utc)
-        if line is None:
-            return
-        with self._lock:
-            target = self._file if self._file is not None else self._stream
-            try:
-                target.write(line)
-                target.flush()
-            except (OSError, ValueError) as exc:
-                self.write_errors += 1
-                _report_write_error(exc)
+        if line is not None:
+            self._file.write(line)
 
     def reopen(self) -> None:
         """Open the path again (after logrotate moved the file); the old file stays on failure."""
-        if self._path is None:
-            return
-        fresh = open_log_file(self._path)
-        with self._lock:
-            old, self._file = self._file, fresh
-        if old is not None:
-            old.close()
+        self._file.reopen()
 
     def close(self) -> None:
-        with self._lock:
-            old, self._file = self._file, None
-        if old is not None:
-            old.close()
+        self._file.close()
 
 
-def _report_write_error(exc: BaseException) -> None:
+def _report_write_error(exc: BaseException, _line: str) -> None:
     try:
         sys.stderr.write(f"relayd: JSON log write failed ({exc.__class__.__name__})\n")
     except (OSError, ValueError):

@@ -25,14 +25,13 @@ recipient of the same delivery, ``==`` deferral, ``**`` permanent failure.
 
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable, TextIO
 
 from relayd.observe import events as ev
+from relayd.observe.logfile import LOG_FILE_MODE, LogFile
 from relayd.observe.logline import (
     MAX_FIELD,
     format_arrival,
@@ -64,18 +63,6 @@ __all__ = ["LOG_FILE_MODE", "MainLog", "MAX_FIELD", "format_arrival", "format_au
     "format_event", "format_failed", "format_host_failed", "format_rejected", "format_rejections_suppressed",
     "format_session_dropped", "format_timestamp", "sanitize"]
 
-LOG_FILE_MODE = 0o640  # Exim's default: the mail group may read, others not.
-
-
-def _open_append(path: Path) -> TextIO:
-    """Open `path` for appending, line-buffered; a new file gets mode 0640 whatever the umask."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-    try:
-        fd = os.open(path, flags | os.O_EXCL, LOG_FILE_MODE)
-        os.fchmod(fd, LOG_FILE_MODE)
-    except FileExistsError:
-        fd = os.open(path, flags, LOG_FILE_MODE)
-    return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
 
 
 class MainLog:
@@ -94,34 +81,21 @@ class MainLog:
         stream: TextIO | None = None,
         utc: bool = False,
     ) -> None:
-        self._path = path
         self._clock = clock
         self._utc = utc
-        self._stream: TextIO = stream if stream is not None else sys.stderr
-        self._lock = threading.Lock()
-        self._file: TextIO | None = _open_append(path) if path is not None else None
-        self.write_errors = 0
+        self._file = LogFile(path, stream=stream, on_error=_report_write_error)
+
+    @property
+    def write_errors(self) -> int:
+        return self._file.write_errors
 
     def reopen(self) -> None:
-        """Open the path again (after logrotate moved the old file away).
-
-        The new file is opened before the old one is closed, so a failure
-        leaves logging where it was and raises OSError for the caller to report.
-        """
-        if self._path is None:
-            return
-        fresh = _open_append(self._path)
-        with self._lock:
-            old, self._file = self._file, fresh
-        if old is not None:
-            old.close()
+        """Open the path again (after logrotate moved the old file away); OSError leaves the old one."""
+        self._file.reopen()
 
     def close(self) -> None:
         """Close the file; later lines fall back to the stream."""
-        with self._lock:
-            old, self._file = self._file, None
-        if old is not None:
-            old.close()
+        self._file.close()
 
     def emit(self, event: ev.Event) -> None:
         """The event's line, if the main log shows this kind of event (the `EventSink` method)."""
@@ -234,15 +208,7 @@ class MainLog:
         self._write(format_daemon(text, level="error"))
 
     def _write(self, text: str) -> None:
-        line = f"{format_timestamp(self._clock(), utc=self._utc)} {text}\n"
-        with self._lock:
-            target = self._file if self._file is not None else self._stream
-            try:
-                target.write(line)
-                target.flush()
-            except (OSError, ValueError) as exc:
-                self.write_errors += 1
-                _report_write_error(exc, line)
+        self._file.write(f"{format_timestamp(self._clock(), utc=self._utc)} {text}\n")
 
 
 def _report_write_error(exc: BaseException, line: str) -> None:
