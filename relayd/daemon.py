@@ -25,7 +25,7 @@ from relayd.config.loader import ConfigError, load_config
 from relayd.ops.control import QueueControl
 from relayd.ops.controlserver import ControlServer
 from relayd.config.credentials import (
-    CredentialError, CredentialStore, StoreKeyMismatch, UpstreamCredential, load_master_keys,
+    CredentialError, CredentialStore, StoreKeyMismatch, UpstreamCredential,
 )
 from relayd.delivery.walk import DeliveryAgent
 from relayd.delivery.dsn import build_dsn
@@ -53,7 +53,7 @@ from relayd.queue.scheduler import Scheduler
 from relayd.queue.spool import IncomingMessage, Spool, SpoolError, SpoolIO, SpoolFullError, SpoolWriteError
 from relayd.runtime import (
     build_parser, fix_malloc_mmap_threshold, harden_process, install_signals, make_server_tls_context,
-    prepare_dev_config, run_event_loop,
+    open_credentials, prepare_dev_config, run_event_loop, shared_caps,
 )
 from relayd.queue.spoollock import SpoolInUse, SpoolLock, lock_path
 from relayd.queue.spoolroom import SpoolRoom
@@ -130,25 +130,27 @@ class Relay:
         self.health = UpstreamHealth()
         self.provider_limits = ProviderLimits()  # quota and throttling replies close a transport
         self.counters = SqliteCounters.in_directory(config.spool_dir)
-        self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn)
         self.usage = TenantUsageService(
             config=lambda: self.config, counters=self.counters, events=self.events, registry=self.metrics.registry,
             on_release=lambda: self.scheduler.gate_opened(), exists=lambda i: self.scheduler.get(i) is not None,
         )
-        self.events.add(self.usage.deliveries)
-        self.events.add(self.usage.metrics)
+        self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn,
+                                   shared=shared_caps(self.usage.shared, lambda: self.config, self.warn))
+        for sink in (self.usage.deliveries, self.usage.metrics):
+            self.events.add(sink)
         self.passwords = PasswordChecker()
         self.room = SpoolRoom(
             config.spool_dir, lambda: self.config.spool_limits,
             lambda: max(listener.max_message_size for listener in self.config.listeners),
             state_failure=lambda: self.agent.state_write_failure(), log=self.warn)
         self.spool = Spool(config.spool_dir, io=spool_io, on_removed=self.room.forget)
-        self.credentials = self._open_credentials(config)
+        self.credentials = open_credentials(config, self.environ)
         self.oauth = OAuthSources(config.spool_dir / STATE_FILE, self.events,
                                   lambda name: self.config.retry_for(name))
         self.status_login = status_login(config, self.credentials)
         self.transports: dict[str, Transport] = self._build_transports(config)
-        self.gates = GateSet([self.health, self.oauth.gate, self.provider_limits, self.shaping])
+        self.gates = GateSet([self.health, self.oauth.gate, self.provider_limits, self.shaping],
+                             reserving=[self.shaping] if self.usage.shared is not None else [])
         self.agent = DeliveryAgent(
             config=lambda: self.config,
             spool=self.spool,
@@ -229,14 +231,6 @@ class Relay:
         self.events.emit(ev.Notice(text=text, level="warning"))
 
     # -- construction helpers --------------------------------------------------
-
-    def _open_credentials(self, config: RelayConfig) -> CredentialStore | None:
-        needed = (config.metrics.status_auth is not None or bool(config.webhooks.endpoints)
-                  or any(getattr(t, "credential", None) for t in config.transports.values()))
-        if not needed and not config.credentials.store.exists():
-            return None
-        keys = load_master_keys(config.credentials, self.environ)
-        return CredentialStore.open(config.credentials.store, keys)
 
     def _lookup_credential(self, name: str) -> CredentialLike | None:
         return self.oauth.lookup(name, self.credentials)
@@ -497,7 +491,7 @@ class Relay:
         not have; the log and the error say to restart relayd.
         """
         try:
-            return self._open_credentials(new)
+            return open_credentials(new, self.environ)
         except StoreKeyMismatch as error:
             held = self.credentials
             if held is None or new.credentials.store != self.config.credentials.store:

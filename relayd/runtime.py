@@ -18,14 +18,17 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Awaitable, Protocol
 
 from relayd import hardening
-from relayd.config.credentials import MASTER_KEY_ENV
+from relayd.config.credentials import MASTER_KEY_ENV, CredentialStore, load_master_keys
 from relayd.config.loader import ConfigError, load_config
 from relayd.config.model import RelayConfig
+from relayd.config.quota import DEFAULT_LOCAL_SHARE
+from relayd.delivery.sharedcaps import SharedCaps
+from relayd.observe.rediscounters import RedisCounters
 from relayd.ops.devdefault import (
     DEFAULT_PORT,
     DevError,
@@ -164,3 +167,26 @@ def install_signals(daemon: SignalledDaemon, loop: asyncio.AbstractEventLoop) ->
     loop.add_signal_handler(signal.SIGINT, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, daemon.reopen_logs)
+
+
+def shared_caps(
+    store: RedisCounters | None, config: Callable[[], RelayConfig], warn: Callable[[str], None]
+) -> SharedCaps | None:
+    """The transports' caps shared through the usage store, when that is Redis (None: this node alone)."""
+    if store is None:
+        return None
+
+    def local_share() -> float:
+        redis = config().usage.redis
+        return redis.local_share if redis is not None else DEFAULT_LOCAL_SHARE
+
+    return SharedCaps(store, store.where, local_share=local_share, on_change=warn)
+
+
+def open_credentials(config: RelayConfig, environ: Mapping[str, str]) -> CredentialStore | None:
+    """The encrypted store, when the configuration names a secret or the file exists (None: nothing to open)."""
+    needed = (config.metrics.status_auth is not None or bool(config.webhooks.endpoints)
+              or any(getattr(t, "credential", None) for t in config.transports.values()))
+    if not needed and not config.credentials.store.exists():
+        return None
+    return CredentialStore.open(config.credentials.store, load_master_keys(config.credentials, environ))

@@ -31,6 +31,13 @@ The contract between the delivery walk and every gate:
   takes its token in the same step as it said yes.
 * `attempt_ended(transport, report, now)` exactly once for every started
   attempt, whatever happened.
+* `reserve(transport, now)`, awaited right after `attempt_started`, only for
+  gates whose limits live outside this process (a provider account's caps
+  shared by several nodes in Redis): it takes the attempt's place there, or
+  refuses it with a closed verdict. A refused attempt ends at once
+  (`attempt_ended` with `ABANDONED`) and the walk treats the transport as
+  closed; a reservation's `settle` is called exactly once when its attempt
+  ends.
 * A closure that is `forceable` is ignored by an operator's forced delivery
   (Exim's -M and -qff ignore host retry data); a closure that is not (a
   provider quota: forcing mail into it can lock the account for the day)
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from relayd.config.retry import RetrySchedule
 
@@ -126,6 +133,27 @@ class Gate(Protocol):
     def attempt_ended(self, transport: str, report: GateReport, now: float) -> None: ...
 
 
+def _nothing_to_settle(_report: GateReport, _now: float) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An attempt's place held (open `verdict`) or refused (closed); `settle` when a held one ends."""
+
+    verdict: GateVerdict = OPEN
+    settle: Callable[[GateReport, float], None] = _nothing_to_settle
+
+
+HELD = Reservation()
+
+
+class Reserving(Protocol):
+    """A gate that holds an attempt's place in a store outside this process before the send."""
+
+    async def reserve(self, transport: str, now: float) -> Reservation: ...
+
+
 def combine(verdicts: Iterable[GateVerdict]) -> GateVerdict:
     """One verdict for several gates over the same transport.
 
@@ -143,8 +171,33 @@ def combine(verdicts: Iterable[GateVerdict]) -> GateVerdict:
 class GateSet:
     """Every gate of the relay, asked and told as one; itself a `Gate`."""
 
-    def __init__(self, gates: Sequence[Gate]) -> None:
+    def __init__(self, gates: Sequence[Gate], reserving: Sequence[Reserving] = ()) -> None:
         self._gates = tuple(gates)
+        self._reserving = tuple(reserving)
+
+    @property
+    def reserves(self) -> bool:
+        """Whether attempts need `reserve` (a shared store is configured); the walk skips the await otherwise."""
+        return bool(self._reserving)
+
+    async def reserve(self, transport: str, now: float) -> Reservation:
+        """Every reserving gate's place for one attempt; refused (and the others' given back) if one refuses."""
+        held: list[Reservation] = []
+        for gate in self._reserving:
+            reservation = await gate.reserve(transport, now)
+            if not reservation.verdict.is_open:
+                for earlier in held:
+                    earlier.settle(GateReport(AttemptEnd.ABANDONED), now)
+                return reservation
+            held.append(reservation)
+        if len(held) == 1:
+            return held[0]
+
+        def settle(report: GateReport, at: float) -> None:
+            for reservation in held:
+                reservation.settle(report, at)
+
+        return Reservation(OPEN, settle)
 
     def check(self, transport: str, now: float) -> GateVerdict:
         return combine(gate.check(transport, now) for gate in self._gates)

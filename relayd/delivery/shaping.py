@@ -27,6 +27,12 @@ edge), at 100/s in bursts of at most 10. A token is taken when an attempt
 starts and not given back if the attempt fails (the provider saw the
 connection).
 
+Nodes sharing a provider account (`usage.store: redis`) share its caps and
+rate: with `shared` set, each attempt reserves its places in Redis before the
+send (`reserve`, relayd.delivery.sharedcaps), the checks here use the
+shared counts last seen, and while Redis is away the node keeps to its
+`local_share` of every cap and of the rate on its own counts.
+
 Every closure here is not forceable: an operator's flush must not push a
 day's backlog into an account that locks at its quota. Waiting for a window
 is no failed attempt (the scheduler puts the message back; see
@@ -42,8 +48,10 @@ from datetime import datetime, timezone, tzinfo
 from typing import Callable, Iterable
 
 from relayd.config.shaping import KEYS as SHAPING_KEYS, Shaping
-from relayd.delivery.gates import OPEN, GateReport, GateVerdict, closed_until, combine
+from relayd.delivery.gates import HELD, OPEN, GateReport, GateVerdict, Reservation, closed_until, combine
+from relayd.delivery.sharedcaps import SharedCaps
 from relayd.jsonwire import JsonOutObject
+from relayd.observe.claims import Claim, Pace
 from relayd.observe.counters import CounterError, Span, Window, WindowCounters
 
 RATE_GATE = "rate"
@@ -76,6 +84,7 @@ class ShapingStatus:
     in_flight: int
     closed: GateVerdict  # OPEN, or until when and why
     next_release: float | None  # when a closed transport takes mail again
+    shared: str = ""  # where the caps are shared, or why only the local share applies ("": not shared)
 
     def cap(self, span: str, what: str = "messages") -> CapStatus | None:
         return next((c for c in self.caps if c.span == span and c.what == what), None)
@@ -139,8 +148,12 @@ class ShapingGate:
         *,
         zone: tzinfo = timezone.utc,
         on_error: Callable[[str], None] = lambda _text: None,
+        shared: SharedCaps | None = None,
     ) -> None:
         self._limits_of = limits_of
+        self._shared = shared
+        self._shared_counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> all nodes' count last seen
+        self._paced: dict[str, float] = {}  # transport -> until when the shared pace holds it
         self._counters = counters
         self._zone = zone
         self._minute = _Current(Window(Span.MINUTE, zone), "per-minute limit")
@@ -174,6 +187,8 @@ class ShapingGate:
         """Wait for every count still being written (at stop)."""
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.drain()
 
     # -- the Gate ---------------------------------------------------------------------
 
@@ -208,6 +223,35 @@ class ShapingGate:
                 self._prune(key, current)  # a new window began: forget this key's last one
             self._counts[slot] = self._counts.get(slot, 0) + n
         self._persist([(key, current.window, n) for key, current, n in additions], now)
+        if self._shared is not None and self._shared.away:
+            for key, current, n in additions:
+                self._shared.counted(key, current.window, n, now)
+
+    async def reserve(self, transport: str, now: float) -> Reservation:
+        """The attempt's places in the shared store (`gates.Reserving`); HELD when nothing is shared."""
+        shared = self._shared
+        limits = self._limits_of(transport)
+        if shared is None or not limits.is_limited:
+            return HELD
+        claims = self._claims(transport, limits)
+        pace = self._pace(transport, limits.max_per_second)
+        if not claims and pace is None:
+            return HELD
+        reserved = await shared.reserve(claims, pace, now)
+        if reserved is None:
+            # The store is away (perhaps since this very call): the local share decides.
+            verdict = combine(self._verdicts(transport, limits, now, started=True))
+            return HELD if verdict.is_open else Reservation(verdict)
+        for claim, count in zip(claims, reserved.counts):
+            self._remember_shared(claim, count, now)
+        if reserved.ok:
+            return Reservation(OPEN, lambda report, _at: shared.settle(claims, report, now))
+        if not reserved.full:
+            self._paced[transport] = now + reserved.wait
+        verdict = combine(self._verdicts(transport, limits, now))
+        if verdict.is_open:  # counts moved on meanwhile; the store's refusal stands
+            verdict = self._window_closed(transport, self._day, "shared quota reached")
+        return Reservation(verdict)
 
     # -- views --------------------------------------------------------------------------
 
@@ -218,11 +262,11 @@ class ShapingGate:
             limits = self._limits_of(name)
             messages, recipients = self._keys_of(name)
             caps = [
-                CapStatus(c.window.span.value, "messages", self._used(messages, c, now), cap, c.end)
+                CapStatus(c.window.span.value, "messages", self._taken(messages, c, now, 0), cap, c.end)
                 for c, cap in zip(self._spans, _message_caps(limits))
             ]
             caps.append(CapStatus(
-                "day", "recipients", self._used(recipients, self._day, now), limits.max_recipients_per_day,
+                "day", "recipients", self._taken(recipients, self._day, now, 0), limits.max_recipients_per_day,
                 self._day.end,
             ))
             verdict = self.check(name, now)
@@ -230,6 +274,7 @@ class ShapingGate:
             result.append(ShapingStatus(
                 transport=name, rate=rate.now(now) if rate is not None else 0.0, limits=limits, caps=tuple(caps),
                 in_flight=self._in_flight.get(name, 0), closed=verdict, next_release=verdict.until,
+                shared=self._shared.status() if self._shared is not None else "",
             ))
         return result
 
@@ -240,25 +285,64 @@ class ShapingGate:
 
     # -- inside -----------------------------------------------------------------------------
 
-    def _verdicts(self, transport: str, limits: Shaping, now: float) -> list[GateVerdict]:
+    def _verdicts(self, transport: str, limits: Shaping, now: float, *, started: bool = False) -> list[GateVerdict]:
+        """Every limit that closes the transport now; `started`: asked for an attempt already counted in flight."""
         verdicts: list[GateVerdict] = []
-        in_flight = self._in_flight.get(transport, 0)
+        in_flight = self._in_flight.get(transport, 0) - (1 if started else 0)
         messages, recipients = self._keys_of(transport)
+        share = self._share()
         for current, cap in zip(self._spans, _message_caps(limits)):
-            if cap is not None and self._used(messages, current, now) + in_flight >= cap:
-                verdicts.append(self._window_closed(transport, current, f"{current.word} {cap} reached"))
+            if cap is not None and self._taken(messages, current, now, in_flight) >= _part(cap, share):
+                verdicts.append(self._window_closed(transport, current, f"{current.word} {_cap_text(cap, share)} reached"))
         rcpt_cap = limits.max_recipients_per_day
-        if rcpt_cap is not None and self._used(recipients, self._day, now) + in_flight >= rcpt_cap:
-            verdicts.append(self._window_closed(transport, self._day, f"daily recipient quota {rcpt_cap} reached"))
-        if limits.max_per_second is not None:
-            bucket = self._refilled(transport, limits.max_per_second, now)
-            if bucket.tokens < 1.0:
-                until = now + (1.0 - bucket.tokens) / limits.max_per_second
+        if rcpt_cap is not None and self._taken(recipients, self._day, now, in_flight) >= _part(rcpt_cap, share):
+            verdicts.append(self._window_closed(
+                transport, self._day, f"daily recipient quota {_cap_text(rcpt_cap, share)} reached"))
+        rate = limits.max_per_second
+        if rate is not None and not started:  # a started attempt has taken its token already
+            rate *= share if share is not None else 1.0
+            bucket = self._refilled(transport, rate, now)
+            paced = self._paced.get(transport, 0.0) if share is None else 0.0
+            if bucket.tokens < 1.0 or paced > now:
+                until = max(now + (1.0 - bucket.tokens) / rate, paced)
                 verdicts.append(closed_until(
-                    until, f"rate limit {_rate_text(limits.max_per_second)}/s", gate=RATE_GATE,
-                    forceable=False, transport=transport,
+                    until, f"rate limit {_rate_text(rate)}/s", gate=RATE_GATE, forceable=False, transport=transport,
                 ))
         return verdicts
+
+    def _remember_shared(self, claim: Claim, count: int, now: float) -> None:
+        slot = (claim.key, claim.window.slot(now))
+        if slot not in self._shared_counts:  # a new window: forget the key's earlier one of this span
+            prefix = claim.window.span.value + ":"
+            for old in [k for k in self._shared_counts if k[0] == claim.key and k[1].startswith(prefix)]:
+                del self._shared_counts[old]
+        self._shared_counts[slot] = count
+
+    def _share(self) -> float | None:
+        """This node's share of every cap while the shared store is away; None otherwise (whole caps)."""
+        shared = self._shared
+        return shared.local_share() if shared is not None and shared.away else None
+
+    def _taken(self, key: str, current: _Current, now: float, in_flight: int) -> int:
+        """Places used in a window: this node's count and attempts, or all nodes' count last seen if more."""
+        used = self._used(key, current, now) + in_flight
+        if self._shared is not None and not self._shared.away:
+            used = max(used, self._shared_counts.get((key, current.at(now)), 0))
+        return used
+
+    def _claims(self, transport: str, limits: Shaping) -> list[Claim]:
+        messages, recipients = self._keys_of(transport)
+        claims = [Claim(messages, c.window, cap) for c, cap in zip(self._spans, _message_caps(limits)) if cap is not None]
+        if limits.max_recipients_per_day is not None:
+            claims.append(Claim(recipients, self._day.window, limits.max_recipients_per_day))
+        return claims
+
+    def _pace(self, transport: str, rate: float | None) -> Pace | None:
+        """The shared form of the token bucket: the same spacing and burst, kept by the store."""
+        if rate is None:
+            return None
+        capacity = max(1.0, rate * _BURST_SHARE)
+        return Pace(f"{message_key(transport)}:pace", 1.0 / rate, (capacity - 1.0) / rate)
 
     def _window_closed(self, transport: str, current: _Current, what: str) -> GateVerdict:
         return closed_until(
@@ -332,6 +416,15 @@ def _rate_text(rate: float) -> str:
     return f"{rate:g}"
 
 
+def _part(cap: int, share: float | None) -> int:
+    """A cap, or this node's share of it (rounded down: never more than the whole between the nodes)."""
+    return cap if share is None else math.floor(cap * share)
+
+
+def _cap_text(cap: int, share: float | None) -> str:
+    return str(cap) if share is None else f"{_part(cap, share)} (local share of {cap})"
+
+
 
 def status_wire(status: ShapingStatus) -> JsonOutObject:
     """One transport's shaping for the control socket (`relayctl status --json`): plain JSON values."""
@@ -345,4 +438,5 @@ def status_wire(status: ShapingStatus) -> JsonOutObject:
         "in_flight": status.in_flight,
         "held": f"{status.closed.reason}" if status.closed.until is not None else None,
         "next_release": status.next_release,
+        "shared": status.shared or None,
     }

@@ -84,7 +84,7 @@ from relayd.delivery.outcome import (
 from relayd.delivery.providerreplies import ReplyClass, RetryWhen, classify_reply
 from relayd.queue.fairness import Lane
 from relayd.queue.spool import Spool, SpoolCorruptError, SpoolEntryMissing, SpoolError, SpoolFullError
-from relayd.delivery.gates import OPEN, AttemptEnd, Gate, GateReport, GateVerdict, earliest_reopening
+from relayd.delivery.gates import HELD, OPEN, AttemptEnd, GateReport, GateSet, GateVerdict, earliest_reopening
 from relayd.delivery.holding import held_back
 from relayd.delivery.router import domain_of, group_by_route, route
 from relayd.delivery.transport import Transport
@@ -119,7 +119,7 @@ class DeliveryAgent:
         config: Callable[[], RelayConfig],
         spool: Spool,
         transports: Callable[[], Mapping[str, Transport]],
-        gates: Gate,
+        gates: GateSet,
         events: ev.EventSink,
         enqueue_bounce: Callable[[Envelope, bytes], Awaitable[None]],
         build_dsn: Callable[..., bytes],
@@ -456,14 +456,17 @@ class DeliveryAgent:
                 break
             tried.append(name)
             verdict = self._gates.check(name, self._clock())
-            if not verdict.admits(forced=forced) or name not in transports:
-                if not verdict.is_open:
-                    closed.append((name, verdict))
+            result: AttemptResult | GateVerdict = verdict
+            if verdict.admits(forced=forced) and name in transports:
+                # The verdict back instead when a shared limit refused the attempt's place.
+                result = await self._attempt(entry, body, remaining, transports[name], config)
+            if isinstance(result, GateVerdict):
+                if not result.is_open:
+                    closed.append((name, result))
                 for a in remaining:
                     refused_sender[a] = False
-                    limited[a] = limited[a] and not verdict.is_open and not verdict.forceable
+                    limited[a] = limited[a] and not result.is_open and not result.forceable
                 continue
-            result = await self._attempt(entry, body, remaining, transports[name], config)
             provider = transport_provider(config, name)
             still: list[str] = []
             for address in remaining:
@@ -511,22 +514,32 @@ class DeliveryAgent:
 
     async def _attempt(
         self, entry: QueueEntry, body: bytes, addresses: list[str], transport: Transport, config: RelayConfig
-    ) -> AttemptResult:
+    ) -> AttemptResult | GateVerdict:
+        """One attempt on one transport; the closed verdict instead when a shared limit refused its place."""
         delivery = Delivery(entry.id, entry.envelope.sender, tuple(addresses), body, entry.envelope.smtputf8)
         started = time.monotonic()
         # No await between the walk's gate check and this: a counting gate
         # takes its token in the same step as it said yes.
         self._gates.attempt_started(transport.name, self._clock())
+        reservation = HELD
         try:
+            if self._gates.reserves:
+                reservation = await self._gates.reserve(transport.name, self._clock())
+                if not reservation.verdict.is_open:
+                    self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
+                    return reservation.verdict
             result: AttemptResult = await transport.send(delivery)
         except BaseException:
             # Cancelled (shutdown) or a bug: the attempt still ends for the gates.
-            self._gates.attempt_ended(transport.name, GateReport(AttemptEnd.ABANDONED), self._clock())
+            abandoned = GateReport(AttemptEnd.ABANDONED)
+            self._gates.attempt_ended(transport.name, abandoned, self._clock())
+            reservation.settle(abandoned, self._clock())
             raise
         seconds = time.monotonic() - started
         now = self._clock()
         report = gate_report(transport.name, result, config, now=now, wait=self._provider_wait)
         self._gates.attempt_ended(transport.name, report, now)
+        reservation.settle(report, now)
         self._events.emit(ev.UpstreamAttempted(
             transport=transport.name, seconds=seconds, reachable=not result.connection_failed
         ))

@@ -45,6 +45,42 @@ class ClaimCounters(WindowCounters, Protocol):
     async def take(self, claims: Sequence[Claim], n: int, now: float) -> Taken: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Pace:
+    """A send rate shared by several nodes: one send per `interval` seconds, `tolerance` seconds of burst."""
+
+    key: str
+    interval: float
+    tolerance: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """A reservation's answer: whether the places were taken, the counts, and the pace's wait when it refused."""
+
+    ok: bool
+    counts: tuple[int, ...]  # one per claim, in order
+    wait: float = 0.0  # seconds until the pace lets the next send go (0 when it did not refuse)
+
+    @property
+    def full(self) -> bool:
+        """A window cap refused (not only the pace)."""
+        return not self.ok and self.wait <= 0.0
+
+
+class SharedClaims(ClaimCounters, Protocol):
+    """A store shared by several relayd nodes, where a send's places are reserved before it goes out.
+
+    `reserve` takes one place in every claim and one step of the pace in one
+    atomic step (all or nothing); `give_back` returns places of a send that
+    did not happen, to the windows that were current at `at`.
+    """
+
+    async def reserve(self, claims: Sequence[Claim], pace: Pace | None, now: float) -> Reserved: ...
+
+    async def give_back(self, claims: Sequence[Claim], n: int, at: float) -> None: ...
+
+
 class LocalClaims:
     """Claims over a store that only this process writes, decided in memory and then written.
 

@@ -1,7 +1,10 @@
 """Window counters in Redis, shared by several relayd nodes that send through one provider account.
 
 Takes: `add` / `count` calls of the `relayd.observe.counters.WindowCounters`
-seam, and `take` (add only if every cap still has room, all or nothing).
+seam, `take` (add only if every cap still has room, all or nothing), and
+`reserve` / `give_back` (`relayd.observe.claims.SharedClaims`: a transport's
+places taken before a send, with its shared pace, and returned when the send
+did not happen).
 Emits: the counts of all nodes together.
 Untrusted input: none (keys come from configured names); replies from the
 Redis server are read as integers and nothing else.
@@ -15,7 +18,8 @@ expiring an hour after the window ends (the key space of a window is gone
 once it is over, and a count is never read from the wrong window). An
 increment is INCRBY plus EXPIREAT in one MULTI; `take` is one Lua script, so
 two nodes can never both take the last place under a cap: Redis runs scripts
-one at a time.
+one at a time. So is `reserve`, which also keeps a shared send rate (GCRA on
+Redis's clock: one key holding when the next send may go).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from relayd.config.quota import RedisSettings
-from relayd.observe.claims import Claim, Taken
+from relayd.observe.claims import Claim, Pace, Reserved, Taken
 from relayd.observe.counters import CounterError, Window
 
 _KEEP_AFTER_END = 3600  # seconds a window's keys outlive it (clock skew between nodes)
@@ -57,6 +61,64 @@ return counts
 """
 
 
+# KEYS: one counter key per claim, then the pace key when ARGV[2] > 0.
+# ARGV: n, pace interval and tolerance (microseconds; 0: no pace), then per claim its cap (-1: none) and expiry.
+# The pace is GCRA on Redis's own clock (TIME), so the nodes' clocks do not matter:
+# the key holds the theoretical arrival time of the next send.
+# Returns {room, wait in microseconds, counts...}; places are taken only when room is 1 and wait 0.
+_RESERVE = """
+local n = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tolerance = tonumber(ARGV[3])
+local claims = #KEYS
+if interval > 0 then claims = claims - 1 end
+local counts = {}
+local room = 1
+for i = 1, claims do
+  counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local cap = tonumber(ARGV[2 + 2 * i])
+  if cap >= 0 and counts[i] + n > cap then
+    room = 0
+  end
+end
+local wait = 0
+local now = 0
+local tat = 0
+if interval > 0 then
+  local clock = redis.call('TIME')
+  now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  tat = tonumber(redis.call('GET', KEYS[#KEYS]) or '0')
+  if tat < now then tat = now end
+  if tat - tolerance > now then wait = tat - tolerance - now end
+end
+if room == 1 and wait == 0 then
+  for i = 1, claims do
+    counts[i] = redis.call('INCRBY', KEYS[i], n)
+    redis.call('EXPIREAT', KEYS[i], tonumber(ARGV[3 + 2 * i]))
+  end
+  if interval > 0 then
+    local next_at = tat + interval * n
+    redis.call('SET', KEYS[#KEYS], string.format('%.0f', next_at), 'PX', math.floor((next_at - now) / 1000) + 1000)
+  end
+end
+local reply = {room, wait}
+for i = 1, claims do reply[i + 2] = counts[i] end
+return reply
+"""
+
+# KEYS: counter keys. ARGV: n. Takes n back from each key that still exists, never below 0.
+_GIVE_BACK = """
+for i, key in ipairs(KEYS) do
+  local count = tonumber(redis.call('GET', key) or '-1')
+  if count > 0 then
+    redis.call('DECRBY', key, math.min(count, tonumber(ARGV[1])))
+  end
+end
+return 0
+"""
+_MICRO = 1_000_000
+
+
 class RedisCounters:
     """A `WindowCounters` (and claims store) on a Redis server; see the module docstring."""
 
@@ -67,6 +129,7 @@ class RedisCounters:
             socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
             decode_responses=False,
         )
+        self._reserve = self._client.register_script(_RESERVE)  # sent once, then called by its digest
 
     @property
     def where(self) -> str:
@@ -107,6 +170,27 @@ class RedisCounters:
         if not isinstance(reply, list) or len(reply) != len(claims) + 1:
             raise CounterError(f"{self.where}: unexpected reply to a quota claim")
         return Taken(ok=int(reply[0]) == 1, counts=tuple(int(v) for v in reply[1:]))
+
+    async def reserve(self, claims: Sequence[Claim], pace: Pace | None, now: float) -> Reserved:
+        """One place in every claim and one step of the pace, atomically; see `_RESERVE`."""
+        keys = [self._key(c.key, c.window, now) for c in claims]
+        args: list[int] = [1, 0, 0]
+        if pace is not None:
+            keys.append(f"{self.settings.key_prefix}:{pace.key}")
+            args[1:] = [max(1, round(pace.interval * _MICRO)), max(0, round(pace.tolerance * _MICRO))]
+        for claim in claims:
+            args += [claim.cap if claim.cap is not None else -1, self._expiry(claim.window, now)]
+        reply = await self._call(self._reserve(keys=keys, args=args))
+        if not isinstance(reply, list) or len(reply) != len(claims) + 2:
+            raise CounterError(f"{self.where}: unexpected reply to a send reservation")
+        room, wait = int(reply[0]) == 1, int(reply[1]) / _MICRO
+        return Reserved(ok=room and wait <= 0, counts=tuple(int(v) for v in reply[2:]), wait=wait)
+
+    async def give_back(self, claims: Sequence[Claim], n: int, at: float) -> None:
+        """Take `n` back from each claim's window as it was at `at` (a send that did not happen)."""
+        keys = [self._key(c.key, c.window, at) for c in claims]
+        if keys:
+            await self._call(self._client.eval(_GIVE_BACK, len(keys), *keys, n))
 
     async def close(self) -> None:
         try:

@@ -22,8 +22,13 @@ def _number(value: JsonValue) -> float | None:
 
 def shaping_lines(status: JsonObject) -> list[str]:
     """The table for a whole `status` answer, after a blank line; nothing when no transport is shaped."""
-    table = shaping_table({name: as_object(s) for name, s in as_object(status.get("shaping")).items()})
-    return ["", *table] if table else []
+    shaping = {name: as_object(s) for name, s in as_object(status.get("shaping")).items()}
+    table = shaping_table(shaping)
+    if not table:
+        return []
+    shared = {str(s["shared"]) for s in shaping.values() if s.get("limits") and isinstance(s.get("shared"), str)}
+    notes = [f"Transport caps: {sanitize(text, limit=160)}" for text in sorted(shared)]
+    return ["", *table, *notes]
 
 
 def _cap_cell(cap: JsonObject | None) -> str:
