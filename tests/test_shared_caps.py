@@ -12,10 +12,11 @@ from typing import Sequence
 
 from relayd.config.shaping import Shaping
 from relayd.delivery.gates import AttemptEnd, GateReport, GateSet
-from relayd.delivery.shaping import QUOTA_GATE, ShapingGate
+from relayd.delivery.shaping import QUOTA_GATE, ShapingGate, status_wire
 from relayd.delivery.sharedcaps import SharedCaps
 from relayd.observe.claims import Claim, Pace, Reserved, Taken
 from relayd.observe.counters import DAY, CounterError, MemoryCounters, Window
+from relayd.observe.shapingmetrics import ShapingCollector
 from tests.test_shaping_gate import EVENING, NOTHING, SENT
 
 
@@ -156,6 +157,27 @@ def test_a_store_that_answers_again_gets_what_the_node_sent_meanwhile_and_is_sha
         assert await store.count("transport:gw", DAY, EVENING) == 2
         assert await attempt(gates, SENT)
         assert await store.count("transport:gw", DAY, EVENING) == 3
+        await gate.drain()
+
+    asyncio.run(main())
+
+
+def test_status_and_metrics_say_whether_the_caps_are_shared_or_the_local_share_applies() -> None:
+    async def main() -> None:
+        store, notes = SwitchableStore(), []
+        gate, gates = shared_gate(store, Shaping(max_per_day=10), notes)
+
+        def shared_sample() -> tuple[str, float]:
+            wire = {s.transport: status_wire(s) for s in gate.status(["gw"], EVENING)}
+            family = next(m for m in ShapingCollector(lambda: wire).collect() if m.name == "relayd_transport_caps_shared")
+            return str(wire["gw"]["shared"]), family.samples[0].value
+
+        assert await attempt(gates, SENT)
+        assert shared_sample() == ("shared in redis 127.0.0.1:6379/0", 1.0)
+        store.down = True
+        assert await attempt(gates, SENT)
+        text, value = shared_sample()
+        assert value == 0.0 and text.startswith("redis 127.0.0.1:6379/0 unreachable: this node keeps to 50%")
         await gate.drain()
 
     asyncio.run(main())

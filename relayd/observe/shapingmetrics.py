@@ -4,8 +4,9 @@ Takes: a reader returning the daemon's shaping status (`Relay.shaping_status`:
 per transport the wire dict of `relayd.delivery.shaping.status_wire`), asked
 on the event loop at each scrape (`relayd.observe.metrics.loop_reader`).
 Emits: `relayd_transport_send_rate`, `relayd_transport_window_sent`,
-`relayd_transport_window_limit`, `relayd_transport_held` and
-`relayd_transport_next_release_timestamp_seconds`, labelled by transport
+`relayd_transport_window_limit`, `relayd_transport_held`,
+`relayd_transport_next_release_timestamp_seconds` and, with caps shared
+through Redis, `relayd_transport_caps_shared`, labelled by transport
 (and window and unit): configured names and fixed words only.
 Untrusted input: none.
 Fails: a reader that does not answer (a busy loop) yields no samples for
@@ -51,7 +52,14 @@ class ShapingCollector:
         release = GaugeMetricFamily(
             "relayd_transport_next_release_timestamp_seconds",
             "When a held transport takes mail again (Unix time); absent while it is open", labels=["transport"])
+        shared = GaugeMetricFamily(
+            "relayd_transport_caps_shared",
+            "1 while the transport's caps are shared through Redis, 0 while Redis is away and this node keeps "
+            "to its local share (absent: not shared)", labels=["transport"])
         for name, status in sorted((self._reader() or {}).items()):
+            where = status.get("shared")
+            if isinstance(where, str):
+                shared.add_metric([name], 1.0 if where.startswith("shared in") else 0.0)
             rate.add_metric([name], _number(status.get("rate")))
             caps = status.get("caps")
             for cap in caps if isinstance(caps, (list, tuple)) else ():
@@ -65,7 +73,7 @@ class ShapingCollector:
             held.add_metric([name], 1.0 if closed is not None else 0.0)
             if closed is not None:
                 release.add_metric([name], _number(closed))
-        yield from (rate, sent, limit, held, release)
+        yield from (rate, sent, limit, held, release, shared)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
