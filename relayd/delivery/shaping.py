@@ -138,6 +138,9 @@ class _Current:
         return self.slot
 
 
+_Cap = tuple[str, _Current, int, str]  # counter key, window, cap, how a closure names it
+
+
 class ShapingGate:
     """The shaping limits of every transport, as one `Gate`. See the module docstring."""
 
@@ -161,6 +164,7 @@ class ShapingGate:
         self._day = _Current(Window(Span.DAY, zone), "daily quota")
         self._spans = (self._minute, self._hour, self._day)
         self._keys: dict[str, tuple[str, str]] = {}
+        self._caps: dict[str, tuple[Shaping, tuple[_Cap, ...]]] = {}
         self._on_error = on_error
         self._counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
         self._buckets: dict[str, _Bucket] = {}
@@ -286,18 +290,23 @@ class ShapingGate:
     # -- inside -----------------------------------------------------------------------------
 
     def _verdicts(self, transport: str, limits: Shaping, now: float, *, started: bool = False) -> list[GateVerdict]:
-        """Every limit that closes the transport now; `started`: asked for an attempt already counted in flight."""
+        """Every limit that closes the transport now; `started`: asked for an attempt already counted in flight.
+
+        Asked several times per message: the window caps are walked with
+        plain lookups, and a reason is only worded for a limit that closes.
+        """
         verdicts: list[GateVerdict] = []
         in_flight = self._in_flight.get(transport, 0) - (1 if started else 0)
-        messages, recipients = self._keys_of(transport)
         share = self._share()
-        for current, cap in zip(self._spans, _message_caps(limits)):
-            if cap is not None and self._taken(messages, current, now, in_flight) >= _part(cap, share):
-                verdicts.append(self._window_closed(transport, current, f"{current.word} {_cap_text(cap, share)} reached"))
-        rcpt_cap = limits.max_recipients_per_day
-        if rcpt_cap is not None and self._taken(recipients, self._day, now, in_flight) >= _part(rcpt_cap, share):
-            verdicts.append(self._window_closed(
-                transport, self._day, f"daily recipient quota {_cap_text(rcpt_cap, share)} reached"))
+        seen = self._shared_counts if self._shared is not None and share is None else None
+        counts = self._counts
+        for key, current, cap, word in self._caps_of(transport, limits):
+            slot = (key, current.at(now))
+            used = counts.get(slot, 0) + in_flight
+            if seen is not None:
+                used = max(used, seen.get(slot, 0))
+            if used >= (cap if share is None else _part(cap, share)):
+                verdicts.append(self._window_closed(transport, current, f"{word} {_cap_text(cap, share)} reached"))
         rate = limits.max_per_second
         if rate is not None and not started:  # a started attempt has taken its token already
             rate *= share if share is not None else 1.0
@@ -309,6 +318,18 @@ class ShapingGate:
                     until, f"rate limit {_rate_text(rate)}/s", gate=RATE_GATE, forceable=False, transport=transport,
                 ))
         return verdicts
+
+    def _caps_of(self, transport: str, limits: Shaping) -> tuple[_Cap, ...]:
+        """The transport's window caps as (counter key, window, cap, wording), remembered per `Shaping` value."""
+        known = self._caps.get(transport)
+        if known is not None and known[0] is limits:
+            return known[1]
+        messages, recipients = self._keys_of(transport)
+        caps = [(messages, c, cap, c.word) for c, cap in zip(self._spans, _message_caps(limits)) if cap is not None]
+        if limits.max_recipients_per_day is not None:
+            caps.append((recipients, self._day, limits.max_recipients_per_day, "daily recipient quota"))
+        self._caps[transport] = (limits, tuple(caps))
+        return self._caps[transport][1]
 
     def _remember_shared(self, claim: Claim, count: int, now: float) -> None:
         slot = (claim.key, claim.window.slot(now))
