@@ -99,9 +99,12 @@ def test_a_send_the_upstream_did_not_take_gives_its_place_back() -> None:
     async def main() -> None:
         store, notes = SwitchableStore(), []
         gate, gates = shared_gate(store, Shaping(max_per_day=2), notes)
-        assert await attempt(gates, NOTHING)
+        await store.add("transport:gw", DAY, 1, EVENING)  # another node's send
+        assert await attempt(gates, NOTHING)  # took the last place, then the upstream took nothing
         await gate.drain()
-        assert await store.count("transport:gw", DAY, EVENING) == 0
+        assert await store.count("transport:gw", DAY, EVENING) == 1
+        assert gate.check("gw", EVENING).is_open  # the place is free here too, not only in the store
+        store.counts._counts.clear()  # noqa: SLF001 (a new day in the store)
         assert await attempt(gates, SENT) and await attempt(gates, SENT)
         assert not await attempt(gates, SENT)
         await gate.drain()

@@ -249,7 +249,7 @@ class ShapingGate:
         for claim, count in zip(claims, reserved.counts):
             self._remember_shared(claim, count, now)
         if reserved.ok:
-            return Reservation(OPEN, lambda report, _at: shared.settle(claims, report, now))
+            return Reservation(OPEN, lambda report, _at: self._settle(shared, claims, report, now))
         if not reserved.full:
             self._paced[transport] = now + reserved.wait
         verdict = combine(self._verdicts(transport, limits, now))
@@ -330,6 +330,15 @@ class ShapingGate:
             caps.append((recipients, self._day, limits.max_recipients_per_day, "daily recipient quota"))
         self._caps[transport] = (limits, tuple(caps))
         return self._caps[transport][1]
+
+    def _settle(self, shared: SharedCaps, claims: list[Claim], report: GateReport, reserved_at: float) -> None:
+        """A reserved attempt ended: the store settles it; a place given back is free here at once too."""
+        shared.settle(claims, report, reserved_at)
+        if report.messages <= 0:
+            for claim in claims:
+                slot = (claim.key, claim.window.slot(reserved_at))
+                if slot in self._shared_counts:
+                    self._shared_counts[slot] = max(0, self._shared_counts[slot] - 1)
 
     def _remember_shared(self, claim: Claim, count: int, now: float) -> None:
         slot = (claim.key, claim.window.slot(now))
