@@ -253,8 +253,10 @@ class ShapingGate:
         if not reserved.full:
             self._paced[transport] = now + reserved.wait
         verdict = combine(self._verdicts(transport, limits, now))
-        if verdict.is_open:  # counts moved on meanwhile; the store's refusal stands
-            verdict = self._window_closed(transport, self._day, "shared quota reached")
+        if verdict.is_open:  # the counts moved on meanwhile; the store's refusal stands all the same
+            full = [c for c, n in zip(claims, reserved.counts) if c.cap is not None and n + 1 > c.cap]
+            current = next((c for c in self._spans if full and c.window == full[0].window), self._day)
+            verdict = self._window_closed(transport, current, f"{current.word} reached on the shared count")
         return Reservation(verdict)
 
     # -- views --------------------------------------------------------------------------
