@@ -184,7 +184,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
-                admit=lambda tenant, size: self.usage.quotas.refusal(tenant) or self.room.refusal(tenant, size),
+                admit=lambda tenant, size: self.room.refusal(tenant, size), quota=self.usage.quotas.refusal,
                 guard=self.guard,
                 events=self.events,
                 route=route,
