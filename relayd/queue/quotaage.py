@@ -79,7 +79,7 @@ class HeldQueue(Protocol):
 
 
 def hold_subject(held: QuotaHold) -> str:
-    """"daily quota of tenant acme", the start of the hold's own reason."""
+    """What holds the message, from the hold's own reason: "daily quota of tenant acme"."""
     return held.reason.partition(" reached")[0]
 
 
