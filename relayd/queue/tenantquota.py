@@ -7,8 +7,8 @@ Emits: a 450 4.7.1 reply naming the reset time for a tenant with
 `on_quota: refuse` at its cap; a hold (`QuotaHeld`) for one with
 `on_quota: hold`, released when a later window has room, or failed and
 bounced past the maximum age of its retry schedule (relayd.queue.quotaage,
-warned at half of it); one `QuotaAlert`
-per tenant and window when its usage reaches `alert_percent` of a cap;
+warned at half of it); one `QuotaAlert` per tenant and window when its
+usage reaches `alert_percent` of a cap;
 `UsageStoreChanged` when the shared store goes away or comes back; per
 tenant usage against quota for `relayctl usage`, `status` and the metrics.
 Untrusted input: none (tenants are authenticated; counts come from relayd's
