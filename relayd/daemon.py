@@ -41,6 +41,7 @@ from relayd.observe.metrics import RelayMetrics, loop_reader
 from relayd.observe.outcomes import RecentOutcomes
 from relayd.ops.statussource import ObserveListener, RelayPresent, start_observe_listener, status_login
 from relayd.delivery.holding import HoldBook
+from relayd.delivery.quotaexpiry import QuotaHeldQueue
 from relayd.delivery.shaping import ShapingGate, status_wire
 from relayd.jsonwire import JsonOutObject
 from relayd.observe.counters import CounterError
@@ -62,7 +63,6 @@ from relayd.delivery.upstreamhealth import UpstreamHealth
 from relayd.delivery.providergate import ProviderLimits
 from relayd.delivery.providerreplies import ReplyClass
 from relayd.values import Envelope, QueueEntry
-
 
 _INDEX_BATCH = 5000  # queued messages indexed between two turns of the event loop
 
@@ -132,7 +132,7 @@ class Relay:
         self.counters = SqliteCounters.in_directory(config.spool_dir)
         self.usage = TenantUsageService(
             config=lambda: self.config, counters=self.counters, events=self.events, registry=self.metrics.registry,
-            on_release=lambda: self.scheduler.gate_opened(), exists=lambda i: self.scheduler.get(i) is not None,
+            queue=QuotaHeldQueue(lambda: self.scheduler, lambda: self.agent, lambda: self.config),
         )
         self.shaping = ShapingGate(lambda name: self.config.transport_shaping(name), self.counters, on_error=self.warn,
                                    shared=shared_caps(self.usage.shared, lambda: self.config, self.warn))
@@ -186,7 +186,7 @@ class Relay:
                 authenticate=self.authenticate,
                 accept=self.accept,
                 new_id=self.spool.new_id,
-                admit=lambda tenant, size: self.usage.quotas.refusal(tenant) or self.room.refusal(tenant, size),
+                admit=lambda tenant, size: self.room.refusal(tenant, size), quota=self.usage.quotas.refusal,
                 guard=self.guard,
                 events=self.events,
                 route=route,

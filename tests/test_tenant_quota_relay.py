@@ -93,8 +93,9 @@ def test_refuse_answers_450_at_mail_naming_the_reset_and_other_tenants_are_unaff
     assert acme[3][1] == f"4.7.1 Daily quota of tenant acme reached (3 messages); resets {next_midnight_utc()}"
     assert [c for c, _ in beta] == [250] * 4
     assert len(fake.messages) == 7
-    assert "A=acme quota" not in relay_files.mainlog()  # refused at MAIL: the listener's own line
-    assert "450 4.7.1 Daily quota of tenant acme reached" in relay_files.mainlog()
+    log = relay_files.mainlog()
+    assert "rejected DATA" not in log  # refused at MAIL: the listener's own line, labelled as the quota's
+    assert log.count(f"rejected MAIL <app@acme.example>: {acme[3][0]} {acme[3][1]}: A=acme quota") == 2
     report = json.loads(out)
     assert code == 0 and [t["tenant"] for t in report["tenants"]] == ["acme"]
     day = report["tenants"][0]["windows"][0]
@@ -198,3 +199,36 @@ def test_a_damaged_quota_hold_database_stops_the_start_with_its_name(
     assert started.returncode == 78
     assert f"relayd: {spool / 'quota-holds.sqlite'}: cannot".encode() in started.stderr
     assert b"Traceback" not in started.stderr
+
+
+def test_a_held_message_past_its_maximum_age_bounces_to_the_sender_and_is_never_sent(
+    relay_files: RelayFiles, upstreams: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = upstreams(users={"gw@relay.test": "app-password"})
+    relay_files.write(  # the chain's only transport gives up after six seconds
+        upstreams=[UpstreamSpec("gw", fake.port, "gw", "gw@relay.test", "app-password", retry="F,6s,1s")],
+        tenants=[TenantSpec("acme", ACME[1], ["*@acme.example"], [(["*"], ["gw"])],
+                            extra="quota:\n  max_per_day: 1\n  on_quota: hold")],
+    )
+    with RelayThread(relay_files.config):
+        assert [c for c, _ in send(relay_files, ACME, 2)] == [250, 250]
+        log = relay_files.wait_for_log(" held A=acme: daily quota of tenant acme reached (1 messages)")
+        held = log.split(" held A=acme:")[0].split()[-1]
+        relay_files.wait_for_log(f"warning: {held} held for 0.0h, half its maximum age 0.0h: daily quota of "
+                                 "tenant acme reached (1 messages), resets", timeout=20)
+        relay_files.wait_for_log(f"{held} Completed", timeout=20)
+        fake.wait_for_messages(2, timeout=30)
+        _, mailq = relayctl(relay_files, capsys, "queue", "list")
+        _, usage = relayctl(relay_files, capsys, "usage", "--json")
+    log = relay_files.mainlog()
+    assert log.count(f"warning: {held} held for") == 1
+    failed = [line for line in log.splitlines() if f"{held} ** " in line]
+    assert len(failed) == 1
+    assert f"{held} ** m1@customer.test: retry timeout exceeded: held by the daily quota of tenant acme " \
+        "since " in failed[0], failed
+    sent, bounce = fake.messages
+    assert sent.rcpt_tos == ["m0@customer.test"]  # the held message itself never went out
+    assert (bounce.mail_from, bounce.rcpt_tos) == ("", ["app@acme.example"])
+    dsn = bounce.data.decode().replace("\r\n ", " ")
+    assert "Status: 4.4.7" in dsn and "retry timeout exceeded: held by the daily quota of tenant acme" in dsn
+    assert held not in mailq and json.loads(usage)["tenants"][0]["held"] == 0

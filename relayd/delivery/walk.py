@@ -302,10 +302,14 @@ class DeliveryAgent:
             return held.reason
         return None
 
-    async def give_up(self, entry: QueueEntry) -> bool:
+    async def give_up(
+        self, entry: QueueEntry, *, reason: str = CANCELLED, reply: SmtpReply | None = CANCELLED_REPLY
+    ) -> bool:
         """Fail every open recipient now and bounce to the sender (Exim -Mg).
 
-        The caller keeps the message out of delivery meanwhile. A bounce
+        Also how a message a tenant quota held past its maximum age ends
+        (`reason` "retry timeout exceeded: ...", no reply: the DSN says the
+        delivery time expired). The caller keeps the message out of delivery meanwhile. A bounce
         message is not bounced again: its recipient is logged as discarded.
         Returns False when the message was no longer queued. Raises
         SpoolCorruptError (after setting the file aside) when its body is damaged.
@@ -320,7 +324,7 @@ class DeliveryAgent:
             raise
         config = self._config()
         reports = [
-            DeliveryReport(r.address, AttemptOutcome.FAIL, "", reply=CANCELLED_REPLY, reason=CANCELLED)
+            DeliveryReport(r.address, AttemptOutcome.FAIL, "", reply=reply, reason=reason)
             for r in entry.undelivered
         ]
         outcome = apply_reports(entry, reports, now=self._clock(), config=config)

@@ -5,8 +5,10 @@ counts this node knows) and every message the queue opens (`charge`, the
 authoritative claim); the queue ids the scheduler asks about (`held_until`).
 Emits: a 450 4.7.1 reply naming the reset time for a tenant with
 `on_quota: refuse` at its cap; a hold (`QuotaHeld`) for one with
-`on_quota: hold`, released when a later window has room; one `QuotaAlert`
-per tenant and window when its usage reaches `alert_percent` of a cap;
+`on_quota: hold`, released when a later window has room, or failed and
+bounced past the maximum age of its retry schedule (relayd.queue.quotaage,
+warned at half of it); one `QuotaAlert` per tenant and window when its
+usage reaches `alert_percent` of a cap;
 `UsageStoreChanged` when the shared store goes away or comes back; per
 tenant usage against quota for `relayctl usage`, `status` and the metrics.
 Untrusted input: none (tenants are authenticated; counts come from relayd's
@@ -42,6 +44,7 @@ from relayd.config.quota import NO_QUOTA, QuotaAction, TenantQuota
 from relayd.observe import events as ev
 from relayd.observe.claims import Claim, ClaimCounters, Taken
 from relayd.observe.counters import CounterError, Span, Window
+from relayd.queue.quotaage import HeldQueue, HoldAges, look_interval
 from relayd.queue.quotaholds import HoldStore, HoldStoreError, QuotaHold
 
 SPANS = (Span.DAY, Span.MONTH)
@@ -107,6 +110,7 @@ class TenantQuotas:
         clock: Callable[[], float] = time.time,
         on_release: Callable[[], None] = lambda: None,
         exists: Callable[[str], bool] = lambda _queue_id: True,
+        aging: HeldQueue | None = None,
         probe_every: float = _PROBE_EVERY,
     ) -> None:
         self._config = config
@@ -126,12 +130,16 @@ class TenantQuotas:
         self._pending: dict[tuple[str, Span, float], int] = {}  # counted locally while degraded
         self._releasing = asyncio.Lock()
         self._alerts: set[asyncio.Task[None]] = set()
+        # Without the queue's view (some tests) a hold has no maximum age.
+        self._ages = HoldAges(aging, events, time_text=self._clock_text) if aging is not None else None
 
     # -- start ------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Read the holds and the current windows' counts (start, reload). Raises CounterError/HoldStoreError."""
         self._held = {h.queue_id: h for h in await asyncio.to_thread(self._holds.load)}
+        if self._ages is not None:
+            self._ages.reset(self._held)
         now = self._clock()
         for tenant in self._config().tenants:
             for span in SPANS:
@@ -313,16 +321,36 @@ class TenantQuotas:
         except HoldStoreError as error:
             self._events.emit(ev.Notice(text=f"{queue_id} {error}", level="error"))
         self._held.pop(queue_id, None)
+        if self._ages is not None:
+            self._ages.forget(queue_id)
+
+    async def expire_old(self) -> list[str]:
+        """Warn about held messages at half their maximum age; fail and bounce those past it (the ids)."""
+        if self._ages is None:
+            return []
+        async with self._releasing:
+            expired = await self._ages.check(list(self._held.values()), self._clock())
+            for queue_id in expired:
+                await self._unhold(queue_id)
+        return expired
+
+    def next_age_look(self) -> float | None:
+        """When a held message is next due its half-age warning or its expiry; None: none known."""
+        return self._ages.next_look(self._held.values()) if self._ages is not None else None
 
     async def run_releases(self) -> None:
-        """Release held messages as their windows end (a task of the daemon, cancelled at stop)."""
+        """Release held messages as their windows end, and age them (a task of the daemon, cancelled at stop)."""
         while True:
             now = self._clock()
             first = min((h.until for h in self._held.values()), default=now + _RELEASE_LOOK)
+            aging = self.next_age_look()
+            due = min(first, aging) if aging is not None else first
             look = self._probe_every if self._degraded() else _RELEASE_LOOK
-            await asyncio.sleep(min(max(first - now, 0.05), look))
+            look = look_interval(self._config(), look) if self._ages is not None else look
+            await asyncio.sleep(min(max(due - now, 0.05), look))
             try:
                 await self.release_due()
+                await self.expire_old()
                 if self._shared is not None and self._degraded():
                     await self._probe()
             except Exception as error:  # a bug here must not end the releases for good

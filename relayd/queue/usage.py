@@ -1,9 +1,9 @@
 """Tenant usage and quotas, composed: the stores, the quota book, the delivery counts, the metrics.
 
 Takes: the live config, the embedded window counters the daemon opened
-(`relayd.observe.countstore.SqliteCounters`), the event fan-out, and two
-callables into the scheduler (release held messages; is a message still
-queued).
+(`relayd.observe.countstore.SqliteCounters`), the event fan-out, and the
+queue's view of a held message (`relayd.queue.quotaage.HeldQueue`: release
+held messages, is one still queued, its maximum age, fail it past that age).
 Emits: a `TenantQuotas` (`quotas`) for the listener and the scheduler, a
 `TransportUsage` sink (`deliveries`) for the fan-out, a `UsageMetrics`
 collector, and the usage report (`report`).
@@ -37,6 +37,7 @@ from relayd.observe.rediscounters import RedisCounters
 from relayd.observe.transportusage import TransportUsage
 from relayd.observe.status import TenantUsage
 from relayd.observe.usagemetrics import UsageMetrics, UsageSample, UsageSnapshot
+from relayd.queue.quotaage import HeldQueue
 from relayd.queue.quotaholds import HoldStore
 from relayd.queue.tenantquota import TenantQuotas
 from relayd.queue.usagereport import usage_report
@@ -52,8 +53,7 @@ class TenantUsageService:
         counters: WindowCounters,
         events: ev.EventSink,
         registry: CollectorRegistry,
-        on_release: Callable[[], None],
-        exists: Callable[[str], bool],
+        queue: HeldQueue,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
@@ -66,7 +66,8 @@ class TenantUsageService:
         self.quotas = TenantQuotas(
             config=config, local=local, shared=self.shared,
             shared_name=self.shared.where if self.shared is not None else "sqlite",
-            holds=self.holds, events=events, clock=clock, on_release=on_release, exists=exists,
+            holds=self.holds, events=events, clock=clock, on_release=queue.released, exists=queue.exists,
+            aging=queue,
         )
         self.deliveries = TransportUsage(
             counters, lambda: self._config().usage.zone,

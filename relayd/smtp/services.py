@@ -1,9 +1,9 @@
 """What the listener is handed by the daemon, and what it keeps about one SMTP session.
 
 Takes: nothing from the network itself; `ListenerServices` is the listener's
-port to the rest of relayd (config, password check, queue, spool room, route
-check, auth guard, events), each a callable or a Protocol, so the listener
-never imports a later stage. `SubmissionSession` is aiosmtpd's session plus who
+port to the rest of relayd (config, password check, queue, spool room,
+tenant quota, route check, auth guard, events), each a callable or a
+Protocol, so the listener never imports a later stage. `SubmissionSession` is aiosmtpd's session plus who
 the client is. Untrusted input: the peer's address and uid, as the kernel
 reports them. Fails: never; a uid without a name is shown as the number.
 """
@@ -44,6 +44,10 @@ class ListenerServices:
     # Room on the spool for a tenant's new message of a declared size: a 452
     # reply, or None (relayd.queue.spoolroom.SpoolRoom.refusal).
     admit: Callable[[str, int], Optional[str]] = lambda _tenant, _size: None
+    # A tenant at its quota with `on_quota: refuse`: the 450 naming the reset,
+    # or None (relayd.queue.tenantquota.TenantQuotas.refusal); asked at MAIL,
+    # RCPT and DATA, since another session may take the last place meanwhile.
+    quota: Callable[[str], Optional[str]] = lambda _tenant: None
     # Opens a message in the queue whose body is written as DATA arrives.
     receive: Callable[[Envelope], Awaitable[IncomingBody]] | None = None
 

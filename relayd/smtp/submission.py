@@ -117,6 +117,9 @@ class SubmissionHandler:
         limit = policy.effective_limit(self.listener.max_message_size, tenant.max_message_size)
         if size is not None and size > limit:
             return self._refuse(session, "MAIL", replies.message_too_big(limit), f"SIZE={size}", address)
+        refusal = self._quota_refusal(session, "MAIL", tenant, address)
+        if refusal is not None:
+            return refusal
         refusal = self.services.admit(tenant.name, size or 0)
         if refusal is not None:
             return self._refuse(session, "MAIL", refusal, f"A={tenant.name} spool", address)
@@ -124,8 +127,20 @@ class SubmissionHandler:
         envelope.mail_options.extend(mail_options)
         return replies.SENDER_OK
 
+    def _quota_refusal(
+        self, session: SubmissionSession, stage: str, tenant: TenantConfig, address: str | None = None
+    ) -> str | None:
+        """The tenant's quota (`on_quota: refuse`): the 450 naming the reset, logged as a quota refusal."""
+        refusal = self.services.quota(tenant.name)
+        if refusal is None:
+            return None
+        return self._refuse(session, stage, refusal, f"A={tenant.name} quota", address)
+
     def room_refusal(self, session: SubmissionSession, tenant: TenantConfig, mail_options: list[str]) -> str | None:
-        """Room on the spool, checked again right before DATA (the disk may have filled since MAIL)."""
+        """The quota and the room on the spool, checked again right before DATA (either may have filled since MAIL)."""
+        quota = self._quota_refusal(session, "DATA", tenant)
+        if quota is not None:
+            return quota
         refusal = self.services.admit(tenant.name, _size_option(mail_options) or 0)
         if refusal is None:
             return None
@@ -148,6 +163,10 @@ class SubmissionHandler:
         if self.services.route(tenant, address) is None:
             reply = replies.no_route(address, tenant.name)
             return self._refuse(session, "RCPT", reply, f"A={tenant.name}", address)
+        # Another session may have taken the quota's last place since MAIL FROM.
+        refusal = self._quota_refusal(session, "RCPT", tenant, address)
+        if refusal is not None:
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return replies.RECIPIENT_OK
