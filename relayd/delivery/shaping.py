@@ -139,6 +139,7 @@ class _Current:
 
 
 _Cap = tuple[str, _Current, int, str]  # counter key, window, cap, how a closure names it
+_NO_CAP_ROOM = 2**62  # the room under no cap at all
 
 
 class ShapingGate:
@@ -165,6 +166,8 @@ class ShapingGate:
         self._spans = (self._minute, self._hour, self._day)
         self._keys: dict[str, tuple[str, str]] = {}
         self._caps: dict[str, tuple[Shaping, tuple[_Cap, ...]]] = {}
+        # transport -> (limits, places left under its caps, the span of time that holds for)
+        self._room: dict[str, tuple[Shaping, int, float, float]] = {}
         self._on_error = on_error
         self._counts: dict[tuple[str, str], int] = {}  # (key, window slot) -> count
         self._buckets: dict[str, _Bucket] = {}
@@ -186,6 +189,7 @@ class ShapingGate:
                 stored = await self._counters.count(key, current.window, now)
                 slot = (key, current.at(now))
                 self._counts[slot] = max(self._counts.get(slot, 0), stored)
+        self._room.clear()
 
     async def drain(self) -> None:
         """Wait for every count still being written (at stop)."""
@@ -200,7 +204,8 @@ class ShapingGate:
         limits = self._limits_of(transport)
         if not limits.is_limited:
             return OPEN
-        return combine(self._verdicts(transport, limits, now))
+        verdicts = self._verdicts(transport, limits, now)
+        return combine(verdicts) if verdicts else OPEN
 
     def attempt_started(self, transport: str, now: float) -> None:
         self._in_flight[transport] = self._in_flight.get(transport, 0) + 1
@@ -221,12 +226,15 @@ class ShapingGate:
         messages, recipients = self._keys_of(transport)
         additions = [(messages, current, report.messages) for current in self._spans]
         additions.append((recipients, self._day, report.recipients))
+        written: list[tuple[str, Window, int, tuple[str, str]]] = []
         for key, current, n in additions:
             slot = (key, current.at(now))
             if slot not in self._counts:
                 self._prune(key, current)  # a new window began: forget this key's last one
             self._counts[slot] = self._counts.get(slot, 0) + n
-        self._persist([(key, current.window, n) for key, current, n in additions], now)
+            written.append((key, current.window, n, slot))
+        self._room.pop(transport, None)
+        self._persist(written, now)
         if self._shared is not None and self._shared.away:
             for key, current, n in additions:
                 self._shared.counted(key, current.window, n, now)
@@ -301,14 +309,10 @@ class ShapingGate:
         in_flight = self._in_flight.get(transport, 0) - (1 if started else 0)
         share = self._share()
         seen = self._shared_counts if self._shared is not None and share is None else None
-        counts = self._counts
-        for key, current, cap, word in self._caps_of(transport, limits):
-            slot = (key, current.at(now))
-            used = counts.get(slot, 0) + in_flight
-            if seen is not None:
-                used = max(used, seen.get(slot, 0))
-            if used >= (cap if share is None else _part(cap, share)):
-                verdicts.append(self._window_closed(transport, current, f"{word} {_cap_text(cap, share)} reached"))
+        known = self._room.get(transport)
+        if known is None or known[0] is not limits or not known[2] <= now < known[3] or in_flight >= known[1] \
+                or seen is not None or share is not None:
+            self._window_verdicts(transport, limits, now, in_flight, share, seen, verdicts)
         rate = limits.max_per_second
         if rate is not None and not started:  # a started attempt has taken its token already
             rate *= share if share is not None else 1.0
@@ -320,6 +324,28 @@ class ShapingGate:
                     until, f"rate limit {_rate_text(rate)}/s", gate=RATE_GATE, forceable=False, transport=transport,
                 ))
         return verdicts
+
+    def _window_verdicts(
+        self, transport: str, limits: Shaping, now: float, in_flight: int, share: float | None,
+        seen: dict[tuple[str, str], int] | None, verdicts: list[GateVerdict],
+    ) -> None:
+        """The window caps that close the transport; remembers the room left while only this node counts."""
+        counts = self._counts
+        room, valid_from, valid_until = _NO_CAP_ROOM, -math.inf, math.inf
+        for key, current, cap, word in self._caps_of(transport, limits):
+            slot = (key, current.at(now))
+            used = counts.get(slot, 0)
+            room = min(room, cap - used)
+            valid_from, valid_until = max(valid_from, current.start), min(valid_until, current.end)
+            used += in_flight
+            if seen is not None:
+                used = max(used, seen.get(slot, 0))
+            if used >= (cap if share is None else _part(cap, share)):
+                verdicts.append(self._window_closed(transport, current, f"{word} {_cap_text(cap, share)} reached"))
+        if seen is None and share is None:
+            # Until a count changes or a window ends, a check with fewer attempts
+            # in flight than this room has nothing to look at (most checks).
+            self._room[transport] = (limits, room, valid_from, valid_until)
 
     def _caps_of(self, transport: str, limits: Shaping) -> tuple[_Cap, ...]:
         """The transport's window caps as (counter key, window, cap, wording), remembered per `Shaping` value."""
@@ -414,21 +440,22 @@ class ShapingGate:
         for slot in [s for s in self._counts if s[0] == key and s[1].startswith(prefix) and s[1] != current.slot]:
             del self._counts[slot]
 
-    def _persist(self, additions: list[tuple[str, Window, int]], now: float) -> None:
+    def _persist(self, additions: list[tuple[str, Window, int, tuple[str, str]]], now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._write(additions, now))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _write(self, additions: list[tuple[str, Window, int]], now: float) -> None:
+    async def _write(self, additions: list[tuple[str, Window, int, tuple[str, str]]], now: float) -> None:
+        """Add one attempt's counts to the store: (key, window, n, the slot they were counted in here)."""
         try:
             # Together, so a store that commits in groups writes one delivery's counts at once.
-            wanted = [(key, window, n) for key, window, n in additions if n > 0]
-            totals = await asyncio.gather(*(self._counters.add(key, window, n, now) for key, window, n in wanted))
-            for (key, window, _n), total in zip(wanted, totals):
-                slot = (key, window.slot(now))
-                if slot in self._counts:
-                    # A shared store may know of other nodes' sends: never count fewer.
-                    self._counts[slot] = max(self._counts[slot], total)
+            wanted = [(key, window, n, slot) for key, window, n, slot in additions if n > 0]
+            totals = await asyncio.gather(*(self._counters.add(key, window, n, now) for key, window, n, _ in wanted))
+            for (_key, _window, _n, slot), total in zip(wanted, totals):
+                if slot in self._counts and total > self._counts[slot]:
+                    # A store written by an earlier run (or shared) knew more: never count fewer.
+                    self._counts[slot] = total
+                    self._room.clear()
         except CounterError as error:
             if not self._store_failing:
                 self._store_failing = True
