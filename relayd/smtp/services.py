@@ -3,9 +3,10 @@
 Takes: nothing from the network itself; `ListenerServices` is the listener's
 port to the rest of relayd (config, password check, queue, spool room,
 tenant quota, route check, auth guard, events), each a callable or a
-Protocol, so the listener never imports a later stage. `SubmissionSession` is aiosmtpd's session plus who
-the client is. Untrusted input: the peer's address and uid, as the kernel
-reports them. Fails: never; a uid without a name is shown as the number.
+Protocol, so the listener never imports a later stage. `SubmissionSession`
+is aiosmtpd's session plus who the client is. Untrusted input: the peer's
+address and uid, as the kernel reports them. Fails: never; a uid without a
+name is shown as the number.
 """
 
 from __future__ import annotations
